@@ -1,0 +1,1 @@
+"""Destinations: one module per type. Import ``destinations.registry`` to get them all."""

@@ -1,0 +1,39 @@
+"""``lightdb-state``: merge a JSON payload into the device's state document.
+
+The device reads and observes the document over CoAP at ``/.d/...`` (and over MQTT at
+``<project>/<device>/state/...``): this is how results get back to a device.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from destinations.registry import register
+from pipelines.components import ComponentError, Destination
+from pipelines.message import Message, NotJSONError, is_json_type
+
+
+@register
+class LightDBState(Destination):
+    type = "lightdb-state"
+    version = "1.0.0"
+    summary = ("Merge the JSON payload into the device's state document under `path` "
+               "(default: the message's stream path).")
+    accepts = ("json",)
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        path: str | None = Field(None, description="Where in the state document to merge the payload.",
+                                 examples=["/result", "/latest/stream"])
+
+    async def deliver(self, message: Message) -> None:
+        if not is_json_type(message.content_type):
+            raise ComponentError(f"lightdb-state takes application/json, got {message.content_type}")
+        try:
+            value = message.json()
+        except NotJSONError as exc:
+            raise ComponentError(str(exc)) from None
+        if self.context.state is None:
+            raise ComponentError("no device state store in this context")
+        await self.context.state.merge_state(message.project_id, message.device_id,
+                                             self.params.path or message.path, value)

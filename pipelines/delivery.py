@@ -1,0 +1,227 @@
+"""Delivery: one durable queue and one worker pool per destination step.
+
+Usage::
+
+    delivery = Delivery(store, pipelines)     # RuntimePipelines from pipelines.engine
+    await delivery.start()
+    delivery.notify("camera", "predict")      # new rows were enqueued for that step
+    await delivery.stop()
+
+Each ``QueueWorker`` reads due rows of its own (pipeline, step) queue from the store,
+delivers up to ``max_in_flight`` at once at no more than ``rate`` per second, and
+records the outcome: delivered (row deleted), retry (row rescheduled per the step's
+``RetryPolicy``, honouring ``Retry-After``), or dead letter (exact bytes kept). A slow or
+dead destination only ever holds its own workers: the others never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pipelines.components import ComponentError, DeliveryError, Destination
+from pipelines.engine import RuntimePipeline, RuntimeStep
+from pipelines.metrics import LatencyHistogram
+from pipelines.retry import RetryPolicy
+from pipelines.secrets import redact
+from pipelines.store import DeliveryRow, Store
+
+log = logging.getLogger("pipelines.delivery")
+
+DEFAULT_MAX_IN_FLIGHT = 16
+IDLE_POLL = 1.0  # seconds between looks at the queue when nothing wakes the worker
+
+
+@dataclass
+class QueueStats:
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+    in_flight: int = 0
+    retries_by_status: dict[str, int] = field(default_factory=dict)
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+
+    async def take(self) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class QueueWorker:
+    def __init__(self, store: Store, pipeline: str, step: RuntimeStep) -> None:
+        assert step.destination is not None
+        self.store = store
+        self.pipeline = pipeline
+        self.step = step
+        self.destination: Destination = step.destination
+        cfg = step.config
+        self.policy: RetryPolicy = cfg.retry or RetryPolicy()
+        self.max_in_flight = cfg.max_in_flight or DEFAULT_MAX_IN_FLIGHT
+        self.timeout = cfg.timeout
+        self.bucket = TokenBucket(cfg.rate) if cfg.rate else None
+        self.stats = QueueStats()
+        self.latency = LatencyHistogram()
+        self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.pipeline, self.step.name
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"delivery:{self.pipeline}/{self.step.name}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._fill()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep the worker alive whatever the store says
+                log.exception("delivery worker %s/%s", *self.key)
+                await asyncio.sleep(1)
+
+    async def _fill(self) -> None:
+        free = self.max_in_flight - len(self._in_flight)
+        rows: list[DeliveryRow] = []
+        if free > 0:
+            rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), free,
+                                                   set(self._in_flight))
+        for row in rows:
+            await self._slots.acquire()
+            self._in_flight.add(row.seq)
+            task = asyncio.create_task(self._deliver(row))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if rows and len(rows) == free:
+            # more may be due; wait for a slot, not for a timer
+            await self._slot_freed()
+            return
+        wait = IDLE_POLL
+        nxt = await self.store.next_due_time(self.pipeline, self.step.name, set(self._in_flight))
+        if nxt is not None:
+            wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
+        self._wake.clear()
+        if wait > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def _slot_freed(self) -> None:
+        self._wake.clear()
+        if len(self._in_flight) >= self.max_in_flight:
+            await self._wake.wait()
+
+    async def _deliver(self, row: DeliveryRow) -> None:
+        started = time.time()
+        attempts = row.attempts + 1
+        first = row.first_attempt_at or started
+        self.stats.in_flight += 1
+        try:
+            if self.bucket:
+                await self.bucket.take()
+            try:
+                if self.timeout:
+                    await asyncio.wait_for(self.destination.deliver(row.message), self.timeout)
+                else:
+                    await self.destination.deliver(row.message)
+            except TimeoutError:
+                err = DeliveryError(f"timed out after {self.timeout:g} s", retryable=True)
+                await self._failed(row, err, attempts, first)
+            except DeliveryError as err:
+                await self._failed(row, err, attempts, first)
+            except ComponentError as exc:
+                await self._failed(row, DeliveryError(str(exc), retryable=False), attempts, first)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a destination bug: keep the row, retry per policy
+                log.exception("destination %s/%s crashed", *self.key)
+                err = DeliveryError(f"internal error in {type(exc).__name__}: {exc}", retryable=True)
+                await self._failed(row, err, attempts, first)
+            else:
+                await self.store.delivery_done(row.seq)
+                self.stats.delivered += 1
+                self.latency.observe(time.time() - row.message.timestamp.timestamp())
+        finally:
+            self.stats.in_flight -= 1
+            self._in_flight.discard(row.seq)
+            self._slots.release()
+            self._wake.set()
+
+    async def _failed(self, row: DeliveryRow, err: DeliveryError, attempts: int, first: float) -> None:
+        reason = redact(err.reason)
+        excerpt = redact(err.response_excerpt) if err.response_excerpt else None
+        now = time.time()
+        status_key = str(err.status) if err.status is not None else "error"
+        if self.policy.is_retryable(err) and not self.policy.should_give_up(attempts, now - first):
+            delay = self.policy.next_delay(err, attempts)
+            self.stats.retried += 1
+            self.stats.retries_by_status[status_key] = self.stats.retries_by_status.get(status_key, 0) + 1
+            log.info("delivery %s/%s of %s: attempt %d failed (%s); retry in %.2fs",
+                     *self.key, row.message.id, attempts, reason, delay)
+            await self.store.delivery_retry(row.seq, attempts=attempts, next_attempt_at=now + delay,
+                                            first_attempt_at=first, status=err.status, error=reason)
+            return
+        why = "permanent" if not self.policy.is_retryable(err) else "retries exhausted"
+        self.stats.dead += 1
+        dead_key = f"{why}:{status_key}"
+        self.stats.dead_by_reason[dead_key] = self.stats.dead_by_reason.get(dead_key, 0) + 1
+        log.warning("delivery %s/%s of %s from %s → dead letter after %d attempt(s): %s",
+                    *self.key, row.message.id, row.message.device_id, attempts, reason)
+        await self.store.delivery_dead(row, attempts=attempts, status=err.status,
+                                       error=f"{why}: {reason}", response_excerpt=excerpt)
+
+
+class Delivery:
+    def __init__(self, store: Store, pipelines: list[RuntimePipeline]) -> None:
+        self.store = store
+        self.workers: dict[tuple[str, str], QueueWorker] = {}
+        for p in pipelines:
+            for s in p.steps:
+                if s.destination is not None:
+                    w = QueueWorker(store, p.name, s)
+                    self.workers[w.key] = w
+
+    async def start(self) -> None:
+        for w in self.workers.values():
+            w.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers.values()))
+
+    def notify(self, pipeline: str, step: str) -> None:
+        w = self.workers.get((pipeline, step))
+        if w:
+            w.notify()

@@ -1,0 +1,183 @@
+"""The step runner: match a message against every pipeline and run the steps (spec §3–§4).
+
+Usage::
+
+    engine = Engine(pipelines, context_for)       # pipelines from pipelines.config
+    outcome, trace = await engine.route(message)  # pure: computes, writes nothing
+    await store.finish_message(message, outcome)  # the router commits it
+
+``route`` never raises for a bad message: a transformer's failure becomes a dead letter
+of that pipeline and the other pipelines carry on. ``trace`` says what each step did
+(``pipeline send`` prints it).
+
+The three step rules:
+- transformer only: its output replaces the current message for later steps;
+- destination only: the current message is delivered and carries on unchanged;
+- both: the transformed message goes only to that step's destination; later steps get
+  the message as it was before this step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipelines.components import ComponentContext, ComponentError, Destination, Transformer
+from pipelines.message import Message
+from pipelines.secrets import redact
+from pipelines.store import PendingDeadLetter, PendingDelivery, RoutingOutcome
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig, StepConfig
+
+log = logging.getLogger("pipelines.engine")
+
+
+@dataclass
+class StepTrace:
+    pipeline: str
+    step: str
+    action: str  # "transformed" | "enqueued" | "failed"
+    content_type: str | None = None
+    size: int | None = None
+    error: str | None = None
+    preview: bytes | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class RuntimeStep:
+    config: StepConfig
+    index: int
+    transformer: Transformer | None
+    destination: Destination | None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass
+class RuntimePipeline:
+    config: PipelineConfig
+    steps: list[RuntimeStep] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+ContextFactory = Callable[["PipelineConfig", "StepConfig"], ComponentContext]
+
+
+def build_pipelines(configs: list[PipelineConfig], context_for: ContextFactory) -> list[RuntimePipeline]:
+    """Instantiate every component once per step."""
+    out = []
+    for pc in configs:
+        rp = RuntimePipeline(pc)
+        for i, sc in enumerate(pc.steps):
+            ctx = context_for(pc, sc)
+            t = sc.transformer.cls(sc.transformer.params, ctx) if sc.transformer else None
+            d = sc.destination.cls(sc.destination.params, ctx) if sc.destination else None
+            rp.steps.append(RuntimeStep(sc, i, t, d))  # type: ignore[arg-type]
+        out.append(rp)
+    return out
+
+
+class Engine:
+    def __init__(self, pipelines: list[RuntimePipeline]) -> None:
+        self.pipelines = pipelines
+        self.by_name = {p.name: p for p in pipelines}
+        # per (pipeline, step): transformer successes / failures, for metrics
+        self.transform_ok: dict[tuple[str, str], int] = {}
+        self.transform_failed: dict[tuple[str, str], int] = {}
+
+    def matching(self, message: Message) -> list[RuntimePipeline]:
+        return [p for p in self.pipelines
+                if p.config.enabled and p.config.filter.matches(message.path, message.content_type)]
+
+    async def route(self, message: Message, *, trace: bool = False) -> tuple[RoutingOutcome, list[StepTrace]]:
+        matched = self.matching(message)
+        outcome = RoutingOutcome(matched=bool(matched), deliveries=[], dead=[])
+        traces: list[StepTrace] = []
+        if not matched:
+            return outcome, traces
+        if len(matched) == 1:
+            results = [await self.run_pipeline(matched[0], message, 0, trace)]
+        else:
+            results = await asyncio.gather(*(self.run_pipeline(p, message, 0, trace) for p in matched))
+        for deliveries, dead, tr in results:
+            outcome.deliveries.extend(deliveries)
+            outcome.dead.extend(dead)
+            traces.extend(tr)
+            if dead:
+                outcome.runs_dead += 1
+            else:
+                outcome.runs_completed += 1
+        return outcome, traces
+
+    async def run_pipeline(self, pipeline: RuntimePipeline, message: Message, start: int,
+                           trace: bool = False
+                           ) -> tuple[list[PendingDelivery], list[PendingDeadLetter], list[StepTrace]]:
+        deliveries: list[PendingDelivery] = []
+        traces: list[StepTrace] = []
+        current = message
+        for step in pipeline.steps[start:]:
+            out = current
+            if step.transformer is not None:
+                t0 = time.perf_counter()
+                try:
+                    out = await step.transformer.transform(current)
+                except Exception as exc:
+                    reason = _reason(exc, step)
+                    self.transform_failed[(pipeline.name, step.name)] = \
+                        self.transform_failed.get((pipeline.name, step.name), 0) + 1
+                    log.warning("pipeline %s step %s: message %s from %s dropped to dead letters: %s",
+                                pipeline.name, step.name, message.id, message.device_id, reason)
+                    if trace:
+                        traces.append(StepTrace(pipeline.name, step.name, "failed", error=reason,
+                                                seconds=time.perf_counter() - t0))
+                    dead = PendingDeadLetter(current, pipeline.name, step.name, step.index,
+                                             "transform", reason)
+                    return deliveries, [dead], traces
+                self.transform_ok[(pipeline.name, step.name)] = \
+                    self.transform_ok.get((pipeline.name, step.name), 0) + 1
+                if trace:
+                    traces.append(StepTrace(pipeline.name, step.name, "transformed", out.content_type,
+                                            len(out.payload), preview=out.payload[:300],
+                                            seconds=time.perf_counter() - t0))
+            if step.destination is not None:
+                deliveries.append(PendingDelivery(out, pipeline.name, step.name, step.index))
+                if trace:
+                    traces.append(StepTrace(pipeline.name, step.name, "enqueued", out.content_type,
+                                            len(out.payload)))
+            if step.destination is None:
+                current = out  # transformer only: replaces the message for later steps
+        return deliveries, [], traces
+
+    async def close(self) -> None:
+        for p in self.pipelines:
+            for s in p.steps:
+                for c in (s.transformer, s.destination):
+                    if c is not None:
+                        try:
+                            await c.close()
+                        except Exception:  # closing must not stop the others closing
+                            log.exception("closing %s", c)
+
+
+def _reason(exc: BaseException, step: RuntimeStep) -> str:
+    if isinstance(exc, ComponentError):
+        text = str(exc)
+    else:  # a bug in a component: keep the router alive, say what happened
+        log.exception("unexpected error in step %s", step.name)
+        text = f"internal error in {type(exc).__name__}: {exc}"
+    return redact(text)
+
+
+def describe(obj: Any) -> str:
+    return redact(str(obj))

@@ -1,0 +1,108 @@
+"""The router's HTTP face (starlette): health, metrics, device state, stream, dead letters.
+
+Usage::
+
+    app = create_app(router)                       # extra routes may be added by features
+    server = await start_http(app, "127.0.0.1", 8080)
+    ...
+    await stop_http(server)
+
+Endpoints: ``GET /healthz`` (process alive), ``GET /readyz`` (pipelines loaded, store open,
+not pushing back), ``GET /metrics`` (Prometheus), ``GET /v1/devices/{project}/{device}/state``,
+``GET /v1/stream``, ``GET /v1/dead-letters``, ``GET /v1/unmatched``. Prediction results
+come in at the route the predictions feature adds (see ``pipelines.predictions_results``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from pipelines.metrics import RouterMetrics
+
+if TYPE_CHECKING:
+    from pipelines.router import Router
+
+
+def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+    metrics = RouterMetrics(router)
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        reason = None if router.ready else "starting"
+        reason = reason or router.overload_reason
+        if reason:
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def prometheus(_: Request) -> Response:
+        body, ctype = await metrics.render()
+        return Response(body, media_type=ctype)
+
+    async def device_state(request: Request) -> Response:
+        p, d = request.path_params["project"], request.path_params["device"]
+        return JSONResponse(await router.get_state(p, d, request.query_params.get("path", "/")))
+
+    async def stream(request: Request) -> Response:
+        q = request.query_params
+        rows = await router.store.query_stream(project_id=q.get("project"), device_id=q.get("device"),
+                                               path=q.get("path"), limit=int(q.get("limit", "100")))
+        return JSONResponse(rows)
+
+    async def dead_letters(request: Request) -> Response:
+        q = request.query_params
+        rows = await router.store.dead_letters(pipeline=q.get("pipeline"), step=q.get("step"),
+                                               device_id=q.get("device"), limit=int(q.get("limit", "100")))
+        return JSONResponse([r.summary() for r in rows])
+
+    async def unmatched(request: Request) -> Response:
+        return JSONResponse(await router.store.unmatched(int(request.query_params.get("limit", "100"))))
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", prometheus),
+        Route("/v1/devices/{project}/{device}/state", device_state),
+        Route("/v1/stream", stream),
+        Route("/v1/dead-letters", dead_letters),
+        Route("/v1/unmatched", unmatched),
+        *(extra_routes or []),
+    ]
+    return Starlette(routes=routes)
+
+
+async def start_http(app: Starlette, host: str, port: int) -> uvicorn.Server:
+    """Serve ``app`` in this event loop; returns once it is listening. Port 0 picks one:
+    read it back from ``bound_port(server)``."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    server._bound_socket = sock  # type: ignore[attr-defined]
+    server._task = asyncio.create_task(server.serve(sockets=[sock]))  # type: ignore[attr-defined]
+    while not server.started:
+        if server._task.done():  # type: ignore[attr-defined]
+            server._task.result()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+    return server
+
+
+def bound_port(server: uvicorn.Server) -> int:
+    return server._bound_socket.getsockname()[1]  # type: ignore[attr-defined]
+
+
+async def stop_http(server: uvicorn.Server) -> None:
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(server._task, 5)  # type: ignore[attr-defined]

@@ -1,0 +1,152 @@
+"""The message: bytes plus who sent them, where, what they are and when.
+
+Usage::
+
+    msg = Message.new(device_id="cam-1", project_id="demo", path="/images",
+                      content_type="image/png", payload=png_bytes)
+    doc = msg.json()                       # parsed once, cached on the message
+    out = msg.evolve(json={"image": ...})  # a JSON step: no re-serialising in between
+    out.payload                            # bytes, serialised lazily the first time asked
+
+Payloads stay bytes end to end. A step that produces JSON may hand over the parsed
+value instead (``evolve(json=...)``); the next JSON step reads it without parsing, so a
+run of consecutive JSON steps parses once and serialises once.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+JSON_TYPE = "application/json"
+
+_UNSET: Any = object()
+
+
+class NotJSONError(ValueError):
+    """The payload was asked for as JSON but is not valid JSON."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def is_json_type(content_type: str) -> bool:
+    """True for ``application/json`` and ``application/*+json`` (parameters ignored)."""
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base == JSON_TYPE or (base.startswith("application/") and base.endswith("+json"))
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON, the one serialisation used everywhere."""
+    return _json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Message:
+    """One unit of data moving through the router. Immutable by convention: use ``evolve``."""
+
+    __slots__ = ("_json", "_payload", "content_type", "device_id", "id", "metadata", "path",
+                 "project_id", "timestamp")
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        project_id: str,
+        device_id: str,
+        path: str,
+        content_type: str,
+        timestamp: datetime,
+        payload: bytes | None = None,
+        json: Any = _UNSET,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if payload is None and json is _UNSET:
+            raise ValueError("a message needs a payload or a JSON value")
+        self.id = id
+        self.project_id = project_id
+        self.device_id = device_id
+        self.path = path
+        self.content_type = content_type
+        self.timestamp = timestamp
+        self.metadata: dict[str, Any] = metadata if metadata is not None else {}
+        self._payload = payload
+        self._json = json
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        device_id: str,
+        path: str,
+        content_type: str,
+        payload: bytes,
+        project_id: str = "default",
+        timestamp: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+        id: str | None = None,
+    ) -> Message:
+        return cls(
+            id=id or str(uuid.uuid4()),
+            project_id=project_id,
+            device_id=device_id,
+            path=path,
+            content_type=content_type,
+            timestamp=timestamp or utcnow(),
+            payload=bytes(payload),
+            metadata=metadata,
+        )
+
+    @property
+    def payload(self) -> bytes:
+        if self._payload is None:
+            self._payload = dumps(self._json)
+        return self._payload
+
+    def json(self) -> Any:
+        """The payload parsed as JSON (cached). Raises ``NotJSONError`` with a short reason."""
+        if self._json is _UNSET:
+            try:
+                self._json = _json.loads(self._payload)  # type: ignore[arg-type]
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise NotJSONError(f"payload is not valid JSON: {exc}") from None
+        return self._json
+
+    def evolve(
+        self,
+        *,
+        payload: bytes | None = None,
+        json: Any = _UNSET,
+        content_type: str | None = None,
+        timestamp: datetime | None = None,
+        path: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Message:
+        """A copy with some fields changed. Give ``payload`` or ``json`` to change the body;
+        ``json`` implies ``application/json`` unless ``content_type`` says otherwise."""
+        if payload is not None and json is not _UNSET:
+            raise ValueError("give payload or json, not both")
+        if payload is None and json is _UNSET:
+            new_payload, new_json = self._payload, self._json
+        else:
+            new_payload, new_json = payload, json
+        if json is not _UNSET and content_type is None:
+            content_type = JSON_TYPE
+        return Message(
+            id=self.id,
+            project_id=self.project_id,
+            device_id=self.device_id,
+            path=self.path if path is None else path,
+            content_type=self.content_type if content_type is None else content_type,
+            timestamp=self.timestamp if timestamp is None else timestamp,
+            payload=new_payload,
+            json=new_json,
+            metadata=self.metadata if metadata is None else metadata,
+        )
+
+    def __repr__(self) -> str:
+        size = len(self._payload) if self._payload is not None else "json"
+        return (f"Message(id={self.id!r}, device={self.device_id!r}, path={self.path!r}, "
+                f"content_type={self.content_type!r}, payload={size})")

@@ -1,0 +1,108 @@
+"""Prometheus metrics for one router, rendered from a snapshot at scrape time.
+
+Usage::
+
+    metrics = RouterMetrics(router)
+    text, content_type = await metrics.render()   # what GET /metrics answers
+
+The books (spec §8) come from the store's counters, so they hold across restarts and
+across processes sharing the store; per-queue figures come from the live workers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from pipelines.router import Router
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
+
+
+class _Snapshot:
+    def __init__(self, router: Router, books: dict[str, int]) -> None:
+        self.router = router
+        self.books = books
+
+    def collect(self):  # prometheus_client collector protocol
+        r = self.router
+        for name, value in sorted(self.books.items()):
+            if name in {"inbox", "deliveries_queued", "dead_letters_open"}:
+                g = GaugeMetricFamily(f"pipeline_{name}", f"current {name.replace('_', ' ')}")
+                g.add_metric([], value)
+                yield g
+            else:
+                c = CounterMetricFamily(f"pipeline_{name}", f"messages counted as {name.replace('_', ' ')}")
+                c.add_metric([], value)
+                yield c
+        depth = GaugeMetricFamily("pipeline_queue_depth", "deliveries waiting per destination step",
+                                  labels=["pipeline", "step"])
+        for (p, s), n in r.queue_depths.items():
+            depth.add_metric([p, s], n)
+        yield depth
+        if r.delivery is None:
+            return
+        inflight = GaugeMetricFamily("pipeline_deliveries_in_flight", "deliveries under way",
+                                     labels=["pipeline", "step"])
+        retries = CounterMetricFamily("pipeline_delivery_retries", "retries by status",
+                                      labels=["pipeline", "step", "status"])
+        dead = CounterMetricFamily("pipeline_delivery_dead_letters", "dead letters by reason",
+                                   labels=["pipeline", "step", "reason"])
+        delivered = CounterMetricFamily("pipeline_delivery_delivered", "deliveries that succeeded",
+                                        labels=["pipeline", "step"])
+        hist = HistogramMetricFamily("pipeline_delivery_latency_seconds",
+                                     "message time to successful delivery", labels=["pipeline", "step"])
+        for (p, s), w in r.delivery.workers.items():
+            st = w.stats
+            inflight.add_metric([p, s], st.in_flight)
+            delivered.add_metric([p, s], st.delivered)
+            for status, n in st.retries_by_status.items():
+                retries.add_metric([p, s, status], n)
+            for reason, n in st.dead_by_reason.items():
+                dead.add_metric([p, s, reason], n)
+            buckets, total = w.latency.snapshot()
+            hist.add_metric([p, s], buckets=buckets, sum_value=total)
+        yield from (inflight, delivered, retries, dead, hist)
+        if r.engine is not None:
+            tf = CounterMetricFamily("pipeline_transform_failures", "transformer failures",
+                                     labels=["pipeline", "step"])
+            for (p, s), n in r.engine.transform_failed.items():
+                tf.add_metric([p, s], n)
+            yield tf
+
+
+class LatencyHistogram:
+    """Cumulative buckets, cheap to observe from the hot path."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(LATENCY_BUCKETS)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+
+    def snapshot(self) -> tuple[list[tuple[str, float]], float]:
+        out, running = [], 0
+        for bound, n in zip(LATENCY_BUCKETS, self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out, self.total
+
+
+class RouterMetrics:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def render(self) -> tuple[bytes, str]:
+        books = await self.router.store.counters()
+        reg = CollectorRegistry()
+        reg.register(_Snapshot(self.router, books))
+        return generate_latest(reg), CONTENT_TYPE_LATEST

@@ -1,0 +1,170 @@
+"""The one place that POSTs a message over HTTP (webhook destination and webhook transformer).
+
+Usage::
+
+    from pipelines.outbound_http import post_message
+
+    response = await post_message(client, url, message, headers={"Authorization": "..."},
+                                  extra=context.extra)
+    # 2xx: the httpx.Response; anything else raises DeliveryError
+
+What goes on the wire: the payload bytes as they are; ``Content-Type`` = the message's;
+CloudEvents binary-mode headers (``Ce-Specversion: 1.0``, ``Ce-Id`` = message id,
+``Ce-Source`` = device id, ``Ce-Subject`` = project id, ``Ce-Type:
+io.golioth.data.v1/.s<path>``, ``Ce-Time`` RFC 3339); then the user's headers, which win
+over ours (compared case-insensitively).
+
+``extra`` is ``ComponentContext.extra``: ``extra["url_overrides"]`` maps URL bases to others
+(``{"https://api.replicate.com": "http://127.0.0.1:5010"}`` sends Replicate calls to the local
+stand-in without editing pipelines) and ``extra["timeout"]`` is the per-call timeout in
+seconds (default 30).
+
+Outcomes, as the retry policy (``pipelines.retry``) reads them: ``DeliveryError`` with
+``retryable`` True for connection errors, timeouts, 408, 425, 429 and 5xx except 501;
+False for other statuses and for a URL that cannot be used. ``retry_after`` comes from the
+``Retry-After`` header (seconds or HTTP date); ``response_excerpt`` is the first 500
+characters of the answer. Reasons name the scheme and host only, never the URL's path or
+query, which may carry a secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from pipelines.components import DeliveryError
+from pipelines.message import Message
+
+DEFAULT_TIMEOUT = 30.0
+EXCERPT_CHARS = 500
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+def is_retryable_status(status: int) -> bool:
+    """408, 425, 429 and 5xx except 501 (Not Implemented will not change by retrying)."""
+    return status in RETRYABLE_STATUSES or (500 <= status <= 599 and status != 501)
+
+
+def rfc3339(ts: datetime) -> str:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def cloudevents_headers(message: Message) -> dict[str, str]:
+    """Binary-mode CloudEvents headers plus Content-Type for ``message``."""
+    path = message.path if message.path.startswith("/") else "/" + message.path
+    return {
+        "Content-Type": message.content_type,
+        "Ce-Specversion": "1.0",
+        "Ce-Id": message.id,
+        "Ce-Source": message.device_id,
+        "Ce-Subject": message.project_id,
+        "Ce-Type": f"io.golioth.data.v1/.s{path}",
+        "Ce-Time": rfc3339(message.timestamp),
+    }
+
+
+def build_headers(message: Message, user_headers: Mapping[str, str] | None = None) -> httpx.Headers:
+    headers = httpx.Headers(cloudevents_headers(message))
+    for name, value in (user_headers or {}).items():
+        headers[name] = value  # httpx.Headers replaces case-insensitively: the user wins
+    return headers
+
+
+def rewrite_url(url: str, overrides: Mapping[str, str] | None) -> str:
+    """Replace the longest matching base in ``overrides``. A base matches only at a boundary:
+    ``https://api.replicate.com`` matches ``https://api.replicate.com/v1/x`` but not
+    ``https://api.replicate.com.example.org``."""
+    for base in sorted(overrides or {}, key=len, reverse=True):
+        stem = base.rstrip("/")
+        if url == stem or (url.startswith(stem) and url[len(stem)] in "/?#"):
+            return overrides[base].rstrip("/") + url[len(stem):]  # type: ignore[index]
+    return url
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delay-seconds or an HTTP date; None if absent or
+    unreadable. Dates in the past give 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return max(0.0, seconds) if seconds == seconds and seconds != float("inf") else None
+
+
+def describe_target(url: str) -> str:
+    """``https://host:port`` only: paths and queries may hold secrets."""
+    try:
+        parsed = httpx.URL(url)
+    except Exception:  # any unparsable URL is described the same way
+        return "(unparsable URL)"
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{parsed.host}{port}"
+
+
+def _excerpt(response: httpx.Response) -> str:
+    return response.content[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+
+
+async def post_message(
+    client: httpx.AsyncClient,
+    url: str,
+    message: Message,
+    *,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> httpx.Response:
+    """POST ``message`` to ``url``. Returns the 2xx response or raises ``DeliveryError``."""
+    extra = extra or {}
+    url = rewrite_url(url, extra.get("url_overrides") or {})
+    timeout = float(extra.get("timeout") or DEFAULT_TIMEOUT)
+    target = describe_target(url)
+    try:
+        response = await client.post(url, content=message.payload,
+                                     headers=build_headers(message, headers),
+                                     timeout=httpx.Timeout(timeout))
+    except httpx.TimeoutException as exc:
+        raise DeliveryError(f"POST {target}: timed out after {timeout:g} s ({type(exc).__name__})",
+                            retryable=True) from None
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        raise DeliveryError(f"POST {target}: unusable URL ({exc})", retryable=False) from None
+    except httpx.LocalProtocolError:  # our request is malformed: retrying cannot help
+        raise DeliveryError(f"POST {target}: request rejected by the HTTP library "
+                            "(check header names and values)",
+                            retryable=False) from None
+    except httpx.TransportError as exc:
+        raise DeliveryError(f"POST {target}: {type(exc).__name__}: {str(exc) or 'connection failed'}",
+                            retryable=True) from None
+    except httpx.HTTPError as exc:
+        raise DeliveryError(f"POST {target}: {type(exc).__name__}: {exc}", retryable=True) from None
+    except (ValueError, TypeError) as exc:  # e.g. a header value httpx cannot encode
+        raise DeliveryError(f"POST {target}: request could not be built ({type(exc).__name__})",
+                            retryable=False) from None
+    status = response.status_code
+    if 200 <= status <= 299:
+        return response
+    retryable = is_retryable_status(status)
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    phrase = response.reason_phrase or ""
+    raise DeliveryError(
+        f"POST {target}: HTTP {status} {phrase}".rstrip()
+        + ("" if retryable else " (permanent)"),
+        retryable=retryable,
+        status=status,
+        retry_after=retry_after,
+        response_excerpt=_excerpt(response),
+    )

@@ -1,0 +1,347 @@
+"""The router: store + engine + delivery, with device state and back-pressure.
+
+Usage::
+
+    settings = RouterSettings(pipelines=["pipeline.yaml"], store_path="data/store.db")
+    async with Router(settings) as router:       # loads, validates, opens, starts
+        await router.accept(message)              # durable when it returns (IngestTarget)
+        ...
+
+Stages run in one direction: ``accept`` only writes the inbox; the engine loop reads the
+inbox, runs the pipelines and commits deliveries, dead letters and the inbox removal in
+one transaction; delivery workers read their queues. A crash between two stages loses
+nothing: on start the engine re-runs whatever is still in the inbox and the workers
+resume their queues (at-least-once; message ids stay the same so receivers can
+deduplicate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pipelines.components import ComponentContext
+from pipelines.config import LoadResult, PipelineConfig, StepConfig, load_pipelines
+from pipelines.delivery import Delivery
+from pipelines.engine import Engine, StepTrace, build_pipelines
+from pipelines.ingest import Overloaded
+from pipelines.message import Message
+from pipelines.secrets import SecretSource
+from pipelines.state_doc import delete_at, get_at, merge_at, set_at
+from pipelines.store import Store
+
+log = logging.getLogger("pipelines.router")
+
+
+class ConfigError(Exception):
+    """The pipelines did not load; ``problems`` lists every one as FILE:LINE:COL: message."""
+
+    def __init__(self, problems: list[Any]) -> None:
+        self.problems = problems
+        super().__init__("pipelines did not load:\n" + "\n".join(str(p) for p in problems))
+
+
+@dataclass
+class RouterSettings:
+    pipelines: Sequence[str | Path] = ("pipeline.yaml",)
+    store_path: str | Path = "pipeline-data/store.db"
+    secrets_file: str | Path | None = None
+    # rewrite outbound base URLs without editing pipelines, e.g. the predictions API
+    url_overrides: dict[str, str] = field(default_factory=dict)
+    engine_concurrency: int = 64
+    max_inbox: int = 20_000           # accepted but not yet routed: over it → Overloaded
+    max_queue: int = 20_000           # rows waiting in any one destination queue: over it → Overloaded
+    overload_retry_after: float = 5.0
+    http_timeout: float = 30.0
+    run_engine: bool = True           # False: an ingest-only process (CoAP workers)
+    synchronous: str = "NORMAL"       # SQLite synchronous pragma: NORMAL survives a process crash
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(self, settings: RouterSettings, *, loaded: LoadResult | None = None) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        self.store = Store(settings.store_path, synchronous=settings.synchronous)
+        self.http: httpx.AsyncClient | None = None
+        self.engine: Engine | None = None
+        self.delivery: Delivery | None = None
+        self.pipeline_configs: list[PipelineConfig] = []
+        self._watchers: dict[tuple[str, str], list[Callable[[], None]]] = {}
+        self._watched_versions: dict[tuple[str, str], int] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._inbox_event = asyncio.Event()
+        self._in_progress: set[str] = set()
+        self._last_seq = 0
+        self._overload_reason: str | None = None
+        self.queue_depths: dict[tuple[str, str], int] = {}
+        self.inbox_depth = 0
+        self.started_at = time.time()
+        self.ready = False
+        self._response_hooks: list[Callable[[Message, httpx.Response], Any]] = []
+        self._request_hooks: list[Callable[[Message, str, Any], Any]] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def load(self) -> LoadResult:
+        if self.loaded is None:
+            secrets = SecretSource.from_sources(
+                Path(self.settings.secrets_file) if self.settings.secrets_file else None)
+            self.loaded = load_pipelines(list(self.settings.pipelines), secrets)
+        if self.loaded.problems:
+            raise ConfigError(self.loaded.problems)
+        return self.loaded
+
+    async def start(self) -> None:
+        loaded = self.load()
+        self.pipeline_configs = loaded.pipelines
+        await self.store.open()
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+        self.http = httpx.AsyncClient(timeout=self.settings.http_timeout, limits=limits)
+        if self.settings.run_engine:
+            runtime = build_pipelines(self.pipeline_configs, self._context_for)
+            self.engine = Engine(runtime)
+            self.delivery = Delivery(self.store, runtime)
+            await self.delivery.start()
+            self._tasks.append(asyncio.create_task(self._engine_loop(), name="engine"))
+        else:
+            self._tasks.append(asyncio.create_task(self._poll_state_loop(), name="state-poll"))
+        self._tasks.append(asyncio.create_task(self._monitor_loop(), name="monitor"))
+        await self._measure()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.delivery:
+            await self.delivery.stop()
+        if self.engine:
+            await self.engine.close()
+        if self.http:
+            await self.http.aclose()
+        await self.store.close()
+
+    def _context_for(self, pipeline: PipelineConfig, step: StepConfig) -> ComponentContext:
+        return ComponentContext(
+            http=self.http, state=self, stream=self.store, logs=self.store, reinject=self.accept,
+            mqtt_publish=self.settings.extra.get("mqtt_publish"),
+            pipeline=pipeline.name, step=step.name,
+            extra={"url_overrides": self.settings.url_overrides,
+                   "timeout": step.timeout or self.settings.http_timeout,
+                   "retry": step.retry,
+                   "request_hooks": self._request_hooks,
+                   "response_hooks": self._response_hooks},
+        )
+
+    def add_http_hooks(self, *, request: Callable[[Message, str, Any], Any] | None = None,
+                       response: Callable[[Message, httpx.Response], Any] | None = None) -> None:
+        """Let a router feature see outbound webhook calls (the predictions correlation)."""
+        if request:
+            self._request_hooks.append(request)
+        if response:
+            self._response_hooks.append(response)
+
+    # -- ingest (IngestTarget) ----------------------------------------------------------
+
+    async def accept(self, message: Message) -> None:
+        if self._overload_reason:
+            raise Overloaded(self._overload_reason, self.settings.overload_retry_after)
+        await self.store.add_inbox(message)
+        self.inbox_depth += 1
+        self._inbox_event.set()
+
+    # -- the engine loop ----------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        assert self.engine is not None
+        sem = asyncio.Semaphore(self.settings.engine_concurrency)
+        running: set[asyncio.Task] = set()
+        while True:
+            self._inbox_event.clear()
+            try:
+                rows = await self.store.fetch_inbox(self._last_seq, 256)
+            except Exception:
+                log.exception("reading the inbox")
+                await asyncio.sleep(1)
+                continue
+            for row in rows:
+                self._last_seq = max(self._last_seq, row.seq)
+                if row.message.id in self._in_progress:
+                    continue
+                await sem.acquire()
+                self._in_progress.add(row.message.id)
+                t = asyncio.create_task(self._route_one(row.message, sem))
+                running.add(t)
+                t.add_done_callback(running.discard)
+            if len(rows) < 256:
+                try:
+                    # other processes (CoAP workers) write the inbox too: look again soon
+                    await asyncio.wait_for(self._inbox_event.wait(), 0.05)
+                except TimeoutError:
+                    pass
+
+    async def _route_one(self, message: Message, sem: asyncio.Semaphore) -> None:
+        try:
+            assert self.engine is not None and self.delivery is not None
+            outcome, _ = await self.engine.route(message)
+            await self.store.finish_message(message, outcome)
+            self.inbox_depth = max(0, self.inbox_depth - 1)
+            for d in outcome.deliveries:
+                self.delivery.notify(d.pipeline, d.step)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # the message stays in the inbox and is routed again on the next start
+            log.exception("routing message %s failed; it stays in the inbox", message.id)
+        finally:
+            self._in_progress.discard(message.id)
+            sem.release()
+
+    async def send(self, message: Message) -> tuple[Any, list[StepTrace]]:
+        """Route one message now, with a trace of every step (``pipeline send``). The
+        message goes through the inbox like any other, so nothing is lost if we stop."""
+        assert self.engine is not None and self.delivery is not None
+        self._in_progress.add(message.id)
+        try:
+            await self.store.add_inbox(message)
+            outcome, trace = await self.engine.route(message, trace=True)
+            await self.store.finish_message(message, outcome)
+            for d in outcome.deliveries:
+                self.delivery.notify(d.pipeline, d.step)
+            return outcome, trace
+        finally:
+            self._in_progress.discard(message.id)
+
+    async def replay_dead_letter(self, dead_letter_id: int) -> bool:
+        """Re-run a dead letter from the step that failed (same message id)."""
+        assert self.engine is not None and self.delivery is not None
+        letters = await self.store.dead_letters(ids=[dead_letter_id])
+        if not letters:
+            return False
+        dl = letters[0]
+        if dl.stage == "delivery":
+            ok = await self.store.requeue_dead_letter(dl)
+            self.delivery.notify(dl.pipeline, dl.step)
+            return ok
+        pipeline = self.engine.by_name.get(dl.pipeline)
+        if pipeline is None:
+            raise LookupError(f"pipeline {dl.pipeline!r} is no longer loaded")
+        deliveries, dead, _ = await self.engine.run_pipeline(pipeline, dl.message, dl.step_index)
+        if not await self.store.mark_replayed(dl.id):
+            return False
+        from pipelines.store import RoutingOutcome
+        outcome = RoutingOutcome(True, deliveries, dead, runs_completed=0 if dead else 1,
+                                 runs_dead=1 if dead else 0, from_inbox=False)
+        await self.store.finish_message(dl.message, outcome)
+        for d in deliveries:
+            self.delivery.notify(d.pipeline, d.step)
+        return True
+
+    # -- back-pressure ------------------------------------------------------------------
+
+    @property
+    def overload_reason(self) -> str | None:
+        return self._overload_reason
+
+    async def _measure(self) -> None:
+        self.queue_depths = await self.store.queue_depths()
+        self.inbox_depth = await self.store.inbox_size()
+        reason = None
+        if self.inbox_depth >= self.settings.max_inbox:
+            reason = f"{self.inbox_depth} messages wait to be routed (limit {self.settings.max_inbox})"
+        else:
+            for (p, s), n in self.queue_depths.items():
+                if n >= self.settings.max_queue:
+                    reason = f"destination queue {p}/{s} holds {n} deliveries (limit {self.settings.max_queue})"
+                    break
+        if reason != self._overload_reason:
+            if reason:
+                log.warning("pushing back on ingest: %s", reason)
+            elif self._overload_reason:
+                log.info("ingest open again")
+        self._overload_reason = reason
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await self._measure()
+            except Exception:
+                log.exception("measuring queues")
+
+    # -- device state (IngestTarget + the StateStore that lightdb-state uses) -------------
+
+    async def get_state(self, project_id: str, device_id: str, path: str = "/") -> Any:
+        doc, _ = await self.store.get_state(project_id, device_id)
+        return get_at(doc, path)
+
+    async def set_state(self, project_id: str, device_id: str, path: str, value: Any,
+                        merge: bool = False) -> None:
+        if merge:
+            await self.store.update_state(project_id, device_id, lambda d: merge_at(d, path, value))
+        else:
+            await self.store.update_state(project_id, device_id, lambda d: set_at(d, path, value))
+        self._changed(project_id, device_id)
+
+    async def merge_state(self, project_id: str, device_id: str, path: str, value: Any) -> None:
+        await self.set_state(project_id, device_id, path, value, merge=True)
+
+    async def delete_state(self, project_id: str, device_id: str, path: str) -> None:
+        await self.store.update_state(project_id, device_id, lambda d: delete_at(d, path))
+        self._changed(project_id, device_id)
+
+    def watch_state(self, project_id: str, device_id: str,
+                    callback: Callable[[], None]) -> Callable[[], None]:
+        key = (project_id, device_id)
+        self._watchers.setdefault(key, []).append(callback)
+
+        def unwatch() -> None:
+            lst = self._watchers.get(key, [])
+            if callback in lst:
+                lst.remove(callback)
+            if not lst:
+                self._watchers.pop(key, None)
+                self._watched_versions.pop(key, None)
+        return unwatch
+
+    def _changed(self, project_id: str, device_id: str) -> None:
+        for cb in list(self._watchers.get((project_id, device_id), [])):
+            try:
+                cb()
+            except Exception:
+                log.exception("state watcher failed")
+
+    async def _poll_state_loop(self) -> None:
+        """Ingest-only processes do not see the engine's writes: look at versions instead."""
+        while True:
+            await asyncio.sleep(0.1)
+            keys = list(self._watchers)
+            if not keys:
+                continue
+            try:
+                versions = await self.store.state_versions(keys)
+            except Exception:
+                log.exception("polling state versions")
+                continue
+            for key, v in versions.items():
+                old = self._watched_versions.get(key)
+                self._watched_versions[key] = v
+                if old is not None and v != old:
+                    self._changed(*key)

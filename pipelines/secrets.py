@@ -1,0 +1,331 @@
+"""Secrets for pipeline parameters: where they come from, how they are substituted, and
+how their values are kept out of everything we print.
+
+Usage::
+
+    from pipelines.secrets import SecretSource, MissingSecret, redact
+
+    secrets = SecretSource.from_sources(Path("secrets.env"))   # then os.environ
+    secrets.resolve("$REPLICATE_TOKEN")           # whole value: the secret itself
+    secrets.resolve("Bearer ${REPLICATE_TOKEN}")  # interpolation inside a longer string
+    secrets.resolve("costs $$5")                  # "$$" is a literal "$" -> "costs $5"
+    secrets.resolve("$NOPE")                      # raises MissingSecret("NOPE")
+    redact(f"sent {token}")                       # -> "sent ***" once token was resolved
+
+Sources, in order: the secrets file (YAML ``NAME: value`` or ``.env`` lines ``NAME=value``),
+then the environment. Names are ``[A-Za-z_][A-Za-z0-9_]*`` and looked up case-insensitively.
+
+A ``$`` that starts neither ``$NAME`` (as the whole value), ``${NAME}`` nor ``$$`` is kept
+as written, so URLs and texts with a stray ``$`` keep working.
+
+Every value resolved by any ``SecretSource`` in this process (4 characters or longer;
+shorter ones would blank out ordinary text) is remembered by the module-level
+:func:`redact`, which the engine, the logs, dead letters and the CLI pass text through.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "MIN_REDACT_LENGTH",
+    "REDACTED",
+    "MissingSecret",
+    "SecretSource",
+    "SecretSyntaxError",
+    "SecretsFileError",
+    "redact",
+    "remember",
+]
+
+REDACTED = "***"
+MIN_REDACT_LENGTH = 4
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_WHOLE_RE = re.compile(rf"^\$({_NAME})$")
+# "$$", "${NAME}", or a "${" that does not close properly (reported as a mistake)
+_TOKEN_RE = re.compile(rf"\$\$|\$\{{({_NAME})\}}|\$\{{[^}}]*\}}?")
+_NAME_RE = re.compile(rf"^{_NAME}$")
+
+
+class MissingSecret(KeyError):
+    """No source provides the secret ``name``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return (f"secret {self.name!r} is not set: put it in the secrets file or the "
+                f"environment")
+
+
+class SecretSyntaxError(ValueError):
+    """A ``${...}`` reference that is not ``${NAME}``."""
+
+
+class SecretsFileError(ValueError):
+    """The secrets file cannot be read; ``line``/``col`` are 1-based."""
+
+    def __init__(self, file: str, line: int, col: int, message: str) -> None:
+        super().__init__(f"{file}:{line}:{col}: {message}")
+        self.file = file
+        self.line = line
+        self.col = col
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------
+# Process-wide redaction
+
+
+class _Redactor:
+    """Every secret value resolved so far; thread-safe, one compiled regex, rebuilt on change."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._regex: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, value: str) -> None:
+        if len(value) < MIN_REDACT_LENGTH or value in self._values:
+            return
+        with self._lock:
+            self._values.add(value)
+            # longest first so a secret that contains another is blanked whole
+            alternatives = sorted(self._values, key=len, reverse=True)
+            self._regex = re.compile("|".join(re.escape(v) for v in alternatives))
+
+    def redact(self, text: str) -> str:
+        regex = self._regex
+        if regex is None or not text:
+            return text
+        return regex.sub(REDACTED, text)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._regex = None
+
+
+_process_redactor = _Redactor()
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret value resolved so far in this process replaced by ``***``."""
+    return _process_redactor.redact(text)
+
+
+def remember(value: str) -> None:
+    """Have :func:`redact` hide ``value`` too (for secrets that arrive by other routes)."""
+    _process_redactor.add(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the secrets file
+
+
+def _load_yaml_secrets(path: Path, text: str) -> dict[str, str] | None:
+    """The file as ``NAME: value`` YAML, or None if it is not a YAML mapping."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    out: dict[str, str] = {}
+    for key_node, value_node in node.value:
+        mark = key_node.start_mark
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise SecretsFileError(str(path), mark.line + 1, mark.column + 1,
+                                   f"secret name {name!r} is not of the form [A-Za-z_][A-Za-z0-9_]*")
+        if not isinstance(value_node, yaml.ScalarNode):
+            vm = value_node.start_mark
+            raise SecretsFileError(str(path), vm.line + 1, vm.column + 1,
+                                   f"secret {name!r} must be a single value, not a list or mapping")
+        # the scalar as written (so `true` stays "true" and `007` stays "007"); null -> ""
+        value = "" if value_node.tag == "tag:yaml.org,2002:null" else value_node.value
+        out[name.upper()] = value
+    return out
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        inner = value[1:-1]
+        if value[0] == '"':
+            inner = (inner.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\"))
+        return inner
+    # an unquoted value may carry a trailing " # comment"
+    return re.split(r"\s+#", value, maxsplit=1)[0].strip()
+
+
+def _load_dotenv_secrets(path: Path, text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        col = raw.find(name) + 1 if name else 1
+        if not sep:
+            raise SecretsFileError(str(path), lineno, col, "expected NAME=value")
+        if not _NAME_RE.match(name):
+            raise SecretsFileError(str(path), lineno, col,
+                                   f"secret name {name!r} is not of the form [A-Za-z_][A-Za-z0-9_]*")
+        out[name.upper()] = _unquote(value.strip())
+    return out
+
+
+def load_secrets_file(path: Path) -> dict[str, str]:
+    """Names (upper-cased) to values. ``*.yml``/``*.yaml`` is YAML, ``*.env``/``.env`` is
+    dotenv; anything else is YAML if it reads as a mapping, else dotenv."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretsFileError(str(path), 1, 1, f"cannot read secrets file: {exc.__class__.__name__}: "
+                                                f"{getattr(exc, 'strerror', None) or exc}") from None
+    suffix = path.suffix.lower()
+    if suffix in (".yml", ".yaml"):
+        loaded = _load_yaml_secrets(path, text)
+        if loaded is None:
+            if not text.strip():
+                return {}
+            try:
+                yaml.compose(text, Loader=yaml.SafeLoader)
+            except yaml.MarkedYAMLError as exc:
+                mark = exc.problem_mark or exc.context_mark
+                line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+                raise SecretsFileError(str(path), line, col, f"YAML syntax error: {exc.problem}") from None
+            raise SecretsFileError(str(path), 1, 1, "expected a mapping of NAME: value")
+        return loaded
+    if suffix == ".env" or path.name == ".env":
+        return _load_dotenv_secrets(path, text)
+    loaded = _load_yaml_secrets(path, text)
+    return loaded if loaded is not None else _load_dotenv_secrets(path, text)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class SecretSource:
+    """Secret values by case-insensitive name, and substitution of references to them."""
+
+    def __init__(self, *layers: Mapping[str, str]) -> None:
+        # earlier layers win; each is indexed by upper-cased name
+        self._layers: list[dict[str, str]] = []
+        for layer in layers:
+            index: dict[str, str] = {}
+            for name, value in layer.items():
+                key = name.upper()
+                # two env names differing only in case: the all-upper one wins
+                if key in index and name != key:
+                    continue
+                index[key] = value
+            self._layers.append(index)
+        self._used: set[str] = set()
+        self._used_regex: re.Pattern[str] | None = None
+
+    @classmethod
+    def from_sources(cls, secrets_file: Path | str | None = None,
+                     environ: Mapping[str, str] | None = None) -> SecretSource:
+        """The secrets file (if given) first, then ``environ`` (default ``os.environ``).
+        Raises ``SecretsFileError`` (with a position) when the file is unusable."""
+        layers: list[Mapping[str, str]] = []
+        if secrets_file is not None:
+            layers.append(load_secrets_file(Path(secrets_file)))
+        layers.append(dict(os.environ if environ is None else environ))
+        return cls(*layers)
+
+    @classmethod
+    def empty(cls) -> SecretSource:
+        return cls()
+
+    def get(self, name: str) -> str:
+        key = name.upper()
+        for layer in self._layers:
+            if key in layer:
+                return layer[key]
+        raise MissingSecret(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and any(name.upper() in layer for layer in self._layers)
+
+    def _use(self, value: str) -> None:
+        if len(value) >= MIN_REDACT_LENGTH and value not in self._used:
+            self._used.add(value)
+            alternatives = sorted(self._used, key=len, reverse=True)
+            self._used_regex = re.compile("|".join(re.escape(v) for v in alternatives))
+        _process_redactor.add(value)
+
+    def references(self, value: str) -> list[str]:
+        """Secret names ``value`` refers to, without resolving them."""
+        if "$" not in value:
+            return []
+        m = _WHOLE_RE.match(value)
+        if m:
+            return [m.group(1)]
+        return [t.group(1) for t in _TOKEN_RE.finditer(value) if t.group(1)]
+
+    def resolve(self, value: str) -> str:
+        """``value`` with its secret references substituted. Raises ``MissingSecret`` for a
+        name no source has, ``SecretSyntaxError`` for a malformed ``${...}``."""
+        if "$" not in value:
+            return value
+        m = _WHOLE_RE.match(value)
+        if m:
+            secret = self.get(m.group(1))
+            self._use(secret)
+            return secret
+
+        def substitute(token: re.Match[str]) -> str:
+            text = token.group(0)
+            if text == "$$":
+                return "$"
+            name = token.group(1)
+            if name is None:
+                raise SecretSyntaxError(
+                    f"{text!r} is not a secret reference: write ${{NAME}} with NAME of the form "
+                    f"[A-Za-z_][A-Za-z0-9_]*, or $$ for a literal $")
+            secret = self.get(name)
+            self._use(secret)
+            return secret
+
+        return _TOKEN_RE.sub(substitute, value)
+
+    def resolve_tree(self, value: Any) -> Any:
+        """``resolve`` applied to every string in nested dicts and lists (keys untouched)."""
+        if isinstance(value, str):
+            return self.resolve(value)
+        if isinstance(value, dict):
+            return {k: self.resolve_tree(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve_tree(v) for v in value]
+        return value
+
+    @property
+    def used_values(self) -> frozenset[str]:
+        return frozenset(self._used)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every value this source has resolved (4+ characters) as ``***``."""
+        if self._used_regex is None or not text:
+            return text
+        return self._used_regex.sub(REDACTED, text)
+
+    def names(self) -> Iterable[str]:
+        seen: set[str] = set()
+        for layer in self._layers:
+            seen.update(layer)
+        return sorted(seen)

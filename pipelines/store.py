@@ -1,0 +1,668 @@
+"""The router's one durable store: a SQLite database in WAL mode.
+
+Usage::
+
+    store = Store("data/store.db")          # or Store(":memory:") for tests and benchmarks
+    await store.open()
+    await store.add_inbox(message)         # returns once the row is committed
+    rows = await store.fetch_inbox(after_seq=0, limit=100)
+    await store.close()
+
+Every write goes through one writer thread that commits whatever is waiting in one
+transaction (group commit): many concurrent ``add_inbox`` calls cost one fsync-free WAL
+commit, and each caller resumes only once its own write is committed. Each operation
+runs in its own SAVEPOINT, so one failing write never takes its neighbours down.
+
+Tables: ``inbox`` (accepted, not yet routed), ``deliveries`` (one queue per destination
+step), ``dead_letters``, ``state`` (device documents), ``stream``, ``logs``,
+``unmatched``, ``counters`` (the accounting books), ``predictions`` (correlation of a
+prediction with the frame that caused it), ``webhooks_seen`` (idempotency).
+
+Several processes may share the file (CoAP workers write the inbox; one engine routes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipelines.message import Message
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL,
+  content_type TEXT NOT NULL, timestamp REAL NOT NULL, received_at REAL NOT NULL,
+  metadata TEXT NOT NULL, payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  message_id TEXT NOT NULL, pipeline TEXT NOT NULL, step TEXT NOT NULL, step_index INTEGER NOT NULL,
+  project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL,
+  content_type TEXT NOT NULL, timestamp REAL NOT NULL, metadata TEXT NOT NULL, payload BLOB NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
+  first_attempt_at REAL, last_status INTEGER, last_error TEXT, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries(pipeline, step, next_attempt_at);
+CREATE TABLE IF NOT EXISTS dead_letters(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  message_id TEXT NOT NULL, pipeline TEXT NOT NULL, step TEXT NOT NULL, step_index INTEGER NOT NULL,
+  stage TEXT NOT NULL,
+  project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL,
+  content_type TEXT NOT NULL, timestamp REAL NOT NULL, metadata TEXT NOT NULL, payload BLOB NOT NULL,
+  attempts INTEGER NOT NULL, last_status INTEGER, response_excerpt TEXT, error TEXT NOT NULL,
+  created_at REAL NOT NULL, replayed_at REAL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_open ON dead_letters(replayed_at, id);
+CREATE TABLE IF NOT EXISTS state(
+  project_id TEXT NOT NULL, device_id TEXT NOT NULL, doc TEXT NOT NULL,
+  version INTEGER NOT NULL, updated_at REAL NOT NULL,
+  PRIMARY KEY(project_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS stream(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL, time REAL NOT NULL,
+  data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stream_device ON stream(project_id, device_id, time);
+CREATE TABLE IF NOT EXISTS logs(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  project_id TEXT NOT NULL, device_id TEXT NOT NULL, time REAL NOT NULL, level TEXT NOT NULL,
+  module TEXT NOT NULL, msg TEXT NOT NULL, metadata TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unmatched(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  message_id TEXT NOT NULL, project_id TEXT NOT NULL, device_id TEXT NOT NULL,
+  path TEXT NOT NULL, content_type TEXT NOT NULL, time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS predictions(
+  prediction_id TEXT PRIMARY KEY, message_id TEXT NOT NULL, project_id TEXT NOT NULL,
+  device_id TEXT NOT NULL, path TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhooks_seen(webhook_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+"""
+
+# The books (spec §8). Every ingested message ends up unmatched or routed; every
+# (message, pipeline) run completes or is dead-lettered; every delivery is delivered,
+# queued (rows in ``deliveries``; in flight is a subset) or dead-lettered.
+COUNTERS = (
+    "ingested", "duplicates", "unmatched", "routed", "runs_completed", "runs_dead",
+    "deliveries_enqueued", "deliveries_delivered", "deliveries_dead", "deliveries_retried",
+    "dead_letters_replayed",
+)
+
+
+def to_epoch(dt: datetime) -> float:
+    return dt.timestamp()
+
+
+def from_epoch(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+@dataclass
+class InboxRow:
+    seq: int
+    message: Message
+
+
+@dataclass
+class DeliveryRow:
+    seq: int
+    pipeline: str
+    step: str
+    step_index: int
+    attempts: int
+    first_attempt_at: float | None
+    message: Message
+
+
+@dataclass
+class DeadLetter:
+    id: int
+    message_id: str
+    pipeline: str
+    step: str
+    step_index: int
+    stage: str
+    attempts: int
+    last_status: int | None
+    response_excerpt: str | None
+    error: str
+    created_at: float
+    replayed_at: float | None
+    message: Message
+
+    def summary(self) -> dict[str, Any]:
+        m = self.message
+        return {
+            "id": self.id, "message_id": self.message_id, "pipeline": self.pipeline,
+            "step": self.step, "step_index": self.step_index, "stage": self.stage,
+            "device_id": m.device_id, "project_id": m.project_id, "path": m.path,
+            "content_type": m.content_type, "size": len(m.payload), "attempts": self.attempts,
+            "last_status": self.last_status, "error": self.error,
+            "response_excerpt": self.response_excerpt,
+            "created_at": from_epoch(self.created_at).isoformat(),
+            "replayed_at": from_epoch(self.replayed_at).isoformat() if self.replayed_at else None,
+            "metadata": m.metadata,
+        }
+
+
+def _message_from(row: sqlite3.Row | tuple, offset: int = 0, msg_id: str | None = None) -> Message:
+    # columns: id, project_id, device_id, path, content_type, timestamp, metadata, payload
+    r = row
+    return Message(
+        id=msg_id if msg_id is not None else r[offset],
+        project_id=r[offset + 1], device_id=r[offset + 2], path=r[offset + 3],
+        content_type=r[offset + 4], timestamp=from_epoch(r[offset + 5]),
+        metadata=json.loads(r[offset + 6]), payload=bytes(r[offset + 7]),
+    )
+
+
+def _msg_values(m: Message) -> tuple:
+    return (m.project_id, m.device_id, m.path, m.content_type, to_epoch(m.timestamp),
+            json.dumps(m.metadata), m.payload)
+
+
+class StoreClosed(RuntimeError):
+    pass
+
+
+class Store:
+    """See the module docstring. All public methods are coroutines safe to call from the loop."""
+
+    def __init__(self, path: str | Path = ":memory:", *, synchronous: str = "NORMAL",
+                 max_batch: int = 512) -> None:
+        self.path = str(path)
+        self.synchronous = synchronous
+        self.max_batch = max_batch
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+        self.commits = 0  # group commits done (for benchmarks)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait)
+        if self._open_error:
+            raise self._open_error
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._ops.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        return conn
+
+    def _writer(self) -> None:
+        try:
+            conn = self._connect()
+            conn.executescript(SCHEMA)
+            conn.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)",
+                             [(c,) for c in COUNTERS])
+        except BaseException as exc:  # reported to open()
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        stop = False
+        while not stop:
+            item = self._ops.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            results: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, bool, Any]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for fn, loop, fut in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        res = fn(conn)
+                        conn.execute("RELEASE op")
+                        results.append((loop, fut, True, res))
+                    except BaseException as exc:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        results.append((loop, fut, False, exc))
+                conn.execute("COMMIT")
+                self.commits += 1
+            except BaseException as exc:  # the commit itself failed: everyone hears of it
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                results = [(loop, fut, False, exc) for _, loop, fut in batch]
+            for loop, fut, ok, res in results:
+                loop.call_soon_threadsafe(_settle, fut, ok, res)
+        conn.close()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None:
+            raise StoreClosed("the store is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._ops.put((fn, loop, fut))
+        return await fut
+
+    # -- counters -----------------------------------------------------------------------
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, name: str, by: int = 1) -> None:
+        if by:
+            conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, name))
+
+    async def counters(self) -> dict[str, int]:
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            out = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            out["inbox"] = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
+            out["deliveries_queued"] = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+            out["dead_letters_open"] = conn.execute(
+                "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL").fetchone()[0]
+            return out
+        return await self._run(op)
+
+    # -- inbox --------------------------------------------------------------------------
+
+    async def add_inbox(self, message: Message) -> bool:
+        """Store an accepted message. False if a message with this id is already there."""
+        now = time.time()
+        values = (message.id, *_msg_values(message))
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
+                " metadata, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?)", (*values, now))
+            if cur.rowcount == 0:
+                Store._bump(conn, "duplicates")
+                return False
+            Store._bump(conn, "ingested")
+            return True
+        return await self._run(op)
+
+    async def fetch_inbox(self, after_seq: int, limit: int = 256) -> list[InboxRow]:
+        def op(conn: sqlite3.Connection) -> list[InboxRow]:
+            rows = conn.execute(
+                "SELECT seq, id, project_id, device_id, path, content_type, timestamp, metadata, payload"
+                " FROM inbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+            return [InboxRow(r[0], _message_from(r, 1)) for r in rows]
+        return await self._run(op)
+
+    async def inbox_size(self) -> int:
+        return await self._run(lambda c: c.execute("SELECT COUNT(*) FROM inbox").fetchone()[0])
+
+    async def finish_message(self, message: Message, outcome: RoutingOutcome) -> None:
+        """Record the routing of one inbox message atomically: its deliveries, dead letters,
+        run counts, and its removal from the inbox (or its unmatched record)."""
+        now = time.time()
+        m = message
+
+        def op(conn: sqlite3.Connection) -> None:
+            cur = conn.execute("DELETE FROM inbox WHERE id = ?", (m.id,))
+            if cur.rowcount == 0 and outcome.from_inbox:
+                return  # already routed by someone else (another engine after a restart)
+            if not outcome.matched:
+                conn.execute(
+                    "INSERT INTO unmatched(message_id, project_id, device_id, path, content_type, time)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (m.id, m.project_id, m.device_id, m.path, m.content_type, now))
+                Store._bump(conn, "unmatched")
+                return
+            Store._bump(conn, "routed", 1 if outcome.from_inbox else 0)
+            Store._insert_deliveries(conn, outcome.deliveries, now)
+            Store._insert_dead(conn, outcome.dead, now)
+            Store._bump(conn, "runs_completed", outcome.runs_completed)
+            Store._bump(conn, "runs_dead", outcome.runs_dead)
+        await self._run(op)
+
+    @staticmethod
+    def _insert_deliveries(conn: sqlite3.Connection, items: Iterable[PendingDelivery], now: float) -> None:
+        rows = [(d.message.id, d.pipeline, d.step, d.step_index, *_msg_values(d.message), now)
+                for d in items]
+        if rows:
+            conn.executemany(
+                "INSERT INTO deliveries(message_id, pipeline, step, step_index, project_id, device_id,"
+                " path, content_type, timestamp, metadata, payload, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            Store._bump(conn, "deliveries_enqueued", len(rows))
+
+    @staticmethod
+    def _insert_dead(conn: sqlite3.Connection, items: Iterable[PendingDeadLetter], now: float) -> None:
+        for d in items:
+            conn.execute(
+                "INSERT INTO dead_letters(message_id, pipeline, step, step_index, stage, project_id,"
+                " device_id, path, content_type, timestamp, metadata, payload, attempts, last_status,"
+                " response_excerpt, error, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (d.message.id, d.pipeline, d.step, d.step_index, d.stage, *_msg_values(d.message),
+                 d.attempts, d.last_status, d.response_excerpt, d.error, now))
+
+    # -- deliveries ---------------------------------------------------------------------
+
+    async def due_deliveries(self, pipeline: str, step: str, now: float, limit: int,
+                             exclude: set[int]) -> list[DeliveryRow]:
+        def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
+            rows = conn.execute(
+                "SELECT seq, pipeline, step, step_index, attempts, first_attempt_at, message_id,"
+                " project_id, device_id, path, content_type, timestamp, metadata, payload"
+                " FROM deliveries WHERE pipeline = ? AND step = ? AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, seq LIMIT ?",
+                (pipeline, step, now, limit + len(exclude))).fetchall()
+            out = []
+            for r in rows:
+                if r[0] in exclude:
+                    continue
+                out.append(DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6)))
+                if len(out) >= limit:
+                    break
+            return out
+        return await self._run(op)
+
+    async def next_due_time(self, pipeline: str, step: str, exclude: set[int]) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            rows = conn.execute(
+                "SELECT seq, next_attempt_at FROM deliveries WHERE pipeline = ? AND step = ?"
+                " ORDER BY next_attempt_at LIMIT ?", (pipeline, step, len(exclude) + 1)).fetchall()
+            for seq, t in rows:
+                if seq not in exclude:
+                    return t
+            return None
+        return await self._run(op)
+
+    async def queue_depths(self) -> dict[tuple[str, str], int]:
+        def op(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            rows = conn.execute("SELECT pipeline, step, COUNT(*) FROM deliveries GROUP BY pipeline, step")
+            return {(p, s): n for p, s, n in rows}
+        return await self._run(op)
+
+    async def delivery_done(self, seq: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("DELETE FROM deliveries WHERE seq = ?", (seq,)).rowcount:
+                Store._bump(conn, "deliveries_delivered")
+        await self._run(op)
+
+    async def delivery_retry(self, seq: int, *, attempts: int, next_attempt_at: float,
+                             first_attempt_at: float, status: int | None, error: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE deliveries SET attempts = ?, next_attempt_at = ?, first_attempt_at = ?,"
+                " last_status = ?, last_error = ? WHERE seq = ?",
+                (attempts, next_attempt_at, first_attempt_at, status, error, seq))
+            Store._bump(conn, "deliveries_retried")
+        await self._run(op)
+
+    async def delivery_dead(self, row: DeliveryRow, *, attempts: int, status: int | None,
+                            error: str, response_excerpt: str | None) -> None:
+        now = time.time()
+        dl = PendingDeadLetter(row.message, row.pipeline, row.step, row.step_index, "delivery",
+                               error, attempts, status, response_excerpt)
+
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("DELETE FROM deliveries WHERE seq = ?", (row.seq,)).rowcount:
+                Store._insert_dead(conn, [dl], now)
+                Store._bump(conn, "deliveries_dead")
+        await self._run(op)
+
+    # -- dead letters -------------------------------------------------------------------
+
+    async def dead_letters(self, *, pipeline: str | None = None, step: str | None = None,
+                           device_id: str | None = None, since: float | None = None,
+                           until: float | None = None, ids: list[int] | None = None,
+                           include_replayed: bool = False, limit: int = 1000) -> list[DeadLetter]:
+        where, args = [], []
+        for col, val in (("pipeline", pipeline), ("step", step), ("device_id", device_id)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created_at <= ?")
+            args.append(until)
+        if ids:
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            args.extend(ids)
+        if not include_replayed:
+            where.append("replayed_at IS NULL")
+        sql = ("SELECT id, message_id, pipeline, step, step_index, stage, attempts, last_status,"
+               " response_excerpt, error, created_at, replayed_at,"
+               " message_id, project_id, device_id, path, content_type, timestamp, metadata, payload"
+               " FROM dead_letters" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY id LIMIT ?")
+
+        def op(conn: sqlite3.Connection) -> list[DeadLetter]:
+            return [DeadLetter(*r[:12], message=_message_from(r, 12))
+                    for r in conn.execute(sql, (*args, limit)).fetchall()]
+        return await self._run(op)
+
+    async def requeue_dead_letter(self, dl: DeadLetter) -> bool:
+        """Replay a delivery dead letter: back into its destination queue, same message id."""
+        now = time.time()
+        pd = PendingDelivery(dl.message, dl.pipeline, dl.step, dl.step_index)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
+                               (now, dl.id))
+            if not cur.rowcount:
+                return False
+            Store._insert_deliveries(conn, [pd], now)
+            Store._bump(conn, "dead_letters_replayed")
+            return True
+        return await self._run(op)
+
+    async def mark_replayed(self, dead_letter_id: int) -> bool:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
+                               (now, dead_letter_id))
+            if cur.rowcount:
+                Store._bump(conn, "dead_letters_replayed")
+            return bool(cur.rowcount)
+        return await self._run(op)
+
+    async def purge_dead_letters(self, ids: list[int]) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            n = 0
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                n += conn.execute(f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(chunk))})",
+                                  chunk).rowcount
+            return n
+        return await self._run(op)
+
+    # -- device state -------------------------------------------------------------------
+
+    async def get_state(self, project_id: str, device_id: str) -> tuple[Any, int]:
+        """(document, version); ({}, 0) when the device has none."""
+        def op(conn: sqlite3.Connection) -> tuple[Any, int]:
+            r = conn.execute("SELECT doc, version FROM state WHERE project_id = ? AND device_id = ?",
+                             (project_id, device_id)).fetchone()
+            return (json.loads(r[0]), r[1]) if r else ({}, 0)
+        return await self._run(op)
+
+    async def update_state(self, project_id: str, device_id: str,
+                           change: Callable[[Any], Any]) -> tuple[Any, int]:
+        """Read-modify-write the document atomically; ``change(doc) -> new doc``."""
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> tuple[Any, int]:
+            r = conn.execute("SELECT doc, version FROM state WHERE project_id = ? AND device_id = ?",
+                             (project_id, device_id)).fetchone()
+            doc, version = (json.loads(r[0]), r[1]) if r else ({}, 0)
+            new = change(doc)
+            conn.execute(
+                "INSERT INTO state(project_id, device_id, doc, version, updated_at) VALUES (?,?,?,?,?)"
+                " ON CONFLICT(project_id, device_id) DO UPDATE SET doc = excluded.doc,"
+                " version = excluded.version, updated_at = excluded.updated_at",
+                (project_id, device_id, json.dumps(new), version + 1, now))
+            return new, version + 1
+        return await self._run(op)
+
+    async def state_versions(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        def op(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            out = {}
+            for p, d in keys:
+                r = conn.execute("SELECT version FROM state WHERE project_id = ? AND device_id = ?",
+                                 (p, d)).fetchone()
+                out[(p, d)] = r[0] if r else 0
+            return out
+        return await self._run(op)
+
+    # -- stream, logs, unmatched ----------------------------------------------------------
+
+    async def append_stream(self, project_id: str, device_id: str, path: str, time: float,
+                            data: Any) -> None:
+        text = json.dumps(data)
+        await self._run(lambda c: c.execute(
+            "INSERT INTO stream(project_id, device_id, path, time, data) VALUES (?,?,?,?,?)",
+            (project_id, device_id, path, time, text)) and None)
+
+    async def query_stream(self, *, project_id: str | None = None, device_id: str | None = None,
+                           path: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        where, args = [], []
+        for col, val in (("project_id", project_id), ("device_id", device_id), ("path", path)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = ("SELECT project_id, device_id, path, time, data FROM stream"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq DESC LIMIT ?")
+
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            return [{"time": from_epoch(t).isoformat(), "project_id": p, "device": d, "path": pa,
+                     "data": json.loads(data)}
+                    for p, d, pa, t, data in conn.execute(sql, (*args, limit)).fetchall()]
+        return await self._run(op)
+
+    async def append_log(self, project_id: str, device_id: str, time: float, level: str,
+                         module: str, msg: str, metadata: dict[str, Any]) -> None:
+        meta = json.dumps(metadata)
+        await self._run(lambda c: c.execute(
+            "INSERT INTO logs(project_id, device_id, time, level, module, msg, metadata)"
+            " VALUES (?,?,?,?,?,?,?)", (project_id, device_id, time, level, module, msg, meta)) and None)
+
+    async def query_logs(self, limit: int = 100) -> list[dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute("SELECT project_id, device_id, time, level, module, msg, metadata FROM logs"
+                                " ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            return [{"project_id": p, "device": d, "time": from_epoch(t).isoformat(), "level": lv,
+                     "module": mo, "msg": ms, "metadata": json.loads(md)}
+                    for p, d, t, lv, mo, ms, md in rows]
+        return await self._run(op)
+
+    async def unmatched(self, limit: int = 100) -> list[dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute("SELECT message_id, device_id, path, content_type, time FROM unmatched"
+                                " ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            return [{"message_id": i, "device": d, "path": p, "content_type": ct,
+                     "time": from_epoch(t).isoformat()} for i, d, p, ct, t in rows]
+        return await self._run(op)
+
+    # -- predictions correlation and webhook idempotency ------------------------------------
+
+    async def remember_prediction(self, prediction_id: str, message: Message) -> None:
+        now = time.time()
+        await self._run(lambda c: c.execute(
+            "INSERT OR REPLACE INTO predictions(prediction_id, message_id, project_id, device_id, path,"
+            " created_at) VALUES (?,?,?,?,?,?)",
+            (prediction_id, message.id, message.project_id, message.device_id, message.path, now)) and None)
+
+    async def lookup_prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        def op(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            r = conn.execute("SELECT message_id, project_id, device_id, path, created_at FROM predictions"
+                             " WHERE prediction_id = ?", (prediction_id,)).fetchone()
+            if not r:
+                return None
+            return {"message_id": r[0], "project_id": r[1], "device_id": r[2], "path": r[3],
+                    "created_at": r[4]}
+        return await self._run(op)
+
+    async def first_time_webhook(self, webhook_id: str) -> bool:
+        """True the first time a webhook id is seen (idempotency of inbound webhooks)."""
+        now = time.time()
+        return await self._run(lambda c: c.execute(
+            "INSERT OR IGNORE INTO webhooks_seen(webhook_id, seen_at) VALUES (?, ?)",
+            (webhook_id, now)).rowcount == 1)
+
+
+def _settle(fut: asyncio.Future, ok: bool, res: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(res)
+    else:
+        fut.set_exception(res)
+
+
+@dataclass
+class PendingDelivery:
+    message: Message
+    pipeline: str
+    step: str
+    step_index: int
+
+
+@dataclass
+class PendingDeadLetter:
+    message: Message
+    pipeline: str
+    step: str
+    step_index: int
+    stage: str  # "transform" | "delivery"
+    error: str
+    attempts: int = 1
+    last_status: int | None = None
+    response_excerpt: str | None = None
+
+
+@dataclass
+class RoutingOutcome:
+    matched: bool
+    deliveries: list[PendingDelivery]
+    dead: list[PendingDeadLetter]
+    runs_completed: int = 0
+    runs_dead: int = 0
+    from_inbox: bool = True
