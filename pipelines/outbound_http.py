@@ -130,6 +130,11 @@ async def post_message(
 ) -> httpx.Response:
     """POST ``message`` to ``url``. Returns the 2xx response or raises ``DeliveryError``."""
     extra = extra or {}
+    # router features may adjust the request (e.g. add the predictions callback) and see the
+    # answer (correlation); hooks live in the context, components stay unaware of them
+    for hook in extra.get("request_hooks") or ():
+        message = hook(message, url) or message
+    original_url = url
     url = rewrite_url(url, extra.get("url_overrides") or {})
     timeout = float(extra.get("timeout") or DEFAULT_TIMEOUT)
     target = describe_target(url)
@@ -156,6 +161,8 @@ async def post_message(
                             retryable=False) from None
     status = response.status_code
     if 200 <= status <= 299:
+        for response_hook in extra.get("response_hooks") or ():
+            await response_hook(message, original_url, response)
         return response
     retryable = is_retryable_status(status)
     retry_after = parse_retry_after(response.headers.get("retry-after"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,8 @@ class Router:
         self.inbox_depth = 0
         self.started_at = time.time()
         self.ready = False
-        self._response_hooks: list[Callable[[Message, httpx.Response], Any]] = []
-        self._request_hooks: list[Callable[[Message, str, Any], Any]] = []
+        self._response_hooks: list[Callable[[Message, str, httpx.Response], Awaitable[None]]] = []
+        self._request_hooks: list[Callable[[Message, str], Message | None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -150,8 +150,9 @@ class Router:
                    "response_hooks": self._response_hooks},
         )
 
-    def add_http_hooks(self, *, request: Callable[[Message, str, Any], Any] | None = None,
-                       response: Callable[[Message, httpx.Response], Any] | None = None) -> None:
+    def add_http_hooks(self, *, request: Callable[[Message, str], Message | None] | None = None,
+                       response: Callable[[Message, str, httpx.Response], Awaitable[None]] | None = None
+                       ) -> None:
         """Let a router feature see outbound webhook calls (the predictions correlation)."""
         if request:
             self._request_hooks.append(request)

@@ -1,0 +1,41 @@
+"""Subcommands of the ``pipeline`` CLI, one module each.
+
+A command module ``pipelines/commands/<name>.py`` defines::
+
+    def add_parser(subparsers) -> None:
+        p = subparsers.add_parser("validate", help="check pipeline files")
+        p.add_argument(...)
+        p.set_defaults(func=run)
+
+    def run(args) -> int:           # the exit code
+        ...
+
+``pipelines.cli`` finds every such module (:func:`command_modules`) and adds it; nothing
+needs registering by hand. A module that fails to import is skipped with a warning on
+stderr, so one broken command never takes the others down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+__all__ = ["command_modules"]
+
+
+def command_modules() -> tuple[list[ModuleType], list[tuple[str, BaseException]]]:
+    """The importable command modules (sorted by name) and the ones that failed to import."""
+    modules: list[ModuleType] = []
+    failed: list[tuple[str, BaseException]] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        try:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as exc:
+            failed.append((info.name, exc))
+            continue
+        if callable(getattr(module, "add_parser", None)):
+            modules.append(module)
+    return modules, failed

@@ -1,0 +1,528 @@
+"""Device ingestion over CoAP: DTLS-PSK on 5684, plain CoAP on 5683 (only when enabled).
+
+Usage::
+
+    settings = CoapSettings(host="192.0.2.10", registry_path="devices.yaml")
+    async with CoapIngest(router, settings) as server:     # router implements IngestTarget
+        print(server.dtls_port, server.port)                # the ports actually bound
+        ...
+    await serve_coap(router, settings)                       # or: run until cancelled
+
+Resources (see ``/work/shared/specs/devices.md``):
+
+* ``POST /.s/<path>``: one message into the pipelines, path ``/<path>``; Block1 uploads are
+  reassembled here (``coap_blockwise``) with a body limit, a memory cap and expiry. The
+  answer is 2.04 Changed only after ``target.accept`` returned (the message is stored); its
+  payload is the message id (ASCII), so a device can correlate the frame with its results.
+* ``GET (Observe) / PUT / POST / DELETE /.d/<path>``: the device's state document (JSON,
+  Content-Format 50; PUT/POST also take CBOR, 60). Observers are notified when it changes.
+* ``GET /.well-known/core``.
+
+Who is talking: over DTLS, the registry entry the PSK identity ``<device>@<project>`` named
+(the handshake fails for unknown identities or wrong keys). Over plain CoAP (development), the
+device names itself with ``?d=<device-id>``; the project comes from the registry or its default.
+
+Limits answer with codes, never stack traces: per-device token bucket (new requests; the
+continuation blocks of an accepted upload are not counted) -> 4.29 + Max-Age; ``Overloaded``
+from the target or the upload memory cap -> 5.03 + Max-Age; body over ``max_body`` -> 4.13 +
+Size1; gaps or unknown uploads -> 4.08; a second concurrent upload from one endpoint to one
+path without a distinct Request-Tag (RFC 9175) -> 4.09; tokens longer than 8 bytes -> 4.00.
+A retransmitted request (same Message ID) is answered from aiocoap's exchange cache and never
+ingested twice.
+
+Scale-out: with ``reuse_port=True`` several processes can each run a ``CoapIngest`` on the
+same ports (SO_REUSEPORT); the kernel keeps each client on one process, so per-client Block1
+and DTLS state stays together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import cbor2
+from aiocoap import Code, resource
+from aiocoap.numbers.contentformat import ContentFormat
+from aiocoap.optiontypes import BlockOption
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+from pipelines.devices import DeviceRegistry, Resolver
+from pipelines.ingest import IngestTarget, Overloaded
+from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
+from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport, device_from_claims
+from pipelines.ingest.rate_limit import RateLimiter
+from pipelines.message import Message
+
+log = logging.getLogger(__name__)
+
+#: Content-Format number -> content type (devices spec). Missing means octet-stream.
+CONTENT_FORMATS: dict[int, str] = {
+    0: "text/plain",
+    21: "image/gif",
+    22: "image/jpeg",
+    23: "image/png",
+    42: "application/octet-stream",
+    50: "application/json",
+    60: "application/cbor",
+}
+OCTET_STREAM = "application/octet-stream"
+CF_JSON = 50
+CF_CBOR = 60
+
+MAX_TOKEN_LENGTH = 8
+MAX_PATH_LENGTH = 256
+_DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+@dataclass
+class CoapSettings:
+    """Where and how the CoAP ingest listens. Ports 0 mean "any free port" (tests)."""
+
+    host: str = "127.0.0.1"          # DTLS needs a concrete address (aiocoap limitation)
+    port: int = 5683                 # plain CoAP, only if plain_enabled
+    dtls_port: int = 5684
+    dtls_enabled: bool = True
+    plain_enabled: bool = False      # development only: devices name themselves with ?d=
+    registry_path: str | os.PathLike[str] | None = None
+    registry: DeviceRegistry | None = None   # instead of registry_path
+    secret_resolver: Resolver | None = None  # for "$NAME" keys; default: environment variables
+    max_body: int = 4 << 20          # 4 MiB per upload -> 4.13 beyond
+    max_held_bytes: int = 64 << 20   # all unfinished uploads together -> 5.03 beyond
+    block_expiry: float = 60.0       # seconds an idle upload is kept
+    max_block_szx: int = 6           # 1024-byte blocks; smaller makes clients re-index
+    max_state_body: int = 64 << 10   # /.d/ documents
+    rate_limit: float = 20.0         # requests/s per device; 0 disables
+    rate_burst: float | None = None  # bucket size; default = rate_limit
+    busy_retry_after: float = 2.0    # Max-Age on 5.03 from the memory cap
+    reuse_port: bool = False         # SO_REUSEPORT, for --workers N on one port
+    max_dtls_sessions: int = 4096
+    registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def content_type_for(content_format: int | None) -> tuple[str, dict[str, Any]]:
+    """Content type and extra metadata for a CoAP Content-Format number."""
+    if content_format is None:
+        return OCTET_STREAM, {}
+    ct = CONTENT_FORMATS.get(int(content_format))
+    if ct is None:
+        return OCTET_STREAM, {"coap_content_format": int(content_format)}
+    return ct, {}
+
+
+def _max_age(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+def _error(code: Code | int, reason: str, *, max_age: float | None = None,
+           size1: int | None = None) -> aiocoap.Message:
+    msg = aiocoap.Message(code=Code(code), payload=reason.encode()[:200])
+    if max_age is not None:
+        msg.opt.max_age = _max_age(max_age)
+    if size1 is not None:
+        msg.opt.size1 = size1
+    return msg
+
+
+class _Refusal(Exception):
+    def __init__(self, response: aiocoap.Message) -> None:
+        self.response = response
+
+
+@dataclass(frozen=True)
+class _Who:
+    project_id: str
+    device_id: str
+
+
+class _Server:
+    """State shared by the resources: target, registry, limits, counters."""
+
+    def __init__(self, target: IngestTarget, settings: CoapSettings, registry: DeviceRegistry) -> None:
+        self.target = target
+        self.settings = settings
+        self.registry = registry
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self.uploads = Block1Assembler(max_body=settings.max_body, max_held_bytes=settings.max_held_bytes,
+                                       expiry=settings.block_expiry, max_szx=settings.max_block_szx,
+                                       busy_retry_after=settings.busy_retry_after)
+        self.state_uploads = Block1Assembler(max_body=settings.max_state_body,
+                                             max_held_bytes=max(settings.max_state_body * 64, 1 << 20),
+                                             expiry=settings.block_expiry, max_szx=settings.max_block_szx,
+                                             busy_retry_after=settings.busy_retry_after)
+        self.stats: dict[str, int] = {"accepted": 0, "bytes": 0, "blocks": 0}
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.stats[what] = self.stats.get(what, 0) + n
+
+    def who(self, request: aiocoap.Message) -> _Who:
+        """The device behind a request, or raise a refusal (4.00 / 4.01)."""
+        if len(request.token) > MAX_TOKEN_LENGTH:
+            raise _Refusal(_error(Code.BAD_REQUEST, "token longer than 8 bytes"))
+        entry = device_from_claims(request.remote)
+        if entry is not None:
+            return _Who(entry.project_id, entry.device_id)
+        if getattr(request.remote, "scheme", "coap") == "coaps":
+            raise _Refusal(_error(Code.UNAUTHORIZED, "DTLS session without a known device identity"))
+        device_id = None
+        for q in request.opt.uri_query:
+            key, _, value = q.partition("=")
+            if key == "d":
+                device_id = value
+        if device_id is None:
+            raise _Refusal(_error(Code.UNAUTHORIZED, "plain CoAP: name the device with ?d=<device-id>"))
+        if not _DEVICE_ID_RE.match(device_id):
+            raise _Refusal(_error(Code.BAD_REQUEST, "?d= must be letters, digits, '.', '_', ':' or '-'"))
+        entry = self.registry.find_device(device_id)
+        project = entry.project_id if entry is not None else self.registry.default_project
+        return _Who(project, device_id)
+
+    def check_rate(self, who: _Who) -> None:
+        wait = self.limiter.take((who.project_id, who.device_id))
+        if wait:
+            self.count("rate_limited")
+            raise _Refusal(_error(Code.TOO_MANY_REQUESTS,
+                                  f"device {who.device_id} is over {self.settings.rate_limit:g} requests/s",
+                                  max_age=wait))
+
+
+def _path_of(request: aiocoap.Message) -> str:
+    segments = list(request.opt.uri_path)
+    if segments and segments[-1] == "":
+        segments.pop()  # trailing slash
+    if any(s == "" or "/" in s for s in segments):
+        raise _Refusal(_error(Code.BAD_REQUEST, "path segments must be non-empty and not contain '/'"))
+    path = "/" + "/".join(segments)
+    if len(path) > MAX_PATH_LENGTH:
+        raise _Refusal(_error(Code.BAD_REQUEST, f"path longer than {MAX_PATH_LENGTH} characters"))
+    return path
+
+
+def _refused_to_message(refused: Refused) -> aiocoap.Message:
+    return _error(refused.code, refused.reason, max_age=refused.max_age, size1=refused.size1)
+
+
+async def _reassemble(server: _Server, uploads: Block1Assembler, request: aiocoap.Message,
+                      who: _Who, path: str) -> tuple[bytes, BlockOption.BlockwiseTuple | None]:
+    """The whole body of a request (raising a 2.31 / error refusal while blocks are missing),
+    and the Block1 option to echo on the final answer. The caller must ``release`` the body."""
+    block1 = request.opt.block1
+    if block1 is None:
+        too_big = uploads.check_size1(max(len(request.payload), request.opt.size1 or 0))
+        if too_big is not None:
+            raise _Refusal(_refused_to_message(too_big))
+        server.check_rate(who)
+        uploads.held_bytes += len(request.payload)
+        return request.payload, None
+    if block1.block_number == 0:
+        server.check_rate(who)
+    key = (request.remote.blockwise_key, who, path, tuple(request.opt.request_tag))
+    out = uploads.feed(key, block1.block_number, bool(block1.more), block1.size_exponent,
+                       request.payload, size1=request.opt.size1, token=request.token,
+                       content_format=request.opt.content_format)
+    server.count("blocks")
+    if isinstance(out, Continue):
+        msg = aiocoap.Message(code=Code.CONTINUE)
+        msg.opt.block1 = BlockOption.BlockwiseTuple(out.num, True, out.szx)
+        raise _Refusal(msg)
+    if isinstance(out, Refused):
+        server.count(f"refused_{out.code}")
+        raise _Refusal(_refused_to_message(out))
+    assert isinstance(out, Complete)
+    return out.body, BlockOption.BlockwiseTuple(out.num, False, out.szx)
+
+
+class _Base(resource.Resource, resource.PathCapable):
+    link: dict[str, str] = {}
+
+    def __init__(self, server: _Server) -> None:
+        super().__init__()
+        self.server = server
+
+    async def render(self, request):
+        try:
+            return await super().render(request)
+        except _Refusal as refusal:
+            return refusal.response
+
+    def get_resources_as_linkheader(self):
+        from aiocoap.util.linkformat import Link, LinkFormat
+        return LinkFormat([Link("/", **self.link)])
+
+
+class StreamResource(_Base):
+    """``POST /.s/<path>``: a message into the pipelines."""
+
+    link = {"rt": "x.stream", "title": "stream data into the pipelines"}
+
+    async def needs_blockwise_assembly(self, request):
+        return False  # Block1 is reassembled here, with limits
+
+    async def render_post(self, request):
+        server = self.server
+        who = server.who(request)
+        path = _path_of(request)
+        if path == "/":
+            raise _Refusal(_error(Code.BAD_REQUEST, "stream path missing: POST to /.s/<path>"))
+        body, block1 = await _reassemble(server, server.uploads, request, who, path)
+        try:
+            content_type, metadata = content_type_for(request.opt.content_format)
+            msg = Message.new(device_id=who.device_id, project_id=who.project_id, path=path,
+                              content_type=content_type, payload=body, metadata=metadata)
+            try:
+                await server.target.accept(msg)
+            except Overloaded as exc:
+                server.count("overloaded")
+                return _error(Code.SERVICE_UNAVAILABLE, f"router is busy: {exc}", max_age=exc.retry_after)
+        finally:
+            server.uploads.release(len(body))
+        server.count("accepted")
+        server.count("bytes", len(body))
+        response = aiocoap.Message(code=Code.CHANGED, payload=msg.id.encode())
+        if block1 is not None:
+            response.opt.block1 = block1
+        return response
+
+
+def _encode_state(value: Any, accept: int | None) -> aiocoap.Message:
+    if accept == CF_CBOR:
+        return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(value), content_format=CF_CBOR)
+    if accept not in (None, CF_JSON):
+        return _error(Code.NOT_ACCEPTABLE, "state is served as JSON (50) or CBOR (60)")
+    payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_JSON)
+
+
+def _decode_state(payload: bytes, content_format: int | None) -> Any:
+    if content_format in (None, CF_JSON):
+        try:
+            return json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid JSON: {exc}")) from None
+    if content_format == CF_CBOR:
+        try:
+            return cbor2.loads(payload)
+        except Exception as exc:  # cbor2 raises several types for bad input
+            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid CBOR: {exc}")) from None
+    raise _Refusal(_error(Code.UNSUPPORTED_CONTENT_FORMAT, "state takes JSON (50) or CBOR (60)"))
+
+
+class StateResource(_Base, resource.ObservableResource):
+    """``/.d/<path>``: the device's state document; GET may Observe."""
+
+    link = {"rt": "x.state", "obs": None, "title": "device state (LightDB State)"}
+
+    def __init__(self, server: _Server) -> None:
+        super().__init__(server)
+
+    async def needs_blockwise_assembly(self, request):
+        # GET answers may need Block2 (aiocoap does that); uploads go through our limited spool.
+        return request.code in (Code.GET, Code.FETCH)
+
+    async def render_get(self, request):
+        who = self.server.who(request)
+        path = _path_of(request)
+        if request.opt.observe is None:
+            self.server.check_rate(who)
+        value = await self.server.target.get_state(who.project_id, who.device_id, path)
+        return _encode_state(value, request.opt.accept)
+
+    async def _write(self, request, merge: bool):
+        server = self.server
+        who = server.who(request)
+        path = _path_of(request)
+        body, block1 = await _reassemble(server, server.state_uploads, request, who, path)
+        try:
+            value = _decode_state(body, request.opt.content_format)
+        finally:
+            server.state_uploads.release(len(body))
+        await server.target.set_state(who.project_id, who.device_id, path, value, merge=merge)
+        response = aiocoap.Message(code=Code.CHANGED)
+        if block1 is not None:
+            response.opt.block1 = block1
+        return response
+
+    async def render_put(self, request):
+        return await self._write(request, merge=False)
+
+    async def render_post(self, request):
+        # The Golioth SDK sets LightDB State with POST and means "replace at path".
+        return await self._write(request, merge=False)
+
+    async def render_delete(self, request):
+        who = self.server.who(request)
+        path = _path_of(request)
+        self.server.check_rate(who)
+        await self.server.target.delete_state(who.project_id, who.device_id, path)
+        return aiocoap.Message(code=Code.DELETED)
+
+    async def add_observation(self, request, serverobservation):
+        try:
+            who = self.server.who(request)
+            path = _path_of(request)
+            self.server.check_rate(who)
+        except _Refusal:
+            return  # not accepted; render answers with the refusal and the observation ends
+        last: list[bytes | None] = [None]
+        tasks: set[asyncio.Task] = set()
+
+        async def notify() -> None:
+            try:
+                value = await self.server.target.get_state(who.project_id, who.device_id, path)
+            except Exception:
+                log.exception("reading state for an observer of %s %s failed", who.device_id, path)
+                return
+            response = _encode_state(value, request.opt.accept)
+            if response.payload != last[0]:  # the document changed elsewhere: not news here
+                last[0] = response.payload
+                serverobservation.trigger(response)
+
+        def changed() -> None:
+            task = asyncio.get_running_loop().create_task(notify())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        stop = self.server.target.watch_state(who.project_id, who.device_id, changed)
+
+        def cancelled() -> None:
+            stop()
+            for task in tasks:
+                task.cancel()
+
+        serverobservation.accept(cancelled)
+
+
+class _Root(resource.Site):
+    pass
+
+
+def build_site(server: _Server) -> resource.Site:
+    site = _Root()
+    site.add_resource([".s"], StreamResource(server))
+    site.add_resource([".d"], StateResource(server))
+    site.add_resource([".well-known", "core"],
+                      resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
+    return site
+
+
+@contextlib.contextmanager
+def _reuse_port(flag: bool) -> Iterator[None]:
+    """aiocoap reads SO_REUSEPORT from the environment when it binds."""
+    old = os.environ.get("AIOCOAP_REUSE_PORT")
+    os.environ["AIOCOAP_REUSE_PORT"] = "1" if flag else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("AIOCOAP_REUSE_PORT", None)
+        else:
+            os.environ["AIOCOAP_REUSE_PORT"] = old
+
+
+class CoapIngest:
+    """The CoAP/DTLS ingest server. ``start``/``stop`` or ``async with``."""
+
+    def __init__(self, target: IngestTarget, settings: CoapSettings | None = None) -> None:
+        self.settings = settings = settings or CoapSettings()
+        if settings.registry is not None:
+            registry = settings.registry
+        elif settings.registry_path is not None:
+            registry = DeviceRegistry.load(Path(settings.registry_path), settings.secret_resolver)
+        elif settings.dtls_enabled:
+            raise ValueError("CoAP over DTLS needs a device registry: set registry_path")
+        else:
+            registry = DeviceRegistry([])
+        self.server = _Server(target, settings, registry)
+        self.context: aiocoap.Context | None = None
+        self.port: int | None = None
+        self.dtls_port: int | None = None
+        self._housekeeping: asyncio.Task | None = None
+
+    @property
+    def registry(self) -> DeviceRegistry:
+        return self.server.registry
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.server.stats
+
+    async def start(self) -> CoapIngest:
+        s = self.settings
+        if not (s.plain_enabled or s.dtls_enabled):
+            raise ValueError("enable plain CoAP, DTLS or both")
+        loop = asyncio.get_running_loop()
+        ctx = aiocoap.Context(loop=loop, serversite=build_site(self.server), loggername="coap-ingest")
+        self.context = ctx
+        try:
+            with _reuse_port(s.reuse_port):
+                if s.plain_enabled:
+                    created: list[Any] = []
+
+                    async def plain(mman):
+                        t = await MessageInterfaceUDP6.create_server_transport_endpoint(
+                            mman, log=ctx.log, loop=loop, bind=(s.host, s.port), multicast=[])
+                        created.append(t)
+                        return t
+
+                    await ctx._append_tokenmanaged_messagemanaged_transport(plain)
+                    self.port = int(created[0].transport.get_extra_info("socket").getsockname()[1])
+                if s.dtls_enabled:
+                    creds = RegistryCredentials(lambda: self.server.registry)
+                    ctx.server_credentials = creds
+                    self.dtls_port = await add_dtls_transport(ctx, (s.host, s.dtls_port), creds,
+                                                              max_sessions=s.max_dtls_sessions)
+        except BaseException:
+            await ctx.shutdown()
+            self.context = None
+            raise
+        self._housekeeping = loop.create_task(self._housekeep(), name="coap-ingest housekeeping")
+        log.info("CoAP ingest listening: plain=%s dtls=%s on %s", self.port, self.dtls_port, s.host)
+        return self
+
+    async def _housekeep(self) -> None:
+        s = self.settings
+        interval = max(0.2, min(s.block_expiry / 2, s.registry_refresh))
+        while True:
+            await asyncio.sleep(interval)
+            self.server.uploads.sweep()
+            self.server.state_uploads.sweep()
+            try:
+                if self.server.registry.refresh():
+                    log.info("device registry reloaded: %d devices", len(self.server.registry))
+            except Exception as exc:  # keep serving with the old registry
+                log.error("device registry not reloaded: %s", exc)
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+            self._housekeeping = None
+        if self.context is not None:
+            await self.context.shutdown()
+            self.context = None
+
+    async def __aenter__(self) -> CoapIngest:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def serve_coap(target: IngestTarget, settings: CoapSettings,
+                     ready: Callable[[CoapIngest], None] | None = None) -> None:
+    """Serve until cancelled. ``ready(server)`` is called once the sockets are bound."""
+    async with CoapIngest(target, settings) as server:
+        if ready is not None:
+            ready(server)
+        await asyncio.Event().wait()

@@ -1,0 +1,208 @@
+"""Prediction results back into the pipelines, and so back to the device.
+
+Replicate-style predictions are asynchronous: the create call answers at once and the
+result arrives later. This feature closes the loop without any templating by the user:
+
+1. When a ``webhook`` step POSTs a JSON create body to a predictions endpoint
+   (``/v1/predictions``, ``/v1/models/{o}/{n}/predictions``, ``/v1/deployments/{o}/{n}/predictions``)
+   and the body names no ``webhook`` of its own, the router adds
+   ``webhook: <callback_url>?c=<token>`` and ``webhook_events_filter: ["completed"]``.
+   The token carries the frame's message id, project, device and path, signed with a key
+   derived from the webhook secret, so it cannot be forged.
+2. The create response's prediction id is recorded against the frame (``predictions`` table).
+3. ``POST /v1/hooks/predictions`` verifies the Standard Webhooks signature (401 if bad or
+   stale), and turns a terminal prediction into a new ``application/json`` message from the
+   same device on ``<path>/result``::
+
+       {"frame_id": ..., "prediction_id": ..., "status": "succeeded", "output": "Caption: ...",
+        "error": null, "model": ..., "version": ..., "created_at": ..., "completed_at": ...,
+        "predict_time": 0.012}
+
+   The message id is derived from ``webhook-id``, so a redelivered webhook is stored once.
+
+Usage (what ``pipeline serve``/``pipeline run`` do)::
+
+    results = PredictionResults(router, callback_url="http://127.0.0.1:8080/v1/hooks/predictions",
+                                webhook_secret="whsec_...")
+    results.install()                  # hooks into outbound webhook calls
+    app = create_app(router, extra_routes=results.routes())
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pipelines import webhook_signature
+from pipelines.ingest import Overloaded
+from pipelines.message import JSON_TYPE, Message, NotJSONError, dumps, is_json_type
+
+if TYPE_CHECKING:
+    from pipelines.router import Router
+
+log = logging.getLogger("pipelines.predictions")
+
+PREDICTIONS_PATH = re.compile(r"^/v1/(predictions|models/[^/]+/[^/]+/predictions|deployments/[^/]+/[^/]+/predictions)/?$")
+TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
+HOOK_PATH = "/v1/hooks/predictions"
+
+
+def is_predictions_create(url: str) -> bool:
+    return bool(PREDICTIONS_PATH.match(urlsplit(url).path))
+
+
+class PredictionResults:
+    def __init__(self, router: Router, *, callback_url: str, webhook_secret: str | None,
+                 result_suffix: str = "/result") -> None:
+        self.router = router
+        self.callback_url = callback_url
+        self.webhook_secret = webhook_secret
+        self.result_suffix = result_suffix
+        self.received = 0
+        self.rejected = 0
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def _key(self) -> bytes:
+        secret = self.webhook_secret or "no-secret"
+        return hmac.new(secret.encode(), b"iot-pipelines callback token", hashlib.sha256).digest()
+
+    def make_token(self, message: Message) -> str:
+        body = json.dumps([message.id, message.project_id, message.device_id, message.path],
+                          separators=(",", ":")).encode()
+        mac = hmac.new(self._key(), body, hashlib.sha256).digest()[:16]
+        return (base64.urlsafe_b64encode(body).rstrip(b"=") + b"." +
+                base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
+
+    def read_token(self, token: str) -> dict[str, str] | None:
+        try:
+            b64body, b64mac = token.split(".", 1)
+            body = base64.urlsafe_b64decode(b64body + "=" * (-len(b64body) % 4))
+            mac = base64.urlsafe_b64decode(b64mac + "=" * (-len(b64mac) % 4))
+        except (ValueError, TypeError):
+            return None
+        good = hmac.new(self._key(), body, hashlib.sha256).digest()[:16]
+        if not hmac.compare_digest(good, mac):
+            return None
+        try:
+            message_id, project_id, device_id, path = json.loads(body)
+        except (ValueError, TypeError):
+            return None
+        return {"message_id": message_id, "project_id": project_id, "device_id": device_id, "path": path}
+
+    # -- outbound hooks -----------------------------------------------------------------
+
+    def install(self) -> None:
+        self.router.add_http_hooks(request=self.add_callback, response=self.remember)
+
+    def add_callback(self, message: Message, url: str) -> Message | None:
+        if not is_predictions_create(url) or not is_json_type(message.content_type):
+            return None
+        try:
+            body = message.json()
+        except NotJSONError:
+            return None
+        if not isinstance(body, dict) or "webhook" in body:
+            return None  # the user chose their own callback: leave it alone
+        sep = "&" if "?" in self.callback_url else "?"
+        new = dict(body)
+        new["webhook"] = f"{self.callback_url}{sep}{urlencode({'c': self.make_token(message)})}"
+        new["webhook_events_filter"] = ["completed"]
+        return message.evolve(json=new, content_type=message.content_type)
+
+    async def remember(self, message: Message, url: str, response: httpx.Response) -> None:
+        if not is_predictions_create(url):
+            return
+        try:
+            prediction = response.json()
+        except ValueError:
+            return
+        if isinstance(prediction, dict) and isinstance(prediction.get("id"), str):
+            await self.router.store.remember_prediction(prediction["id"], message)
+
+    # -- inbound webhook ----------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        return [Route(HOOK_PATH, self.receive, methods=["POST"])]
+
+    async def receive(self, request: Request) -> Response:
+        body = await request.body()
+        if self.webhook_secret:
+            try:
+                webhook_signature.verify(self.webhook_secret, request.headers, body)
+            except webhook_signature.WebhookVerificationError as exc:
+                self.rejected += 1
+                log.warning("prediction webhook rejected: %s", exc)
+                return JSONResponse({"title": "Unauthorized", "detail": str(exc), "status": 401},
+                                    status_code=401, media_type="application/problem+json")
+        try:
+            prediction = json.loads(body)
+        except ValueError:
+            return _problem(400, "body is not JSON")
+        if not isinstance(prediction, dict) or not isinstance(prediction.get("id"), str):
+            return _problem(400, "body is not a prediction object (no id)")
+        status = prediction.get("status")
+        if status not in TERMINAL:
+            return JSONResponse({"accepted": False, "reason": f"status {status!r} is not terminal"})
+        where = await self.router.store.lookup_prediction(prediction["id"])
+        if where is None:
+            token = parse_qs(urlsplit(str(request.url)).query).get("c", [None])[0]
+            where = self.read_token(token) if token else None
+        if where is None:
+            return _problem(404, f"prediction {prediction['id']} was not created by this router")
+        webhook_id = request.headers.get("webhook-id") or f"{prediction['id']}:{status}"
+        message = Message.new(
+            id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"prediction-webhook:{webhook_id}")),
+            project_id=where["project_id"], device_id=where["device_id"],
+            path=where["path"].rstrip("/") + self.result_suffix, content_type=JSON_TYPE,
+            payload=dumps(result_document(prediction, where["message_id"])),
+            metadata={"prediction_id": prediction["id"], "frame_id": where["message_id"]},
+        )
+        try:
+            await self.router.accept(message)
+        except Overloaded as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503,
+                                headers={"Retry-After": str(int(exc.retry_after))})
+        self.received += 1
+        return JSONResponse({"accepted": True, "message_id": message.id})
+
+
+def result_document(prediction: dict[str, Any], frame_id: str) -> dict[str, Any]:
+    metrics = prediction.get("metrics") or {}
+    return {
+        "frame_id": frame_id,
+        "prediction_id": prediction.get("id"),
+        "status": prediction.get("status"),
+        "output": prediction.get("output"),
+        "error": prediction.get("error"),
+        "model": prediction.get("model"),
+        "version": prediction.get("version"),
+        "created_at": prediction.get("created_at"),
+        "completed_at": prediction.get("completed_at"),
+        "predict_time": metrics.get("predict_time") if isinstance(metrics, dict) else None,
+    }
+
+
+def _problem(status: int, detail: str) -> Response:
+    return JSONResponse({"title": "Bad Request" if status == 400 else "Not Found", "detail": detail,
+                         "status": status}, status_code=status, media_type="application/problem+json")
+
+
+async def fetch_webhook_secret(client: httpx.AsyncClient, base_url: str, authorization: str) -> str:
+    """``GET {base}/v1/webhooks/default/secret`` → ``whsec_...`` (the API's own secret)."""
+    r = await client.get(base_url.rstrip("/") + "/v1/webhooks/default/secret",
+                         headers={"Authorization": authorization}, timeout=15)
+    r.raise_for_status()
+    return r.json()["key"]

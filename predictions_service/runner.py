@@ -1,0 +1,157 @@
+"""Runs predictions: queue, deadlines, cancellation, the model off the event loop, webhooks.
+
+    runner = PredictionRunner(settings)
+    await runner.start()                    # loads (and if needed builds) the model
+    pred = runner.submit(Prediction(...))   # returns at once; the run happens in a task
+    await runner.wait(pred, timeout=60)     # for Prefer: wait
+    runner.cancel(pred)
+    await runner.close()
+
+Lifecycle: ``starting`` (queued for a model slot) → ``processing`` → ``succeeded`` | ``failed``;
+``canceled`` by the API or when the Cancel-After deadline passes while processing; ``aborted``
+when the deadline passes before a slot was free. Model inference runs in a thread pool of
+``settings.workers`` threads so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from . import blip
+from .image_input import fetch_input_file
+from .model import Classifier, ensure_model
+from .records import Prediction, PredictionStore
+from .settings import Settings
+from .webhooks import WebhookSender
+
+log = logging.getLogger("predictions_service.runner")
+
+
+class PredictionRunner:
+    def __init__(self, settings: Settings, classifier: Classifier | None = None) -> None:
+        self.settings = settings
+        self.store = PredictionStore(settings.max_predictions)
+        self.classifier = classifier
+        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="predict")
+        self.slots = asyncio.Semaphore(settings.workers)
+        self.fetch_client: httpx.AsyncClient | None = None
+        self.webhooks: WebhookSender | None = None
+
+    async def start(self) -> None:
+        if self.classifier is None:
+            loop = asyncio.get_running_loop()
+            path = await loop.run_in_executor(self.executor, ensure_model, self.settings.resolved_model_dir())
+            self.classifier = await loop.run_in_executor(self.executor, Classifier, path)
+        self.fetch_client = httpx.AsyncClient(timeout=self.settings.image_fetch_timeout, follow_redirects=True,
+                                              max_redirects=3)
+        self.webhooks = WebhookSender(
+            self.settings.webhook_secret,
+            httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False),
+            retry_delays=self.settings.webhook_retry_delays,
+            throttle_seconds=self.settings.webhook_throttle_seconds,
+        )
+
+    async def close(self) -> None:
+        for pred in self.store.items.values():
+            if pred.task and not pred.task.done():
+                pred.task.cancel()
+        tasks = [p.task for p in self.store.items.values() if p.task]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.webhooks:
+            await self.webhooks.close()
+            await self.webhooks.client.aclose()
+        if self.fetch_client:
+            await self.fetch_client.aclose()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, pred: Prediction) -> Prediction:
+        self.store.add(pred)
+        pred.task = asyncio.create_task(self._run(pred), name=f"prediction-{pred.id}")
+        return pred
+
+    async def wait(self, pred: Prediction, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(pred.done.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel(self, pred: Prediction) -> None:
+        if pred.terminal:
+            return
+        self._finish(pred, "canceled")
+        if pred.task and not pred.task.done():
+            pred.task.cancel()
+
+    def _finish(self, pred: Prediction, status: str, error: str | None = None) -> None:
+        if pred.terminal:
+            return
+        pred.status, pred.error = status, error
+        pred.completed_at = time.time()
+        pred.done.set()
+        assert self.webhooks is not None
+        self.webhooks.notify(pred, "completed")
+        log.info("prediction %s %s%s", pred.id, status, f": {error}" if error else "")
+
+    async def _run(self, pred: Prediction) -> None:
+        try:
+            await self._run_inner(pred)
+        except asyncio.CancelledError:
+            self._finish(pred, "canceled")  # no-op when cancel() already finished it
+            raise
+        except Exception as exc:  # a bug of ours: the prediction fails, the service lives on
+            log.exception("prediction %s crashed", pred.id)
+            self._finish(pred, "failed", f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _run_inner(self, pred: Prediction) -> None:
+        until_deadline = None if pred.deadline is None else pred.deadline - time.time()
+        try:
+            await asyncio.wait_for(self.slots.acquire(), until_deadline)
+        except TimeoutError:
+            self._finish(pred, "aborted", "The prediction's deadline (Cancel-After) passed before it started.")
+            return
+        try:
+            if pred.terminal:
+                return
+            pred.status, pred.started_at = "processing", time.time()
+            assert self.webhooks is not None
+            self.webhooks.notify(pred, "start")
+            budget = self.settings.prediction_timeout
+            hit_deadline = False
+            if pred.deadline is not None and pred.deadline - time.time() < budget:
+                budget, hit_deadline = max(0.0, pred.deadline - time.time()), True
+            try:
+                await asyncio.wait_for(self._predict(pred), budget)
+            except TimeoutError:
+                if hit_deadline:
+                    self._finish(pred, "canceled", "The prediction's deadline (Cancel-After) passed while it ran.")
+                else:
+                    self._finish(pred, "failed", f"Prediction timed out after {budget:.0f} seconds.")
+            except blip.PredictionFailed as exc:
+                self._finish(pred, "failed", str(exc))
+        finally:
+            self.slots.release()
+
+    async def _predict(self, pred: Prediction) -> None:
+        inp = pred.input
+        ignored = sorted(set(inp) - set(blip.INPUT_KEYS))
+        task = inp.get("task") or "image_captioning"
+        assert self.fetch_client is not None and self.classifier is not None
+        image = await fetch_input_file(inp["image"], self.fetch_client, self.settings.max_image_bytes)
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(
+            self.executor, blip.answer, self.classifier, image, task, inp.get("question"), inp.get("caption")
+        )
+        if pred.terminal:  # canceled while the thread ran: drop the result
+            return
+        note = f"ignored unknown input keys: {', '.join(ignored)}\n" if ignored else ""
+        pred.logs = note + answer.logs
+        pred.output = answer.output
+        assert self.webhooks is not None
+        self.webhooks.notify(pred, "output", "logs")
+        self._finish(pred, "succeeded")

@@ -1,0 +1,123 @@
+"""Webhook delivery as Replicate does it: signed, filtered, throttled, the terminal one retried.
+
+    sender = WebhookSender(secret, httpx.AsyncClient(), retry_delays=(1, 2, 4, 8, 15, 30))
+    sender.notify(pred, "start")                 # sent now if "start" is in the prediction's filter
+    sender.notify(pred, "output", "logs")        # at most once per 500 ms per prediction
+    sender.notify(pred, "completed")             # retried on connection errors and 4xx/5xx
+    await sender.close()
+
+Each POST body is the prediction object at send time, signed with the Standard Webhooks scheme
+(``webhook-id`` stays the same across retries of one message; ``webhook-timestamp`` is the time of
+each attempt). Sends for one prediction go out in order. Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import httpx
+
+from .ids import new_message_id
+from .records import Prediction
+from .signing import signed_headers
+
+log = logging.getLogger("predictions_service.webhooks")
+
+
+class _PerPrediction:
+    __slots__ = ("flush", "last_intermediate", "lock")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()  # FIFO: sends leave in the order they were queued
+        self.last_intermediate = 0.0
+        self.flush: asyncio.TimerHandle | None = None
+
+
+class WebhookSender:
+    def __init__(self, secret: str, client: httpx.AsyncClient, retry_delays: tuple[float, ...] = (),
+                 throttle_seconds: float = 0.5) -> None:
+        self.secret = secret
+        self.client = client
+        self.retry_delays = retry_delays
+        self.throttle = throttle_seconds
+        self.state: dict[str, _PerPrediction] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.delivered = 0
+        self.failed = 0
+
+    def notify(self, pred: Prediction, *kinds: str) -> None:
+        if not pred.webhook:
+            return
+        if "completed" in kinds:  # the last event of a prediction: forget its throttle state
+            st = self.state.pop(pred.id, None) or _PerPrediction()
+            if "completed" in pred.events:
+                if st.flush:
+                    st.flush.cancel()
+                    st.flush = None
+                self._queue(pred, st, terminal=True)
+            return
+        if not pred.events.intersection(kinds):
+            return
+        st = self.state.setdefault(pred.id, _PerPrediction())
+        if "start" in kinds:
+            self._queue(pred, st, terminal=False)
+            return
+        # output/logs: throttled; the latest state goes out when the window reopens
+        now = time.monotonic()
+        wait = st.last_intermediate + self.throttle - now
+        if wait <= 0:
+            st.last_intermediate = now
+            self._queue(pred, st, terminal=False)
+        elif st.flush is None:
+            st.flush = asyncio.get_running_loop().call_later(wait, self._flush, pred, st)
+
+    def _flush(self, pred: Prediction, st: _PerPrediction) -> None:
+        st.flush = None
+        if pred.terminal and "completed" in pred.events:
+            return  # the completed webhook carries this state already
+        st.last_intermediate = time.monotonic()
+        self._queue(pred, st, terminal=False)
+
+    def _queue(self, pred: Prediction, st: _PerPrediction, terminal: bool) -> None:
+        body = json.dumps(pred.as_json()).encode()  # snapshot now: later changes get their own event
+        task = asyncio.create_task(self._deliver(st.lock, pred.id, pred.webhook or "", body, terminal))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _deliver(self, lock: asyncio.Lock, pred_id: str, url: str, body: bytes, terminal: bool) -> None:
+        msg_id = new_message_id()
+        delays = self.retry_delays if terminal else ()
+        async with lock:
+            for attempt in range(len(delays) + 1):
+                headers = signed_headers(self.secret, msg_id, int(time.time()), body)
+                headers["content-type"] = "application/json"
+                headers["user-agent"] = "iot-pipelines-predictions/0.1"
+                try:
+                    response = await self.client.post(url, content=body, headers=headers)
+                    if response.status_code < 300:
+                        self.delivered += 1
+                        return
+                    problem = f"HTTP {response.status_code}"
+                    if response.status_code < 400:
+                        self.failed += 1  # redirects are not followed, and not worth a retry
+                        log.warning("webhook %s for %s answered %s; not following", msg_id, pred_id, problem)
+                        return
+                except httpx.HTTPError as exc:
+                    problem = type(exc).__name__
+                if attempt < len(delays):
+                    log.info("webhook %s for %s failed (%s); retry in %.1fs", msg_id, pred_id, problem, delays[attempt])
+                    await asyncio.sleep(delays[attempt])
+            self.failed += 1
+            log.warning("webhook %s for %s not delivered (%s)%s", msg_id, pred_id, problem,
+                        " after retries" if delays else "")
+
+    async def close(self) -> None:
+        for st in self.state.values():
+            if st.flush:
+                st.flush.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
