@@ -91,7 +91,7 @@ class ComponentRef:
     cls: type[Component]
     params: BaseModel  # validated, secrets substituted
     raw_params: dict[str, Any]  # as written, secret references unresolved
-    position: Position
+    position: Position  # of the 'transformer:' / 'destination:' key
 
 
 @dataclass
@@ -320,7 +320,12 @@ class _Loader:
             where = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
             detail = exc.problem or "invalid YAML"
             if exc.context and exc.problem:
-                detail = f"{detail} ({exc.context})"
+                start = exc.context_mark
+                if start is not None and mark is not None and start.line != mark.line:
+                    # the real mistake is often where the construct began (an unclosed '{')
+                    detail += f" ({exc.context} started at line {start.line + 1}, column {start.column + 1})"
+                else:
+                    detail += f" ({exc.context})"
             ctx.add(where, f"YAML syntax error: {detail}")
             return
         except yaml.YAMLError as exc:
@@ -453,6 +458,10 @@ class _Loader:
     def _load_step(self, ctx: _FileContext, pipeline: str, index: int, node: yaml.Node,
                    seen: dict[str, Position]) -> StepConfig | None:
         label = f"step {index + 1}"
+        if isinstance(node, yaml.MappingNode):  # name the step in problems about its own keys
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == "name" and isinstance(v, yaml.ScalarNode):
+                    label = f"step {v.value!r}"
         entries = ctx.mapping(node, label, _STEP_KEYS, pipeline=pipeline)
         if entries is None:
             return None
@@ -483,7 +492,9 @@ class _Loader:
         refs: dict[str, ComponentRef | None] = {"transformer": None, "destination": None}
         for kind in ("transformer", "destination"):
             if kind in entries:
-                refs[kind] = self._load_component(ctx, kind, entries[kind][1], pipeline, step_name)
+                key_node, value_node = entries[kind]
+                refs[kind] = self._load_component(ctx, kind, value_node, ctx.pos(key_node), pipeline,
+                                                  step_name)
 
         timeout = max_in_flight = rate = retry = None
         if "timeout" in entries:
@@ -544,8 +555,8 @@ class _Loader:
             self._registry_failed = self._registries is None
         return None if self._registries is None else self._registries[kind]
 
-    def _load_component(self, ctx: _FileContext, kind: str, node: yaml.Node, pipeline: str,
-                        step: str) -> ComponentRef | None:
+    def _load_component(self, ctx: _FileContext, kind: str, node: yaml.Node, position: Position,
+                        pipeline: str, step: str) -> ComponentRef | None:
         where_step = f"step {step!r}"
         entries = ctx.mapping(node, f"{where_step} {kind}", _COMPONENT_KEYS, pipeline, step)
         if entries is None:
@@ -607,7 +618,10 @@ class _Loader:
             resolved = self._resolve_secrets(ctx, params_node, (), pipeline, step, secret_locs)
 
         what = f"{where_step}: {kind} {type_name!r}"
-        anchor = params_node if params_node is not None and not _is_null(params_node) else node
+        has_params = params_node is not None and not _is_null(params_node)
+        anchor = params_node if has_params else node
+        # a missing top-level parameter is reported at 'parameters:' (or at the component's key)
+        missing_at = ctx.pos(entries["parameters"][0]) if "parameters" in entries else position
         try:
             params = cls.Params.model_validate(resolved)
         except ValidationError as exc:
@@ -615,7 +629,7 @@ class _Loader:
                 loc = tuple(error.get("loc", ()))
                 if any(loc[: len(s)] == s for s in secret_locs):
                     continue  # already reported as a missing secret
-                self._parameter_problem(ctx, what, cls, anchor, loc, error, pipeline, step)
+                self._parameter_problem(ctx, what, cls, anchor, missing_at, loc, error, pipeline, step)
             return None
         except Exception as exc:  # a validator that raised something odd: still a problem, not a crash
             ctx.add(anchor, f"{what}: invalid parameters: {type(exc).__name__}: {exc}", pipeline, step)
@@ -623,7 +637,7 @@ class _Loader:
         if secret_locs or not selector_ok:
             return None
         return ComponentRef(kind=kind, type=type_name, version=selector, cls=cls, params=params,
-                            raw_params=raw_params, position=ctx.pos(node))
+                            raw_params=raw_params, position=position)
 
     def _resolve_secrets(self, ctx: _FileContext, node: yaml.Node, loc: tuple[Any, ...],
                          pipeline: str, step: str, failed: list[tuple[Any, ...]]) -> Any:
@@ -652,13 +666,15 @@ class _Loader:
         return value
 
     def _parameter_problem(self, ctx: _FileContext, what: str, cls: type[Component], anchor: yaml.Node,
-                           loc: tuple[Any, ...], error: Any, pipeline: str, step: str) -> None:
+                           missing_at: Position, loc: tuple[Any, ...], error: Any, pipeline: str,
+                           step: str) -> None:
         kind = error.get("type", "")
         target, key_node, found_all = _locate(anchor, loc)
         name = _dotted(loc)
         fields = list(cls.Params.model_fields)
         if kind == "missing":
-            ctx.add(target, f"{what} is missing required parameter {name!r}", pipeline, step)
+            ctx.add(missing_at if len(loc) <= 1 else target,
+                    f"{what} is missing required parameter {name!r}", pipeline, step)
         elif kind == "extra_forbidden":
             hint = _suggest(str(loc[-1]), fields) if len(loc) == 1 else ""
             known = f" (parameters: {', '.join(fields)})" if len(loc) == 1 and fields else ""
@@ -667,7 +683,13 @@ class _Loader:
             ctx.add(key_node if key_node is not None and found_all else target,
                     f"{what} has no parameter {name!r}{hint}{known}", pipeline, step)
         else:
-            message = str(error.get("msg", "invalid value"))
+            message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+            if not loc and isinstance(anchor, yaml.MappingNode):
+                # a whole-model check: point at the parameter when the model has just one
+                present = [(k, v) for k, v in anchor.value
+                           if isinstance(k, yaml.ScalarNode) and k.value in fields]
+                if len(fields) == 1 and len(present) == 1:
+                    name, target = present[0][0].value, present[0][1]
             label = f"parameter {name!r}" if name else "parameters"
             ctx.add(target, f"{what} {label}: {message}", pipeline, step)
 

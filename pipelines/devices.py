@@ -160,7 +160,7 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
     except OSError as exc:
         raise DeviceRegistryError(f"{path}: cannot read device registry: {exc.strerror}") from None
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        doc = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -215,7 +215,8 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
                     raise fail(line, f"device {device_id}: psk ({source}): {exc}") from None
         entry = DeviceEntry(device_id, project_id, psk, source, line)
         if entry.identity in seen:
-            raise fail(line, f"device {entry.identity} is listed twice (first on line {seen[entry.identity]})")
+            first = seen[entry.identity]
+            raise fail(line, f"device {entry.identity} is listed twice (first on line {first})")
         seen[entry.identity] = line
         entries.append(entry)
     return default_project, entries

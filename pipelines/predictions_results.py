@@ -142,7 +142,7 @@ class PredictionResults:
         if self.webhook_secret:
             try:
                 webhook_signature.verify(self.webhook_secret, request.headers, body)
-            except webhook_signature.WebhookVerificationError as exc:
+            except webhook_signature.WebhookSignatureError as exc:
                 self.rejected += 1
                 log.warning("prediction webhook rejected: %s", exc)
                 return JSONResponse({"title": "Unauthorized", "detail": str(exc), "status": 401},

@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS webhooks_seen(webhook_id TEXT PRIMARY KEY, seen_at RE
 COUNTERS = (
     "ingested", "duplicates", "unmatched", "routed", "runs_completed", "runs_dead",
     "deliveries_enqueued", "deliveries_delivered", "deliveries_dead", "deliveries_retried",
-    "dead_letters_replayed",
+    "dead_letters", "dead_letters_replayed", "dead_letters_purged",
 )
 
 
@@ -341,8 +341,7 @@ class Store:
         m = message
 
         def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("DELETE FROM inbox WHERE id = ?", (m.id,))
-            if cur.rowcount == 0 and outcome.from_inbox:
+            if outcome.from_inbox and not conn.execute("DELETE FROM inbox WHERE id = ?", (m.id,)).rowcount:
                 return  # already routed by someone else (another engine after a restart)
             if not outcome.matched:
                 conn.execute(
@@ -378,26 +377,29 @@ class Store:
                 " response_excerpt, error, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (d.message.id, d.pipeline, d.step, d.step_index, d.stage, *_msg_values(d.message),
                  d.attempts, d.last_status, d.response_excerpt, d.error, now))
+            Store._bump(conn, "dead_letters")
 
     # -- deliveries ---------------------------------------------------------------------
 
     async def due_deliveries(self, pipeline: str, step: str, now: float, limit: int,
                              exclude: set[int]) -> list[DeliveryRow]:
+        """Up to ``limit`` rows of one queue that are due, oldest first, skipping ``exclude``
+        (rows the caller already holds). Payloads are read only for the rows returned."""
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
+            # the index (pipeline, step, next_attempt_at) covers seq: no payload is touched here
+            seqs = [r[0] for r in conn.execute(
+                "SELECT seq FROM deliveries WHERE pipeline = ? AND step = ? AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, seq LIMIT ?", (pipeline, step, now, limit + len(exclude)))
+                if r[0] not in exclude][:limit]
+            if not seqs:
+                return []
             rows = conn.execute(
                 "SELECT seq, pipeline, step, step_index, attempts, first_attempt_at, message_id,"
                 " project_id, device_id, path, content_type, timestamp, metadata, payload"
-                " FROM deliveries WHERE pipeline = ? AND step = ? AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, seq LIMIT ?",
-                (pipeline, step, now, limit + len(exclude))).fetchall()
-            out = []
-            for r in rows:
-                if r[0] in exclude:
-                    continue
-                out.append(DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6)))
-                if len(out) >= limit:
-                    break
-            return out
+                f" FROM deliveries WHERE seq IN ({','.join('?' * len(seqs))})", seqs).fetchall()
+            by_seq = {r[0]: r for r in rows}
+            return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6))
+                    for r in (by_seq[s] for s in seqs if s in by_seq)]
         return await self._run(op)
 
     async def next_due_time(self, pipeline: str, step: str, exclude: set[int]) -> float | None:
@@ -422,6 +424,18 @@ class Store:
             if conn.execute("DELETE FROM deliveries WHERE seq = ?", (seq,)).rowcount:
                 Store._bump(conn, "deliveries_delivered")
         await self._run(op)
+
+    async def deliveries_done(self, seqs: list[int]) -> int:
+        """Several deliveries succeeded: one write for all of them. Returns rows removed."""
+        def op(conn: sqlite3.Connection) -> int:
+            n = 0
+            for i in range(0, len(seqs), 500):
+                chunk = seqs[i:i + 500]
+                n += conn.execute(f"DELETE FROM deliveries WHERE seq IN ({','.join('?' * len(chunk))})",
+                                  chunk).rowcount
+            Store._bump(conn, "deliveries_delivered", n)
+            return n
+        return await self._run(op)
 
     async def delivery_retry(self, seq: int, *, attempts: int, next_attempt_at: float,
                              first_attempt_at: float, status: int | None, error: str) -> None:
@@ -509,8 +523,12 @@ class Store:
             n = 0
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
-                n += conn.execute(f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(chunk))})",
-                                  chunk).rowcount
+                marks = ",".join("?" * len(chunk))
+                # only letters still open leave the books as purged; replayed ones already left
+                Store._bump(conn, "dead_letters_purged", conn.execute(
+                    f"SELECT COUNT(*) FROM dead_letters WHERE id IN ({marks}) AND replayed_at IS NULL",
+                    chunk).fetchone()[0])
+                n += conn.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", chunk).rowcount
             return n
         return await self._run(op)
 

@@ -54,10 +54,21 @@ def openapi_schema() -> dict:
             "/predictions": {
                 "post": {
                     "summary": "Predict",
-                    "requestBody": {"content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
-                    "responses": {"200": {"description": "Successful Response", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}}},
+                    "requestBody": {
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}
+                        }
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Successful Response",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/PredictionResponse"}
+                                }
+                            },
+                        }
+                    },
                 }
             }
         },
@@ -68,37 +79,77 @@ def openapi_schema() -> dict:
                     "title": "Input",
                     "required": ["image"],
                     "properties": {
-                        "image": {"type": "string", "format": "uri", "title": "Image", "x-order": 0,
-                                  "description": "Input image (http(s) URL or data URL)"},
-                        "task": {"allOf": [{"$ref": "#/components/schemas/task"}], "default": "image_captioning",
-                                 "x-order": 1, "description": "Choose a task."},
-                        "question": {"type": "string", "title": "Question", "x-order": 2,
-                                     "description": "Type question for the input image for visual question answering task."},
-                        "caption": {"type": "string", "title": "Caption", "x-order": 3,
-                                    "description": "Type caption for the input image for image text matching task."},
+                        "image": {
+                            "type": "string",
+                            "format": "uri",
+                            "title": "Image",
+                            "x-order": 0,
+                            "description": "Input image (http(s) URL or data URL)",
+                        },
+                        "task": {
+                            "allOf": [{"$ref": "#/components/schemas/task"}],
+                            "default": "image_captioning",
+                            "x-order": 1,
+                            "description": "Choose a task.",
+                        },
+                        "question": {
+                            "type": "string",
+                            "title": "Question",
+                            "x-order": 2,
+                            "description": "Question about the image, for visual question answering.",
+                        },
+                        "caption": {
+                            "type": "string",
+                            "title": "Caption",
+                            "x-order": 3,
+                            "description": "Type caption for the input image for image text matching task.",
+                        },
                     },
                 },
-                "task": {"enum": list(TASKS), "type": "string", "title": "task", "description": "An enumeration."},
+                "task": {
+                    "enum": list(TASKS),
+                    "type": "string",
+                    "title": "task",
+                    "description": "An enumeration.",
+                },
                 "Output": {"type": "string", "title": "Output"},
-                "Status": {"enum": ["starting", "processing", "succeeded", "canceled", "failed"],
-                           "type": "string", "title": "Status", "description": "An enumeration."},
-                "PredictionRequest": {"type": "object", "properties": {
-                    "input": {"$ref": "#/components/schemas/Input"}, "id": {"type": "string"}}},
-                "PredictionResponse": {"type": "object", "properties": {
-                    "input": {"$ref": "#/components/schemas/Input"},
-                    "output": {"$ref": "#/components/schemas/Output"},
-                    "status": {"$ref": "#/components/schemas/Status"},
-                    "error": {"type": "string"}, "logs": {"type": "string"}}},
+                "Status": {
+                    "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
+                    "type": "string",
+                    "title": "Status",
+                    "description": "An enumeration.",
+                },
+                "PredictionRequest": {
+                    "type": "object",
+                    "properties": {"input": {"$ref": "#/components/schemas/Input"}, "id": {"type": "string"}},
+                },
+                "PredictionResponse": {
+                    "type": "object",
+                    "properties": {
+                        "input": {"$ref": "#/components/schemas/Input"},
+                        "output": {"$ref": "#/components/schemas/Output"},
+                        "status": {"$ref": "#/components/schemas/Status"},
+                        "error": {"type": "string"},
+                        "logs": {"type": "string"},
+                    },
+                },
             }
         },
         "x-model-note": f"Served by the IoT Pipelines local stand-in: {MODEL_DESCRIPTION}; texts are built "
-                        "from its ImageNet labels, not by BLIP.",
+        "from its ImageNet labels, not by BLIP.",
     }
 
 
 def _type_name(value: object) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def validate_input(inp: object) -> list[tuple[str, str, str]]:
@@ -110,17 +161,26 @@ def validate_input(inp: object) -> list[tuple[str, str, str]]:
     if "image" not in inp or image is None:
         problems.append(("input", "required", "image is required"))
     elif not isinstance(image, str):
-        problems.append(("input.image", "invalid_type", f"Invalid type. Expected: string, given: {_type_name(image)}"))
+        problems.append(
+            ("input.image", "invalid_type", f"Invalid type. Expected: string, given: {_type_name(image)}")
+        )
     elif not re.match(r"(?i)^(data:|https?://\S)", image):
-        problems.append(("input.image", "format", "Does not match format 'uri' (use an http(s) URL or a data URL)"))
+        problems.append(
+            ("input.image", "format", "Does not match format 'uri' (use an http(s) URL or a data URL)")
+        )
     task = inp.get("task", "image_captioning")
     if not isinstance(task, str) or task not in TASKS:
         choices = ", ".join(f'"{t}"' for t in TASKS)
         problems.append(("input.task", "enum", f"task must be one of the following: {choices}"))
     for key in ("question", "caption"):
         if key in inp and inp[key] is not None and not isinstance(inp[key], str):
-            problems.append((f"input.{key}", "invalid_type",
-                             f"Invalid type. Expected: string, given: {_type_name(inp[key])}"))
+            problems.append(
+                (
+                    f"input.{key}",
+                    "invalid_type",
+                    f"Invalid type. Expected: string, given: {_type_name(inp[key])}",
+                )
+            )
     return problems
 
 
@@ -151,7 +211,9 @@ def _named_classes(text: str, names: list[str]) -> list[int]:
     return found
 
 
-def answer(classifier: Classifier, image: bytes, task: str, question: str | None, caption: str | None) -> Answer:
+def answer(
+    classifier: Classifier, image: bytes, task: str, question: str | None, caption: str | None
+) -> Answer:
     """Run the model on the image and phrase the answer for the task. Raises PredictionFailed."""
     if task == "visual_question_answering" and not (question or "").strip():
         raise PredictionFailed("question is required for the visual_question_answering task")
@@ -164,11 +226,17 @@ def answer(classifier: Classifier, image: bytes, task: str, question: str | None
     probs = classifier.probabilities(img)
     order = np.argsort(probs)[::-1]
     top = [(classifier.names[i], float(probs[i])) for i in order[:5]]
-    logs = [f"model: {MODEL_DESCRIPTION}",
-            f"image: {img.size[0]}x{img.size[1]}",
-            "top-5: " + ", ".join(f"{n} {p:.3f}" for n, p in top)]
+    logs = [
+        f"model: {MODEL_DESCRIPTION}",
+        f"image: {img.size[0]}x{img.size[1]}",
+        "top-5: " + ", ".join(f"{n} {p:.3f}" for n, p in top),
+    ]
     best_name, best_p = top[0]
-    label_text = f"{best_name} ({_pct(best_p)})" if best_p >= UNCLEAR_BELOW else f"unclear scene (top-3: {_top_text(top)})"
+    label_text = (
+        f"{best_name} ({_pct(best_p)})"
+        if best_p >= UNCLEAR_BELOW
+        else f"unclear scene (top-3: {_top_text(top)})"
+    )
     if task == "image_captioning":
         return Answer(f"Caption: {label_text}", "\n".join(logs) + "\n")
     text = question if task == "visual_question_answering" else caption
@@ -180,8 +248,14 @@ def answer(classifier: Classifier, image: bytes, task: str, question: str | None
         if not named:
             return Answer(f"Answer: {label_text}", "\n".join(logs) + "\n")
         verdict = "yes" if total >= YES_FROM else "no"
-        return Answer(f"Answer: {verdict} ({_top_text(strongest)}; top label {best_name} {_pct(best_p)})",
-                      "\n".join(logs) + "\n")
-    evidence = _top_text(strongest) if named else f"the caption names no ImageNet class; top label {best_name}"
-    return Answer(f"The image and text are matched with a probability of {total:.4f} ({evidence}).",
-                  "\n".join(logs) + "\n")
+        return Answer(
+            f"Answer: {verdict} ({_top_text(strongest)}; top label {best_name} {_pct(best_p)})",
+            "\n".join(logs) + "\n",
+        )
+    evidence = (
+        _top_text(strongest) if named else f"the caption names no ImageNet class; top label {best_name}"
+    )
+    return Answer(
+        f"The image and text are matched with a probability of {total:.4f} ({evidence}).",
+        "\n".join(logs) + "\n",
+    )

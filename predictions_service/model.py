@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ class Label:
 
 
 def class_names() -> list[str]:
-    text = resources.files("predictions_service").joinpath("imagenet_classes.txt").read_text("utf-8")
+    text = (Path(__file__).parent / "imagenet_classes.txt").read_text("utf-8")
     names = text.splitlines()
     if len(names) != 1000:
         raise RuntimeError(f"imagenet_classes.txt has {len(names)} lines, expected 1000")

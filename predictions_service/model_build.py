@@ -118,9 +118,9 @@ class _GraphBuilder:
             p = f"_blocks.{i}"
             inp = h = x
             expands = f"{p}._expand_conv.weight" in self.state
-            in_ch = self.state[f"{p}._expand_conv.weight" if expands else f"{p}._depthwise_conv.weight"].shape[
-                1 if expands else 0
-            ]
+            in_ch = self.state[
+                f"{p}._expand_conv.weight" if expands else f"{p}._depthwise_conv.weight"
+            ].shape[1 if expands else 0]
             if expands:
                 h, size_e = self.conv_bn(h, size, f"{p}._expand_conv", f"{p}._bn0", 1, False, True)
             else:
@@ -140,7 +140,9 @@ class _GraphBuilder:
         fc_w, fc_b = self.take("_fc.weight"), self.take("_fc.bias")
         logits = "logits"
         self.nodes.append(
-            helper.make_node("Gemm", [flat, self._init(fc_w, "fcW"), self._init(fc_b, "fcB")], [logits], transB=1)
+            helper.make_node(
+                "Gemm", [flat, self._init(fc_w, "fcW"), self._init(fc_b, "fcB")], [logits], transB=1
+            )
         )
         self.nodes.append(helper.make_node("Softmax", [logits], ["probabilities"], axis=1))
         from onnx import TensorProto

@@ -17,8 +17,14 @@ NOT_FOUND = "The requested resource could not be found."
 
 
 class ApiProblem(Exception):
-    def __init__(self, status: int, detail: str, title: str | None = None, headers: dict | None = None,
-                 extra: dict | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        title: str | None = None,
+        headers: dict | None = None,
+        extra: dict | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.detail, self.title = status, detail, title
         self.headers = headers or {}
@@ -35,20 +41,28 @@ class ApiProblem(Exception):
 
     def response(self, more_headers: dict | None = None) -> Response:
         headers = {**self.headers, **(more_headers or {})}
-        return Response(json.dumps(self.body()), status_code=self.status,
-                        media_type="application/problem+json", headers=headers)
+        return Response(
+            json.dumps(self.body()),
+            status_code=self.status,
+            media_type="application/problem+json",
+            headers=headers,
+        )
 
 
 class InputInvalid(ApiProblem):
     """422 "Input validation failed": one ``- field: description`` line per problem."""
 
     def __init__(self, problems: list[tuple[str, str, str]]) -> None:
-        lines = "".join(f"- {desc}\n" if field == "(root)" else f"- {field}: {desc}\n"
-                        for field, _kind, desc in problems)
+        lines = "".join(
+            f"- {desc}\n" if field == "(root)" else f"- {field}: {desc}\n" for field, _kind, desc in problems
+        )
         fields = [{"type": kind, "field": field, "description": desc} for field, kind, desc in problems]
         super().__init__(422, lines, title="Input validation failed", extra={"invalid_fields": fields})
 
 
 def invalid_version() -> ApiProblem:
-    return ApiProblem(422, "The specified version does not exist (or perhaps you don't have permission to use it?)",
-                      title="Invalid version or not permitted")
+    return ApiProblem(
+        422,
+        "The specified version does not exist (or perhaps you don't have permission to use it?)",
+        title="Invalid version or not permitted",
+    )

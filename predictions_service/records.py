@@ -54,7 +54,10 @@ class Prediction:
         metrics: dict = {}
         if self.completed_at is not None:
             ran = (self.completed_at - self.started_at) if self.started_at is not None else 0.0
-            metrics = {"predict_time": round(ran, 6), "total_time": round(self.completed_at - self.created_at, 6)}
+            metrics = {
+                "predict_time": round(ran, 6),
+                "total_time": round(self.completed_at - self.created_at, 6),
+            }
         obj = {
             "id": self.id,
             "model": self.model,
@@ -105,15 +108,22 @@ class PredictionStore:
         pred.seq = self._seq
         self.items[pred.id] = pred
         if len(self.items) > self.max_items:
-            for old_id in [k for k, p in self.items.items() if p.terminal][: len(self.items) - self.max_items]:
+            for old_id in [k for k, p in self.items.items() if p.terminal][
+                : len(self.items) - self.max_items
+            ]:
                 del self.items[old_id]
         return pred
 
     def get(self, pred_id: str) -> Prediction | None:
         return self.items.get(pred_id)
 
-    def page(self, cursor: str | None, limit: int = 100, created_after: float | None = None,
-             created_before: float | None = None) -> tuple[list[Prediction], str | None]:
+    def page(
+        self,
+        cursor: str | None,
+        limit: int = 100,
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> tuple[list[Prediction], str | None]:
         """Newest first; ``next_cursor`` is None on the last page."""
         below = decode_cursor(cursor) if cursor else None
         out: list[Prediction] = []

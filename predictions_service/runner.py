@@ -47,8 +47,9 @@ class PredictionRunner:
             loop = asyncio.get_running_loop()
             path = await loop.run_in_executor(self.executor, ensure_model, self.settings.resolved_model_dir())
             self.classifier = await loop.run_in_executor(self.executor, Classifier, path)
-        self.fetch_client = httpx.AsyncClient(timeout=self.settings.image_fetch_timeout, follow_redirects=True,
-                                              max_redirects=3)
+        self.fetch_client = httpx.AsyncClient(
+            timeout=self.settings.image_fetch_timeout, follow_redirects=True, max_redirects=3
+        )
         self.webhooks = WebhookSender(
             self.settings.webhook_secret,
             httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False),
@@ -113,7 +114,9 @@ class PredictionRunner:
         try:
             await asyncio.wait_for(self.slots.acquire(), until_deadline)
         except TimeoutError:
-            self._finish(pred, "aborted", "The prediction's deadline (Cancel-After) passed before it started.")
+            self._finish(
+                pred, "aborted", "The prediction's deadline (Cancel-After) passed before it started."
+            )
             return
         try:
             if pred.terminal:
@@ -129,7 +132,9 @@ class PredictionRunner:
                 await asyncio.wait_for(self._predict(pred), budget)
             except TimeoutError:
                 if hit_deadline:
-                    self._finish(pred, "canceled", "The prediction's deadline (Cancel-After) passed while it ran.")
+                    self._finish(
+                        pred, "canceled", "The prediction's deadline (Cancel-After) passed while it ran."
+                    )
                 else:
                     self._finish(pred, "failed", f"Prediction timed out after {budget:.0f} seconds.")
             except blip.PredictionFailed as exc:

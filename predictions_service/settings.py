@@ -25,7 +25,7 @@ def new_webhook_secret() -> str:
 
 
 def default_model_dir() -> Path:
-    """``$IOT_PIPELINES_MODEL_DIR``, else ``$XDG_CACHE_HOME/iot-pipelines``, else ``~/.cache/iot-pipelines``."""
+    """``$IOT_PIPELINES_MODEL_DIR``, else ``$XDG_CACHE_HOME/iot-pipelines``, else ``~/.cache/...``."""
     if env := os.environ.get("IOT_PIPELINES_MODEL_DIR"):
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

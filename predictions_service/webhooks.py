@@ -37,8 +37,13 @@ class _PerPrediction:
 
 
 class WebhookSender:
-    def __init__(self, secret: str, client: httpx.AsyncClient, retry_delays: tuple[float, ...] = (),
-                 throttle_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        secret: str,
+        client: httpx.AsyncClient,
+        retry_delays: tuple[float, ...] = (),
+        throttle_seconds: float = 0.5,
+    ) -> None:
         self.secret = secret
         self.client = client
         self.retry_delays = retry_delays
@@ -108,11 +113,22 @@ class WebhookSender:
                 except httpx.HTTPError as exc:
                     problem = type(exc).__name__
                 if attempt < len(delays):
-                    log.info("webhook %s for %s failed (%s); retry in %.1fs", msg_id, pred_id, problem, delays[attempt])
+                    log.info(
+                        "webhook %s for %s failed (%s); retry in %.1fs",
+                        msg_id,
+                        pred_id,
+                        problem,
+                        delays[attempt],
+                    )
                     await asyncio.sleep(delays[attempt])
             self.failed += 1
-            log.warning("webhook %s for %s not delivered (%s)%s", msg_id, pred_id, problem,
-                        " after retries" if delays else "")
+            log.warning(
+                "webhook %s for %s not delivered (%s)%s",
+                msg_id,
+                pred_id,
+                problem,
+                " after retries" if delays else "",
+            )
 
     async def close(self) -> None:
         for st in self.state.values():

@@ -52,7 +52,6 @@ from typing import Any
 import aiocoap
 import cbor2
 from aiocoap import Code, resource
-from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.optiontypes import BlockOption
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 

@@ -171,7 +171,8 @@ class Block1Assembler:
                                         f"the last must have exactly {size}")
         if not more and len(payload) > size:
             self._drop(key)
-            return Refused(BAD_REQUEST, f"last block {num} has {len(payload)} bytes, more than its size {size}")
+            return Refused(BAD_REQUEST,
+                           f"last block {num} has {len(payload)} bytes, more than its size {size}")
         total = len(tr.buf) + len(payload)
         if total > self.max_body:
             self._drop(key)

@@ -1,0 +1,354 @@
+"""Device ingestion over MQTT: subscribe at a broker, store each message, then acknowledge.
+
+Usage::
+
+    settings = MqttSettings(host="127.0.0.1", port=1883, shared_group="workers")
+    async with MqttIngest(router, settings) as ingest:   # router implements IngestTarget
+        await ingest.wait_subscribed()                    # optional: the first SUBACK is in
+        ...
+        ingest.stats                                      # {"accepted": ..., "rejected_topic": ...}
+
+Topics (``/work/shared/specs/devices.md``, "MQTT mapping"): a device publishes to
+``<project-id>/<device-id>/stream/<path>``; the message goes into the pipelines with path
+``/<path>``. The content type is the MQTT v5 Content Type property, else
+``default_content_type``. The topic filter defaults to ``+/+/stream/#``; with a
+``shared_group`` the subscription is ``$share/<group>/+/+/stream/#`` (MQTT v5), so several
+workers split the load.
+
+Delivery promise: QoS 1 messages are acknowledged (PUBACK) only after ``target.accept``
+returned, i.e. after the message is committed to the store. aiomqtt 2.x (installed: 2.5.1)
+acknowledges on receipt, so this module switches the underlying paho-mqtt 2.x client to
+``manual_ack`` (``client._client.manual_ack_set(True)``) and calls paho's ``ack(mid, qos)``
+itself, in the order the PUBLISH packets arrived (MQTT 3.1.1 §4.6). The session is
+persistent (stable client id, ``clean_start=False``, ``session_expiry`` seconds): if this
+process dies, the broker keeps its unacknowledged messages and hands them out again when a
+worker with the same ``client_id`` comes back. Duplicates are possible (a crash between
+commit and PUBACK), losses of acknowledged messages are not. QoS 2 subscriptions are
+downgraded to QoS 1 (paho answers PUBREC before the application sees a QoS 2 message).
+
+Back-pressure: the subscription asks the broker for at most ``max_inflight`` unacknowledged
+messages (MQTT v5 Receive Maximum); while the router answers ``Overloaded`` we retry and
+hold the acknowledgements, so the broker stops sending. QoS 0 messages over that bound are
+dropped and counted (``dropped_qos0``).
+
+Bad input is acknowledged (so the broker does not send it again), counted in ``stats`` and,
+when the target has a store, in the store's counters (``mqtt_rejected_<reason>``, shown on
+``/metrics`` as ``pipeline_mqtt_rejected_<reason>``), and logged: a topic outside the scheme
+(``topic``), a device the registry does not know (``unknown_device``, only with a
+registry), a payload over ``max_payload`` (``too_large``). Nothing of it stops the loop.
+
+The connection is re-established with exponential backoff (``reconnect_min`` ..
+``reconnect_max``, with jitter) for as long as the ingest runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from pipelines.devices import DeviceRegistry
+from pipelines.ingest import IngestTarget, Overloaded
+from pipelines.message import Message
+
+log = logging.getLogger("pipelines.ingest.mqtt")
+
+OCTET_STREAM = "application/octet-stream"
+STREAM_FILTER = "+/+/stream/#"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+REJECT_REASONS = ("topic", "unknown_device", "too_large")
+
+
+@dataclass
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_filter: str = STREAM_FILTER
+    shared_group: str | None = None       # "$share/<group>/<filter>": workers split the load
+    qos: int = 1                          # 0 or 1 (2 is taken as 1)
+    default_content_type: str = OCTET_STREAM
+    max_payload: int = 4 << 20            # bytes; larger messages are rejected (and acked)
+    registry: DeviceRegistry | None = None  # None: any <project>/<device> is accepted
+    registry_refresh: float = 2.0         # seconds between re-reads of the registry file
+    # the broker keeps this worker's session (and its unacked share) under this id
+    client_id: str | None = None          # None: "pipelines-<group or ingest>-<random>"
+    session_expiry: int = 3600            # seconds the broker keeps the session while we are away
+    max_inflight: int = 256               # MQTT v5 Receive Maximum: unacked QoS 1 messages
+    keepalive: int = 30
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    reconnect_min: float = 0.2
+    reconnect_max: float = 10.0
+
+
+@dataclass(frozen=True)
+class StreamTopic:
+    project_id: str
+    device_id: str
+    path: str
+
+
+class TopicError(ValueError):
+    """The topic is not ``<project-id>/<device-id>/stream/<path>``."""
+
+
+def parse_stream_topic(topic: str) -> StreamTopic:
+    """``demo/cam-1/stream/images/raw`` → (demo, cam-1, /images/raw); raises TopicError."""
+    parts = topic.split("/", 3)
+    if len(parts) < 4 or parts[2] != "stream":
+        raise TopicError(f"topic {topic!r} is not <project-id>/<device-id>/stream/<path>")
+    project_id, device_id, _, rest = parts
+    if not _ID_RE.match(project_id) or not _ID_RE.match(device_id):
+        raise TopicError(f"topic {topic!r}: project and device ids are letters, digits, '.', '_', ':' or '-'")
+    if not rest or any(seg == "" for seg in rest.split("/")):
+        raise TopicError(f"topic {topic!r}: the stream path is empty or has an empty segment")
+    return StreamTopic(project_id, device_id, "/" + rest)
+
+
+def subscription_filter(settings: MqttSettings) -> str:
+    if settings.shared_group:
+        if not re.fullmatch(r"[^/+#]+", settings.shared_group):
+            raise ValueError(f"shared group {settings.shared_group!r} may not contain '/', '+' or '#'")
+        return f"$share/{settings.shared_group}/{settings.topic_filter}"
+    return settings.topic_filter
+
+
+def content_type_of(message: aiomqtt.Message, default: str) -> str:
+    props = message.properties
+    ct = getattr(props, "ContentType", None) if props is not None else None
+    return ct.strip() if isinstance(ct, str) and ct.strip() else default
+
+
+class MqttIngest:
+    """Subscribes, stores, acknowledges; see the module docstring."""
+
+    def __init__(self, target: IngestTarget, settings: MqttSettings | None = None) -> None:
+        self.target = target
+        self.settings = settings or MqttSettings()
+        s = self.settings
+        self.client_id = s.client_id or f"pipelines-{s.shared_group or 'ingest'}-{uuid.uuid4().hex[:8]}"
+        self.filter = subscription_filter(s)
+        self.qos = 1 if s.qos >= 1 else 0
+        self.stats: dict[str, int] = {"accepted": 0, "bytes": 0, "connects": 0, "overloaded": 0,
+                                      "dropped_qos0": 0, "store_errors": 0,
+                                      **{f"rejected_{r}": 0 for r in REJECT_REASONS}}
+        self.connected = asyncio.Event()
+        self.last_error: str | None = None
+        self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+        self._last_refresh = 0.0
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttIngest:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"mqtt-ingest {self.client_id}")
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop reading; let messages already being stored finish (not acknowledged: the
+        broker sends them again to the next session with this client id)."""
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=drain_timeout)
+        self.connected.clear()
+
+    async def wait_subscribed(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self.connected.wait(), timeout)
+
+    # -- connection loop ------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = max(0, int(s.session_expiry))
+        props.ReceiveMaximum = max(1, min(65535, int(s.max_inflight)))
+        client = aiomqtt.Client(
+            s.host, s.port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
+            username=s.username, password=s.password, keepalive=s.keepalive,
+            clean_start=s.session_expiry <= 0, properties=props, timeout=10,
+        )
+        # Acknowledge after the store commit, not on receipt (see the module docstring).
+        client._client.manual_ack_set(True)
+        return client
+
+    async def _run(self) -> None:
+        delay = self.settings.reconnect_min
+        while True:
+            client = self._client()
+            try:
+                async with client:
+                    self.stats["connects"] += 1
+                    self.last_error = None
+                    delay = self.settings.reconnect_min
+                    await self._session(client)
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
+                log.warning("MQTT connection to %s:%s lost or refused (%s); retrying in %.1f s",
+                            self.settings.host, self.settings.port, exc, delay)
+            finally:
+                self.connected.clear()
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(self.settings.reconnect_max, delay * 2)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        # retain handling 2: stream topics carry events; never ingest a retained leftover
+        opts = SubscribeOptions(qos=self.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        await client.subscribe(self.filter, options=opts)
+        self.connected.set()
+        log.info("MQTT ingest %s subscribed to %s at %s:%s", self.client_id, self.filter,
+                 self.settings.host, self.settings.port)
+        # Acks go out in arrival order, and only on the connection the message came on:
+        # packet ids belong to one connection.
+        pending: deque[tuple[aiomqtt.Message, asyncio.Task]] = deque()
+        wakeup = asyncio.Event()
+        acker = asyncio.create_task(self._ack_in_order(client, pending, wakeup))
+        try:
+            async for m in client.messages:
+                if m.qos == 0 and len(pending) >= self.settings.max_inflight * 4:
+                    self._count("dropped_qos0")
+                    continue
+                task = asyncio.create_task(self._ingest(m))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+                if m.qos >= 1:
+                    pending.append((m, task))
+                    wakeup.set()
+        finally:
+            acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acker
+
+    async def _ack_in_order(self, client: aiomqtt.Client,
+                            pending: deque[tuple[aiomqtt.Message, asyncio.Task]],
+                            wakeup: asyncio.Event) -> None:
+        while True:
+            while not pending:
+                wakeup.clear()
+                await wakeup.wait()
+            m, task = pending[0]
+            # shield: cancelling the acker (disconnect) must not cancel the store write
+            try:
+                ok = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # not acknowledged: the broker sends it again on the next session
+                log.exception("MQTT message %s on %s could not be ingested", m.mid, m.topic.value)
+                ok = False
+            pending.popleft()
+            if ok:
+                client._client.ack(m.mid, m.qos)
+
+    # -- one message ----------------------------------------------------------------------
+
+    async def _ingest(self, m: aiomqtt.Message) -> bool:
+        """Store the message (or reject it). True when it may be acknowledged."""
+        topic = m.topic.value
+        try:
+            st = parse_stream_topic(topic)
+        except TopicError as exc:
+            await self._reject("topic", str(exc))
+            return True
+        payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload).encode()
+        if len(payload) > self.settings.max_payload:
+            await self._reject("too_large", f"{st.project_id}/{st.device_id}: payload of {len(payload)} bytes"
+                               f" is over the limit of {self.settings.max_payload}")
+            return True
+        if self.settings.registry is not None and not self._known(st):
+            await self._reject("unknown_device",
+                               f"device {st.device_id!r} of project {st.project_id!r} is not in the registry")
+            return True
+        message = Message.new(
+            project_id=st.project_id, device_id=st.device_id, path=st.path,
+            content_type=content_type_of(m, self.settings.default_content_type),
+            payload=bytes(payload), metadata={"mqtt_topic": topic},
+        )
+        delay = 0.05
+        while True:
+            try:
+                await self.target.accept(message)
+                break
+            except Overloaded as exc:
+                # hold the ack: the broker stops sending once max_inflight are unacked
+                self._count("overloaded")
+                await asyncio.sleep(min(exc.retry_after, 1.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._count("store_errors")
+                if self._stopping:
+                    return False
+                log.error("storing MQTT message from %s failed (%s); retrying", topic, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.stats["accepted"] += 1
+        self.stats["bytes"] += len(payload)
+        return True
+
+    def _known(self, st: StreamTopic) -> bool:
+        reg = self.settings.registry
+        assert reg is not None
+        if reg.lookup(st.project_id, st.device_id) is not None:
+            return True
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_refresh >= self.settings.registry_refresh:
+            self._last_refresh = loop.time()
+            try:
+                if reg.refresh():
+                    return reg.lookup(st.project_id, st.device_id) is not None
+            except Exception as exc:  # a broken new version: keep the old entries
+                log.error("device registry not reloaded: %s", exc)
+        return False
+
+    def _count(self, what: str) -> int:
+        n = self.stats.get(what, 0) + 1
+        self.stats[what] = n
+        return n
+
+    async def _reject(self, reason: str, detail: str) -> None:
+        n = self._count(f"rejected_{reason}")
+        if n <= 10 or n & (n - 1) == 0:  # the first few, then at powers of two: no log floods
+            log.warning("MQTT message rejected (%s, %d so far): %s", reason, n, detail)
+        store = getattr(self.target, "store", None)
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await bump_store_counter(store, f"mqtt_rejected_{reason}")
+
+
+async def bump_store_counter(store: Any, name: str, by: int = 1) -> None:
+    """Add to a named counter in the router's store; ``/metrics`` shows every store counter
+    as ``pipeline_<name>``, and the count survives restarts and is shared by processes."""
+    def op(conn: Any) -> None:
+        conn.execute("INSERT INTO counters(name, value) VALUES (?, ?)"
+                     " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, by))
+    await store._run(op)  # the store's single writer (no public hook for new counters yet)
+
+
+async def serve_mqtt(target: IngestTarget, settings: MqttSettings) -> None:
+    """Run an ingest until cancelled."""
+    async with MqttIngest(target, settings):
+        await asyncio.Event().wait()

@@ -1,0 +1,104 @@
+"""The whole router as one service: router + HTTP face + prediction results + CoAP ingest.
+
+Usage::
+
+    service = RouterService(ServiceSettings(router=RouterSettings(pipelines=["pipeline.yaml"]),
+                                            http_port=8080, coap=CoapSettings(registry_path="devices.yaml"),
+                                            webhook_secret="whsec_..."))
+    async with service:
+        print(service.http_url, service.coap_dtls_port)
+        ...
+
+``pipeline serve`` runs this headless; ``pipeline run`` adds the local predictions service and
+simulated cameras around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.http_face import bound_port, create_app, start_http, stop_http
+from pipelines.predictions_results import HOOK_PATH, PredictionResults
+from pipelines.router import Router, RouterSettings
+
+log = logging.getLogger("pipelines.service")
+
+
+@dataclass
+class ServiceSettings:
+    router: RouterSettings = field(default_factory=RouterSettings)
+    http_host: str = "127.0.0.1"
+    http_port: int | None = 8080          # None: no HTTP face (and no prediction callbacks)
+    coap: Any = None                      # pipelines.ingest.coap.CoapSettings, or None for no CoAP
+    mqtt: Any = None                      # pipelines.ingest.mqtt settings, or None for no MQTT
+    webhook_secret: str | None = None     # verifies prediction callbacks; None accepts unsigned
+    public_url: str | None = None         # how the predictions API reaches us; default: the HTTP face
+
+
+class RouterService:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.router = Router(settings.router)
+        self.results: PredictionResults | None = None
+        self.coap: Any = None
+        self.mqtt: Any = None
+        self._http: Any = None
+
+    @property
+    def http_url(self) -> str | None:
+        if self._http is None:
+            return None
+        return f"http://{self.settings.http_host}:{bound_port(self._http)}"
+
+    @property
+    def coap_dtls_port(self) -> int | None:
+        return self.coap.dtls_port if self.coap else None
+
+    @property
+    def coap_port(self) -> int | None:
+        return self.coap.port if self.coap else None
+
+    async def start(self) -> RouterService:
+        s = self.settings
+        await self.router.start()
+        try:
+            if s.http_port is not None:
+                self.results = PredictionResults(self.router, callback_url="(pending)",
+                                                 webhook_secret=s.webhook_secret)
+                app = create_app(self.router, extra_routes=self.results.routes())
+                self._http = await start_http(app, s.http_host, s.http_port)
+                base = (s.public_url or self.http_url or "").rstrip("/")
+                self.results.callback_url = base + HOOK_PATH
+                self.results.install()
+            if s.coap is not None:
+                from pipelines.ingest.coap import CoapIngest
+                self.coap = await CoapIngest(self.router, s.coap).start()
+            if s.mqtt is not None:
+                from pipelines.ingest.mqtt import MqttIngest
+                self.mqtt = MqttIngest(self.router, s.mqtt)
+                await self.mqtt.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def stop(self) -> None:
+        for part in (self.mqtt, self.coap):
+            if part is not None:
+                try:
+                    await part.stop()
+                except Exception:
+                    log.exception("stopping %s", type(part).__name__)
+        self.mqtt = self.coap = None
+        if self._http is not None:
+            await stop_http(self._http)
+            self._http = None
+        await self.router.stop()
+
+    async def __aenter__(self) -> RouterService:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

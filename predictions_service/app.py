@@ -1,0 +1,431 @@
+"""The HTTP face of the local predictions service: Replicate's ``/v1`` contract on starlette.
+
+    app = create_app(Settings(tokens=("r8_local",)))          # any ASGI server can run it
+    await serve(Settings(tokens=("r8_local",), port=8008))     # uvicorn, until cancelled
+    async with running(Settings(tokens=("t",), port=0)) as url: ...   # in-process, free port
+
+Endpoints (all need ``Authorization: Bearer <token>`` or ``Token <token>``):
+``POST /v1/predictions``, ``POST /v1/models/{o}/{n}/predictions``,
+``POST /v1/deployments/{o}/{n}/predictions``, ``GET /v1/predictions[?cursor=]``,
+``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``,
+``GET /v1/models/{o}/{n}/versions/{id}``, ``GET /v1/webhooks/default/secret``; plus ``GET /p/{id}``
+(the ``urls.web`` page, same JSON) and an unauthenticated ``GET /healthz``.
+
+The one model is ``salesforce/blip`` at version ``2e1dddc8…4746`` (see ``blip.py`` for what really
+answers). Any deployment name is served by that model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import random
+import re
+import socket
+from collections.abc import AsyncIterator
+from datetime import datetime
+from urllib.parse import urlencode
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import blip
+from .problems import NOT_FOUND, ApiProblem, InputInvalid, invalid_version
+from .ratelimit import RateLimiter
+from .records import ALL_EVENTS, BadCursor, Prediction
+from .runner import PredictionRunner
+from .settings import Settings
+
+log = logging.getLogger("predictions_service")
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+OWNER_NAME = re.compile(r"^([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)$")
+PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$")
+CANCEL_AFTER = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+MAX_WAIT = 60
+
+
+def _json(data: object, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def parse_prefer_wait(header: str | None) -> int | None:
+    """Seconds to hold the request, or None when there is no valid ``wait`` preference (RFC 7240: ignore)."""
+    if not header:
+        return None
+    for part in header.split(","):
+        m = PREFER_WAIT.match(part)
+        if m:
+            if m.group(1) is None:
+                return MAX_WAIT
+            n = int(m.group(1))
+            return n if 1 <= n <= MAX_WAIT else None
+    return None
+
+
+def parse_cancel_after(header: str) -> float:
+    """``30s``, ``5m``, ``1h30m45s`` or a bare number of seconds; 5 s to 24 h, else 422."""
+    text = header.strip()
+    seconds: float | None = None
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        seconds = float(text)
+    elif text and (m := CANCEL_AFTER.fullmatch(text)):
+        h, mi, s = m.groups()
+        seconds = int(h or 0) * 3600 + int(mi or 0) * 60 + float(s or 0)
+    if seconds is None:
+        raise InputInvalid(
+            [
+                (
+                    "Cancel-After",
+                    "format",
+                    f"Cancel-After {text[:40]!r} is not a duration like 30s, 5m or 1h30m",
+                )
+            ]
+        )
+    if not 5 <= seconds <= 86400:
+        raise InputInvalid([("Cancel-After", "range", "Cancel-After must be between 5s and 24h")])
+    return seconds
+
+
+class Service:
+    """Request handling; one instance per app, holding the runner and the limits."""
+
+    def __init__(self, settings: Settings, runner: PredictionRunner) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.create_limits = RateLimiter(settings.create_rate_per_minute)
+        self.other_limits = RateLimiter(settings.other_rate_per_minute)
+        self.rng = random.Random(settings.fault_seed)
+        self._tokens = [t.encode() for t in settings.tokens]
+
+    # -- guards ---------------------------------------------------------------------------------
+    def _authenticate(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if not header or scheme.lower() not in ("bearer", "token") or not token:
+            if self.settings.allow_anonymous:
+                return "anonymous"
+            raise ApiProblem(401, "You did not pass an authentication token", title="Unauthenticated")
+        # Compare against every token so the time taken says nothing about which one nearly matched.
+        matched = False
+        for known in self._tokens:
+            matched |= hmac.compare_digest(known, token.encode())
+        if not matched and not self.settings.allow_anonymous:
+            raise ApiProblem(401, "You did not pass a valid authentication token", title="Unauthenticated")
+        return token if matched else "anonymous"
+
+    async def guard(self, request: Request, creates: bool) -> dict[str, str]:
+        """Auth, rate limit and injected faults; returns the ratelimit headers for the answer."""
+        identity = self._authenticate(request)
+        decision = (self.create_limits if creates else self.other_limits).take(identity)
+        headers = {
+            "ratelimit-remaining": str(decision.remaining),
+            "ratelimit-reset": str(decision.reset_seconds),
+        }
+        request.state.ratelimit_headers = headers  # errors raised later carry them too
+        if not decision.allowed:
+            raise ApiProblem(
+                429,
+                f"Request was throttled. Your rate limit resets in ~{decision.reset_seconds}s.",
+                headers={**headers, "retry-after": str(decision.reset_seconds)},
+            )
+        if self.settings.fault_rate and self.rng.random() < self.settings.fault_rate:
+            kind = self.rng.choice(self.settings.fault_kinds)
+            if kind == "slow":
+                await asyncio.sleep(self.settings.fault_slow_seconds)
+            elif kind == "429":
+                raise ApiProblem(
+                    429,
+                    "Request was throttled. Your rate limit resets in ~1s. (injected fault)",
+                    headers={**headers, "retry-after": "1"},
+                )
+            else:
+                raise ApiProblem(int(kind), "injected fault", title="Server error", headers=headers)
+        return headers
+
+    def _base_url(self, request: Request) -> str:
+        if self.settings.public_base_url:
+            return self.settings.public_base_url.rstrip("/")
+        return f"{request.url.scheme}://{request.url.netloc}"
+
+    async def _body(self, request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        too_big = ApiProblem(
+            413,
+            f"Request body is larger than {self.settings.max_body_bytes} bytes; "
+            "upload big files and pass their URL instead",
+            title="Request Entity Too Large",
+        )
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise too_big
+        raw = await request.body()
+        if len(raw) > self.settings.max_body_bytes:
+            raise too_big
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiProblem(400, f"The request body is not valid JSON: {exc}", title="Bad Request") from exc
+        if not isinstance(body, dict):
+            raise InputInvalid([("(root)", "invalid_type", "Invalid type. Expected: object")])
+        return body
+
+    # -- creating -------------------------------------------------------------------------------
+    def _resolve_version(self, version: str) -> tuple[str, str]:
+        """(model, version) for a version field, or the 422 "Invalid version or not permitted"."""
+        if HEX64.match(version):
+            if version == blip.VERSION:
+                return blip.MODEL, version
+            raise invalid_version()
+        if ":" in version:
+            model, _, vid = version.partition(":")
+            if model == blip.MODEL and vid == blip.VERSION:
+                return model, vid
+            raise invalid_version()
+        if version == blip.MODEL:
+            return blip.MODEL, blip.VERSION
+        raise invalid_version()
+
+    def _validate(self, body: dict, with_version: bool) -> list[tuple[str, str, str]]:
+        allowed = {"input", "webhook", "webhook_events_filter", "stream", "webhook_completed"}
+        if with_version:
+            allowed.add("version")
+        problems: list[tuple[str, str, str]] = []
+        if with_version:
+            if "version" not in body:
+                problems.append(("(root)", "required", "version is required"))
+            elif not isinstance(body["version"], str):
+                problems.append(("version", "invalid_type", "Invalid type. Expected: string"))
+        for key in body:
+            if key not in allowed:
+                problems.append(
+                    ("(root)", "additional_property_not_allowed", f"Additional property {key} is not allowed")
+                )
+        if "input" not in body:
+            problems.append(("(root)", "required", "input is required"))
+        else:
+            problems.extend(blip.validate_input(body["input"]))
+        hook = body.get("webhook")
+        if hook is not None and (not isinstance(hook, str) or not re.match(r"^https?://[^\s/]+", hook)):
+            problems.append(("webhook", "format", "Does not match format 'uri' (an http(s) URL)"))
+        events = body.get("webhook_events_filter")
+        if events is not None and (not isinstance(events, list) or any(e not in ALL_EVENTS for e in events)):
+            choices = ", ".join(f'"{e}"' for e in ALL_EVENTS)
+            problems.append(
+                ("webhook_events_filter", "enum", f"webhook_events_filter must be an array of: {choices}")
+            )
+        return problems
+
+    async def create(self, request: Request, route_model: str | None, deployment: bool = False) -> Response:
+        headers = await self.guard(request, creates=True)
+        if route_model is not None and not deployment and route_model != blip.MODEL:
+            raise ApiProblem(404, NOT_FOUND, headers=headers)
+        body = await self._body(request)
+        problems = self._validate(body, with_version=route_model is None)
+        if problems:
+            raise InputInvalid(problems)
+        if route_model is None:
+            model, version = self._resolve_version(body["version"])
+        else:
+            model, version = blip.MODEL, blip.VERSION
+        deadline = None
+        if (cancel_after := request.headers.get("cancel-after")) is not None:
+            deadline = parse_cancel_after(cancel_after)
+        wait = parse_prefer_wait(request.headers.get("prefer"))
+        events = body.get("webhook_events_filter")
+        pred = Prediction(
+            model=model,
+            version=version,
+            input=body["input"],
+            base_url=self._base_url(request),
+            webhook=body.get("webhook"),
+            events=frozenset(events if events is not None else ALL_EVENTS),
+        )
+        if deadline is not None:
+            pred.deadline = pred.created_at + deadline
+        self.runner.submit(pred)
+        status = None
+        if wait is not None:
+            headers["preference-applied"] = f"wait={wait}"
+            if not await self.runner.wait(pred, wait):
+                status = "starting"  # the official client 1.0.7 treats anything else as final
+        headers["location"] = pred.as_json()["urls"]["get"]
+        return _json(pred.as_json(status=status), 201, headers)
+
+    # -- routes ---------------------------------------------------------------------------------
+    async def create_by_version(self, request: Request) -> Response:
+        return await self.create(request, None)
+
+    async def create_by_model(self, request: Request) -> Response:
+        p = request.path_params
+        return await self.create(request, f"{p['owner']}/{p['name']}")
+
+    async def create_by_deployment(self, request: Request) -> Response:
+        p = request.path_params
+        return await self.create(request, f"{p['owner']}/{p['name']}", deployment=True)
+
+    def _find(self, request: Request, headers: dict) -> Prediction:
+        pred = self.runner.store.get(request.path_params["id"])
+        if pred is None:
+            raise ApiProblem(404, NOT_FOUND, headers=headers)
+        return pred
+
+    async def get_prediction(self, request: Request) -> Response:
+        headers = await self.guard(request, creates=False)
+        return _json(self._find(request, headers).as_json(), headers=headers)
+
+    async def cancel_prediction(self, request: Request) -> Response:
+        headers = await self.guard(request, creates=False)
+        pred = self._find(request, headers)
+        self.runner.cancel(pred)
+        return _json(pred.as_json(), headers=headers)
+
+    async def list_predictions(self, request: Request) -> Response:
+        headers = await self.guard(request, creates=False)
+        q = request.query_params
+        bounds: dict[str, float | None] = {}
+        for key in ("created_after", "created_before"):
+            bounds[key] = None
+            if q.get(key):
+                try:
+                    bounds[key] = datetime.fromisoformat(q[key].replace("Z", "+00:00")).timestamp()
+                except ValueError as exc:
+                    raise InputInvalid([(key, "format", "Does not match format 'date-time'")]) from exc
+        try:
+            page, cursor = self.runner.store.page(
+                q.get("cursor"), 100, bounds["created_after"], bounds["created_before"]
+            )
+        except BadCursor as exc:
+            raise InputInvalid([("cursor", "format", str(exc))]) from exc
+        nxt = None
+        if cursor:
+            kept = {k: q[k] for k in ("created_after", "created_before") if q.get(k)}
+            nxt = f"{self._base_url(request)}/v1/predictions?" + urlencode({**kept, "cursor": cursor})
+        return _json({"previous": None, "next": nxt, "results": [p.as_json() for p in page]}, headers=headers)
+
+    async def get_version(self, request: Request) -> Response:
+        headers = await self.guard(request, creates=False)
+        p = request.path_params
+        if f"{p['owner']}/{p['name']}" != blip.MODEL or p["id"] != blip.VERSION:
+            raise ApiProblem(404, NOT_FOUND, headers=headers)
+        return _json(
+            {
+                "id": blip.VERSION,
+                "created_at": blip.VERSION_CREATED_AT,
+                "cog_version": blip.COG_VERSION,
+                "openapi_schema": blip.openapi_schema(),
+            },
+            headers=headers,
+        )
+
+    async def webhook_secret(self, request: Request) -> Response:
+        headers = await self.guard(request, creates=False)
+        return _json({"key": self.settings.webhook_secret}, headers=headers)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": blip.MODEL, "version": blip.VERSION})
+
+
+def create_app(settings: Settings, runner: PredictionRunner | None = None) -> Starlette:
+    """The starlette app; the model is loaded (built on first use) when the app starts up."""
+    runner = runner or PredictionRunner(settings)
+    svc = Service(settings, runner)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runner.start()
+        try:
+            yield
+        finally:
+            await runner.close()
+
+    async def on_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiProblem)
+        return exc.response(getattr(request.state, "ratelimit_headers", None))
+
+    async def on_404(request: Request, exc: Exception) -> Response:
+        return ApiProblem(404, NOT_FOUND).response()
+
+    async def on_405(request: Request, exc: Exception) -> Response:
+        return ApiProblem(405, "Method not allowed.", title="Method Not Allowed").response()
+
+    routes = [
+        Route("/v1/predictions", svc.create_by_version, methods=["POST"]),
+        Route("/v1/predictions", svc.list_predictions, methods=["GET"]),
+        Route("/v1/predictions/{id}", svc.get_prediction, methods=["GET"]),
+        Route("/v1/predictions/{id}/cancel", svc.cancel_prediction, methods=["POST"]),
+        Route("/v1/models/{owner}/{name}/predictions", svc.create_by_model, methods=["POST"]),
+        Route("/v1/deployments/{owner}/{name}/predictions", svc.create_by_deployment, methods=["POST"]),
+        Route("/v1/models/{owner}/{name}/versions/{id}", svc.get_version, methods=["GET"]),
+        Route("/v1/webhooks/default/secret", svc.webhook_secret, methods=["GET"]),
+        Route("/p/{id}", svc.get_prediction, methods=["GET"]),
+        Route("/healthz", svc.healthz, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiProblem: on_problem, 404: on_404, 405: on_405},
+    )
+    app.state.runner = runner
+    app.state.settings = settings
+    return app
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _server(settings: Settings, runner: PredictionRunner | None = None) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(settings, runner),
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(config)
+
+
+async def serve(settings: Settings) -> None:
+    """Run the service with uvicorn until cancelled (or SIGINT/SIGTERM when run from the CLI)."""
+    sock = _bind(settings)
+    try:
+        await _server(settings).serve(sockets=[sock])
+    finally:
+        sock.close()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, runner: PredictionRunner | None = None) -> AsyncIterator[str]:
+    """Start the service in this event loop; yields its base URL (``http://127.0.0.1:<port>``).
+
+    ``runner`` lets callers share one loaded model between several service instances (tests).
+    """
+    sock = _bind(settings)
+    server = _server(settings, runner)
+    server.config.install_signal_handlers = False  # uvicorn>=0.29 ignores it off the main thread
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # startup failed: raise its error here
+                raise RuntimeError("predictions service stopped during startup")
+            await asyncio.sleep(0.01)
+        host, port = sock.getsockname()[:2]
+        yield f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        sock.close()

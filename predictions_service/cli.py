@@ -1,0 +1,141 @@
+"""Command line of the local predictions service (shared by ``python -m predictions_service`` and
+``pipeline predictions``).
+
+    python -m predictions_service --port 8008 --token r8_local          # serve (the default)
+    python -m predictions_service serve --host 0.0.0.0 --token A --token B --webhook-secret whsec_...
+    python -m predictions_service build-model                           # build the ONNX into the cache
+
+Tokens and the webhook secret can also come from the environment (safer than argv, which ``ps``
+shows): ``PREDICTIONS_API_TOKENS`` (comma-separated) and ``PREDICTIONS_WEBHOOK_SECRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .settings import FAULT_KINDS, Settings, new_webhook_secret
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8008, help="TCP port (0: pick a free one)")
+    p.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="accepted API token (repeatable); or set PREDICTIONS_API_TOKENS=a,b",
+    )
+    p.add_argument("--allow-anonymous", action="store_true", help="serve requests without a token")
+    p.add_argument(
+        "--webhook-secret",
+        metavar="whsec_...",
+        help="webhook signing secret; or PREDICTIONS_WEBHOOK_SECRET; default: random per run",
+    )
+    p.add_argument("--create-rate", type=int, default=600, help="prediction creates per minute per token")
+    p.add_argument("--other-rate", type=int, default=3000, help="other calls per minute per token")
+    p.add_argument(
+        "--fault-rate", type=float, default=0.0, help="probability (0-1) of an injected fault per call"
+    )
+    p.add_argument(
+        "--fault-kinds",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated subset of {','.join(FAULT_KINDS)}",
+    )
+    p.add_argument("--fault-seed", type=int, help="seed for reproducible faults")
+    p.add_argument(
+        "--model-dir", type=Path, help="where the ONNX model is cached (default: see IOT_PIPELINES_MODEL_DIR)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="concurrent model runs")
+    p.add_argument("--public-base-url", help="base URL written into urls.get etc. (default: as requested)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    tokens = list(args.token) or [
+        t.strip() for t in os.environ.get("PREDICTIONS_API_TOKENS", "").split(",") if t.strip()
+    ]
+    secret = args.webhook_secret or os.environ.get("PREDICTIONS_WEBHOOK_SECRET") or new_webhook_secret()
+    return Settings(
+        host=args.host,
+        port=args.port,
+        tokens=tuple(tokens),
+        allow_anonymous=args.allow_anonymous,
+        webhook_secret=secret,
+        create_rate_per_minute=args.create_rate,
+        other_rate_per_minute=args.other_rate,
+        fault_rate=args.fault_rate,
+        fault_kinds=tuple(k for k in args.fault_kinds.split(",") if k),
+        fault_seed=args.fault_seed,
+        model_dir=args.model_dir,
+        workers=args.workers,
+        public_base_url=args.public_base_url,
+        log_level=args.log_level,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"predictions serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    print(
+        f"predictions service on http://{settings.host}:{settings.port} (model salesforce/blip stand-in)",
+        file=sys.stderr,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0
+
+
+def run_build_model(args: argparse.Namespace) -> int:
+    from .model import MODEL_FILE
+    from .model_build import ModelBuildError, build_onnx
+    from .model_weights import WeightsError
+    from .settings import default_model_dir
+
+    target = (args.model_dir or default_model_dir()) / MODEL_FILE
+    try:
+        report = build_onnx(target)
+    except (ModelBuildError, WeightsError, OSError) as exc:
+        print(f"build-model: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {report.path} from {report.tensors} tensors "
+        f"({len(report.missing)} missing, {len(report.unexpected)} unexpected)"
+    )
+    return 0
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="predictions_command", metavar="{serve,build-model}")
+    serve_p = sub.add_parser("serve", help="run the Replicate-compatible predictions service")
+    add_serve_arguments(serve_p)
+    serve_p.set_defaults(predictions_func=run_serve)
+    build_p = sub.add_parser("build-model", help="build the ONNX model into the cache directory")
+    build_p.add_argument("--model-dir", type=Path, help="target directory (default: the cache directory)")
+    build_p.set_defaults(predictions_func=run_build_model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m predictions_service", description="Local Replicate-compatible predictions service"
+    )
+    add_subcommands(parser)
+    if not argv or argv[0] not in ("serve", "build-model", "-h", "--help"):
+        argv = ["serve", *argv]  # serving is the default command
+    args = parser.parse_args(argv)
+    return args.predictions_func(args)
