@@ -213,7 +213,8 @@ class MqttParams(BaseModel):
 class MqttDestination(Destination):
     type = "mqtt"
     version = "1.0.0"
-    summary = "Publish the payload to an MQTT topic (v5 content type, QoS, retain); default: the device's state topic."
+    summary = ("Publish the payload to an MQTT topic (v5 content type, QoS, retain); "
+               "default: the device's state topic.")
     Params = MqttParams
 
     def __init__(self, params: MqttParams, context) -> None:  # type: ignore[override]

@@ -253,11 +253,16 @@ class Camera:
             await self._idle(self.start_delay)
         index = 0
         while self.config.max_frames is None or index < self.config.max_frames:
-            frame = await asyncio.to_thread(self.frames.render, index, datetime.now(UTC))
-            self.last_frame = frame
-            await self._send(frame)
+            try:
+                frame = await asyncio.to_thread(self.frames.render, index, datetime.now(UTC))
+                self.last_frame = frame
+                await self._send(frame)
+                self._check_overdue()
+            except Exception as exc:  # a simulator bug must not silently kill the camera
+                log.exception("%s: upload of frame %d failed unexpectedly", self.device_id, index)
+                self.stats.errors += 1
+                self.stats.last_error = f"internal error: {exc!r}"
             index += 1
-            self._check_overdue()
             spread = self.config.interval * self.config.jitter
             await self._idle(self.config.interval + self._rng.uniform(-spread, spread))
         # Out of frames: keep the session (observation, keep-alive) going until stopped.
@@ -366,7 +371,14 @@ class Camera:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
             self.stats.observing = False
-            established = not observer.cancelled() and observer.exception() is None and observer.result()
+            established = False
+            if observer.done() and not observer.cancelled():
+                if observer.exception() is not None:
+                    log.error("%s: observation failed unexpectedly", self.device_id,
+                              exc_info=observer.exception())
+                    self.stats.errors += 1
+                else:
+                    established = observer.result()
             backoff = self.config.backoff_initial if established else min(backoff * 2, self.config.backoff_max)
             if not resubscribe.done():
                 await asyncio.sleep(backoff * self._rng.uniform(0.8, 1.2))
@@ -379,7 +391,7 @@ class Camera:
             return False
         try:
             response = await asyncio.wait_for(asyncio.shield(request.response), self.config.request_timeout)
-        except (asyncio.TimeoutError, aiocoap.error.Error, OSError) as exc:
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
             log.debug("%s: observe failed: %s", self.device_id, exc)
             return False
         if not response.code.is_successful() or response.opt.observe is None:
@@ -403,11 +415,13 @@ class Camera:
             return
         received = time.monotonic()
         document = _decode_document(message.payload, message.opt.content_format)
-        if not isinstance(document, dict) or "frame_id" not in document:
+        if not isinstance(document, dict):
             self.stats.errors += 1
-            self.stats.last_error = "result notification without a frame_id"
+            self.stats.last_error = "result notification is not a JSON or CBOR object"
             await self._emit("bad_result", detail=self.stats.last_error)
             return
+        if "frame_id" not in document:
+            return  # no result yet (e.g. the empty state document)
         frame_id = str(document["frame_id"])
         if frame_id in self._answered:
             return  # the initial state on re-registration, already counted

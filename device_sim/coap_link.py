@@ -62,7 +62,7 @@ class RejectedError(LinkError):
     def retryable(self) -> bool:
         # 4.08: the router lost the transfer; 4.29/5.xx: try again later. Other 4.xx will not
         # change by resending the same bytes.
-        return self.code.is_server_error() or self.code in (
+        return self.code.class_ == 5 or self.code in (
             Code.REQUEST_ENTITY_INCOMPLETE, Code.TOO_MANY_REQUESTS)
 
 
@@ -157,7 +157,11 @@ class CoapLink:
         return request
 
     async def ping(self, timeout: float = 5.0) -> bool:
-        """Send an empty CON (CoAP ping) and wait for the RST; False if none came in time."""
+        """Send an empty CON (CoAP ping) and wait for the RST; False if none came in time.
+
+        aiocoap has no public ping for UDP, so this hands the empty message to the context's
+        message manager (the layer that does CON retransmission) directly.
+        """
         context = self._require_context()
         probe = Message(code=Code.GET, uri=self.uri(""))
         for interface in context.request_interfaces:
@@ -178,15 +182,12 @@ class CoapLink:
             log.debug("%s: ping not sent: %s", self.identity.device_id, exc)
             return False
         self.last_activity = time.monotonic()
-        deadline = time.monotonic() + timeout
-        exchanges = getattr(manager, "_active_exchanges", None) or {}
-        # RST resolves the future; an empty ACK (also a valid pong) only ends the exchange.
-        while time.monotonic() < deadline:
-            if answered.done() or (ping.remote, ping.mid) not in exchanges:
-                return True
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(answered), min(0.05, deadline - time.monotonic()))
-        return answered.done()
+        # Only an RST answers a ping (RFC 7252 §4.3); an ICMP error merely ends the exchange.
+        try:
+            await asyncio.wait_for(answered, timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _exchange(self, message: Message) -> Message:
         context = self._require_context()
@@ -195,7 +196,7 @@ class CoapLink:
         request.response.add_done_callback(_consume)
         try:
             response = await asyncio.wait_for(asyncio.shield(request.response), self.request_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LinkError(f"no answer from {self.base_uri} within {self.request_timeout:g} s") from None
         except aiocoap.error.Error as exc:
             raise LinkError(f"exchange with {self.base_uri} failed: {exc}") from None

@@ -43,11 +43,23 @@ class Fleet:
         self.config = config or CameraConfig()
         self.config.validate()
         count = len(identities)
+        self._on_event = on_event
         self.cameras = [
             Camera(identity, replace(self.config), seed=seed, on_event=on_event,
                    start_delay=self.config.interval * number / count if stagger else 0.0)
             for number, identity in enumerate(identities)
         ]
+
+    @property
+    def on_event(self) -> EventCallback | None:
+        return self._on_event
+
+    @on_event.setter
+    def on_event(self, callback: EventCallback | None) -> None:
+        """Set (or clear) the event callback of every camera, also while running."""
+        self._on_event = callback
+        for camera in self.cameras:
+            camera.on_event = callback
 
     @classmethod
     def create(

@@ -45,6 +45,11 @@ class Frame:
     width: int
     height: int
 
+    @property
+    def data(self) -> bytes:
+        """The encoded bytes (alias of ``payload``)."""
+        return self.payload
+
 
 class FrameSource:
     """Renders the frames of one camera looking at one scene."""

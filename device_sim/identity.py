@@ -15,12 +15,13 @@ The registry is written in exactly the format the router reads::
         project_id: demo
         psk: "<key text>"
 
-Keys are derived from the seed with SHA-256, so the same seed always gives the same fleet. They
+Keys (16 characters, URL-safe base64 of 96 bits) are derived from the seed with SHA-256, so the same seed always gives the same fleet. They
 are simulation keys: anyone who knows the seed knows them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ import yaml
 from device_sim.scenes import SCENE_NAMES
 
 MAX_DEVICES = 999
+# 12 random bytes -> 16 key characters. The tinydtls inside DTLSSocket 0.2.3 fails handshakes
+# (alert 80) with keys longer than 18 bytes, so keys stay short enough for it.
+KEY_BYTES = 12
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -71,7 +75,8 @@ def fleet_identities(count: int, *, seed: int = 0, project_id: str = "demo") -> 
     identities = []
     for number in range(1, count + 1):
         device_id = f"cam-{number:0{width}d}"
-        key = hashlib.sha256(f"device-sim:{seed}:{project_id}:{device_id}".encode()).hexdigest()[:32]
+        digest = hashlib.sha256(f"device-sim:{seed}:{project_id}:{device_id}".encode()).digest()
+        key = base64.urlsafe_b64encode(digest[:KEY_BYTES]).decode()
         scene = SCENE_NAMES[(offset + number - 1) % len(SCENE_NAMES)]
         identities.append(DeviceIdentity(device_id, project_id, key, scene))
     return identities

@@ -27,14 +27,18 @@ from pipelines.secrets import redact
 PROG = "pipeline"
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+Parsers = dict[str, argparse.ArgumentParser]
+
+
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, Parsers]:
+    """The parser with every command, or with just the module named ``only`` when it exists."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Self-hosted router for device data with Golioth-compatible pipelines.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules, failed = command_modules()
+    modules, failed = command_modules(only)
     for module in modules:
         module.add_parser(subparsers)
     for name, exc in failed:
@@ -45,10 +49,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser, commands = build_parser()
+    first = next((a for a in args_list if not a.startswith("-")), None)
+    parser, commands = build_parser(only=first) if first else build_parser()
+    if first is not None and first not in commands:
+        # the command lives in a module named otherwise: load them all
+        parser, commands = build_parser()
 
     # an unknown command (or none) shows the help rather than argparse's terse error
-    first = next((a for a in args_list if not a.startswith("-")), None)
     wants_top_option = any(a in ("-h", "--help", "--version") for a in args_list[:1])
     if not wants_top_option and (first is None or first not in commands):
         if first is not None:

@@ -11,9 +11,13 @@ Usage::
         for p in result.pipelines:          # PipelineConfig, ready for the engine
             ...
 
-A file is either one Golioth document (``version``/``filter``/``steps``; the pipeline is
-named after the file's stem) or ``pipelines: {NAME: {enabled, filter, steps}}``. A
-directory stands for every ``*.yml``/``*.yaml`` file in it, in name order.
+A file is either one Golioth document (``version``/``filter``/``steps``, plus our optional
+``enabled``; the pipeline is named after the file's stem) or
+``pipelines: {NAME: {enabled, filter, steps}}``. A directory stands for every
+``*.yml``/``*.yaml`` file in it (not its subdirectories), in name order. Besides ``name``,
+``transformer`` and ``destination``, a step may carry the delivery settings of spec §8:
+``retry`` (a ``pipelines.retry.RetryPolicy``), ``timeout`` (seconds, or ``"500ms"``,
+``"30s"``, ``"2m"``), ``max_in_flight`` and ``rate`` (per second, or ``"120/min"``).
 
 Nothing here raises for a bad file: every problem found, in every file, is collected as a
 ``Problem`` with a ``FILE:LINE:COL`` position (YAML nodes keep their marks, and a pydantic
@@ -30,7 +34,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -39,6 +43,9 @@ from pipelines import secrets as secrets_module
 from pipelines.components import Component, Registry, parse_version_selector
 from pipelines.filters import FilterConfig, check_path_pattern
 from pipelines.secrets import MissingSecret, SecretSource, SecretSyntaxError
+
+if TYPE_CHECKING:
+    from pipelines.retry import RetryPolicy
 
 __all__ = [
     "ComponentRef",
@@ -99,7 +106,7 @@ class StepConfig:
     name: str
     transformer: ComponentRef | None
     destination: ComponentRef | None
-    retry: Any  # pipelines.retry.RetryPolicy | None
+    retry: RetryPolicy | None
     timeout: float | None  # seconds
     max_in_flight: int | None
     rate: float | None  # per second
@@ -147,7 +154,41 @@ def _value(node: yaml.Node) -> Any:
         return {_value(k): _value(v) for k, v in node.value}
     if isinstance(node, yaml.SequenceNode):
         return [_value(v) for v in node.value]
-    return _constructor.construct_object(node, deep=True)
+    try:
+        return _constructor.construct_object(node)
+    except (yaml.YAMLError, ValueError, TypeError):
+        # an unknown tag (!!binary, !custom) or an impossible date: keep the text as written
+        return node.value
+    finally:
+        _constructor.constructed_objects.clear()  # no cache across files: it would only grow
+
+
+# Aliases let a small file stand for a huge (or endless) tree; we walk trees, so refuse those.
+MAX_EXPANDED_NODES = 200_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int | None:
+    """How many nodes ``node`` stands for once aliases are expanded; None if it contains itself."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        return None
+    if isinstance(node, yaml.ScalarNode):
+        return 1
+    active.add(key)
+    total = 1
+    children = (c for pair in node.value for c in pair) if isinstance(node, yaml.MappingNode) else node.value
+    for child in children:
+        size = _expanded_size(child, memo, active)
+        if size is None:
+            return None
+        total += size
+        if total > MAX_EXPANDED_NODES:
+            break
+    active.discard(key)
+    memo[key] = total
+    return total
 
 
 def _is_null(node: yaml.Node | None) -> bool:
@@ -340,11 +381,23 @@ class _Loader:
                           f"mapping, not {_describe(root)}")
             return
 
+        try:
+            size = _expanded_size(root, {}, set())
+        except RecursionError:
+            size = None
+        if size is None or size > MAX_EXPANDED_NODES:
+            ctx.add(Position(file, 1, 1), "the document refers to itself or expands to too many "
+                                          f"nodes through YAML aliases (limit {MAX_EXPANDED_NODES})")
+            return
+
         keys = {k.value for k, _ in root.value if isinstance(k, yaml.ScalarNode)}
-        if "pipelines" in keys:
-            self._load_many(ctx, root)
-        else:
-            self._load_pipeline(ctx, path.stem, root, Position(file, 1, 1), top_level=True)
+        try:
+            if "pipelines" in keys:
+                self._load_many(ctx, root)
+            else:
+                self._load_pipeline(ctx, path.stem, root, Position(file, 1, 1), top_level=True)
+        except Exception as exc:  # a bug of ours or a component's: still a problem, not a traceback
+            ctx.add(Position(file, 1, 1), f"cannot load this file: {type(exc).__name__}: {exc}")
 
     def _load_many(self, ctx: _FileContext, root: yaml.MappingNode) -> None:
         entries = ctx.mapping(root, "the pipelines file", _FILE_KEYS)
@@ -625,16 +678,20 @@ class _Loader:
         try:
             params = cls.Params.model_validate(resolved)
         except ValidationError as exc:
-            for error in exc.errors():
+            errors = [e for e in exc.errors()
+                      # a missing secret is reported once, as such (or skipped with allow_missing)
+                      if not any(tuple(e.get("loc", ()))[: len(s)] == s for s in secret_locs)]
+            for error in errors:
                 loc = tuple(error.get("loc", ()))
-                if any(loc[: len(s)] == s for s in secret_locs):
-                    continue  # already reported as a missing secret
                 self._parameter_problem(ctx, what, cls, anchor, missing_at, loc, error, pipeline, step)
-            return None
+            if errors or not self.secrets.allow_missing:
+                return None
+            # only unset secrets stood in the way: unvalidated params, fit for listing, not running
+            params = cls.Params.model_construct(**resolved)
         except Exception as exc:  # a validator that raised something odd: still a problem, not a crash
             ctx.add(anchor, f"{what}: invalid parameters: {type(exc).__name__}: {exc}", pipeline, step)
             return None
-        if secret_locs or not selector_ok:
+        if not selector_ok or (secret_locs and not self.secrets.allow_missing):
             return None
         return ComponentRef(kind=kind, type=type_name, version=selector, cls=cls, params=params,
                             raw_params=raw_params, position=position)
@@ -656,6 +713,8 @@ class _Loader:
             return self.secrets.resolve(value)
         except MissingSecret as exc:
             failed.append(loc)
+            if self.secrets.allow_missing:
+                return value
             ctx.add(node, f"pipeline {pipeline!r} step {step!r} parameter {_dotted(loc)!r}: secret "
                           f"{exc.name!r} is not set (put it in the secrets file or the environment)",
                     pipeline, step)

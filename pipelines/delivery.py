@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from pipelines.components import ComponentError, DeliveryError, Destination
@@ -63,6 +64,11 @@ class TokenBucket:
 
 
 class QueueWorker:
+    """One destination step's queue. Rows move: store -> ``_buffer`` (prefetched, payloads
+    in memory, bounded) -> in flight (at most ``max_in_flight``) -> outcome written. A row
+    stays in ``_held`` from the moment it is read until its outcome is committed, so a
+    later read never hands out a row already being worked on."""
+
     def __init__(self, store: Store, pipeline: str, step: RuntimeStep) -> None:
         assert step.destination is not None
         self.store = store
@@ -72,13 +78,18 @@ class QueueWorker:
         cfg = step.config
         self.policy: RetryPolicy = cfg.retry or RetryPolicy()
         self.max_in_flight = cfg.max_in_flight or DEFAULT_MAX_IN_FLIGHT
+        # read ahead so a freed slot never waits for a store round trip; bounded so a big
+        # backlog stays on disk, not in memory
+        self.prefetch = max(2 * self.max_in_flight, 32)
         self.timeout = cfg.timeout
         self.bucket = TokenBucket(cfg.rate) if cfg.rate else None
         self.stats = QueueStats()
         self.latency = LatencyHistogram()
         self._wake = asyncio.Event()
-        self._in_flight: set[int] = set()
-        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._buffer: deque[DeliveryRow] = deque()
+        self._held: set[int] = set()
+        self._done: list[int] = []
+        self._flusher: asyncio.Task | None = None
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -101,6 +112,8 @@ class QueueWorker:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flusher:  # let the last successes reach the store: fewer duplicates on restart
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -113,42 +126,59 @@ class QueueWorker:
                 await asyncio.sleep(1)
 
     async def _fill(self) -> None:
-        free = self.max_in_flight - len(self._in_flight)
-        rows: list[DeliveryRow] = []
-        if free > 0:
-            rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), free,
-                                                   set(self._in_flight))
-        for row in rows:
-            await self._slots.acquire()
-            self._in_flight.add(row.seq)
+        self._wake.clear()
+        if len(self._buffer) < self.max_in_flight:
+            want = self.prefetch - len(self._buffer)
+            rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), want,
+                                                   set(self._held))
+            for row in rows:
+                if row.seq not in self._held:
+                    self._held.add(row.seq)
+                    self._buffer.append(row)
+        while self._buffer and self.stats.in_flight < self.max_in_flight:
+            row = self._buffer.popleft()
+            self.stats.in_flight += 1
             task = asyncio.create_task(self._deliver(row))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if rows and len(rows) == free:
-            # more may be due; wait for a slot, not for a timer
-            await self._slot_freed()
+        if self._wake.is_set():
+            return
+        if self._buffer or self.stats.in_flight >= self.max_in_flight:
+            await self._wake.wait()  # a slot frees up
             return
         wait = IDLE_POLL
-        nxt = await self.store.next_due_time(self.pipeline, self.step.name, set(self._in_flight))
+        nxt = await self.store.next_due_time(self.pipeline, self.step.name, set(self._held))
         if nxt is not None:
             wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
-        self._wake.clear()
-        if wait > 0:
+        if wait > 0 and not self._wake.is_set():
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 pass
 
-    async def _slot_freed(self) -> None:
-        self._wake.clear()
-        if len(self._in_flight) >= self.max_in_flight:
-            await self._wake.wait()
+    def _succeeded(self, seq: int) -> None:
+        # successes are written in batches: one transaction for all that finished meanwhile
+        self._done.append(seq)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_done())
+
+    async def _flush_done(self) -> None:
+        while self._done:
+            batch, self._done = self._done, []
+            try:
+                await self.store.deliveries_done(batch)
+            except Exception:
+                # not recorded: the rows stay queued and are delivered again (at-least-once)
+                log.exception("recording %d deliveries of %s/%s", len(batch), *self.key)
+            finally:
+                self._held.difference_update(batch)
+                self._wake.set()
 
     async def _deliver(self, row: DeliveryRow) -> None:
         started = time.time()
         attempts = row.attempts + 1
         first = row.first_attempt_at or started
-        self.stats.in_flight += 1
+        held = True
         try:
             if self.bucket:
                 await self.bucket.take()
@@ -171,13 +201,14 @@ class QueueWorker:
                 err = DeliveryError(f"internal error in {type(exc).__name__}: {exc}", retryable=True)
                 await self._failed(row, err, attempts, first)
             else:
-                await self.store.delivery_done(row.seq)
+                held = False  # the flusher lets go of it once the success is committed
                 self.stats.delivered += 1
                 self.latency.observe(time.time() - row.message.timestamp.timestamp())
+                self._succeeded(row.seq)
         finally:
             self.stats.in_flight -= 1
-            self._in_flight.discard(row.seq)
-            self._slots.release()
+            if held:
+                self._held.discard(row.seq)
             self._wake.set()
 
     async def _failed(self, row: DeliveryRow, err: DeliveryError, attempts: int, first: float) -> None:

@@ -11,12 +11,20 @@ Endpoints: ``GET /healthz`` (process alive), ``GET /readyz`` (pipelines loaded, 
 not pushing back), ``GET /metrics`` (Prometheus), ``GET /v1/devices/{project}/{device}/state``,
 ``GET /v1/stream``, ``GET /v1/dead-letters``, ``GET /v1/unmatched``. Prediction results
 come in at the route the predictions feature adds (see ``pipelines.predictions_results``).
+
+With ``RouterSettings.extra["http_ingest"] = True`` (``pipeline serve --http-ingest``) the face
+also takes messages: ``POST /v1/ingest/{project}/{device}/{path...}`` with the payload as the
+body and its ``Content-Type``; an optional ``Message-Id`` header (letters, digits, ``-_.:``,
+at most 128) makes a retried POST land on the same message. ``202 {"id": ...}`` means the
+message is durably in the inbox; ``503`` with ``Retry-After`` means the router pushes back.
+It has no authentication: serve it on loopback or behind a proxy that authenticates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from typing import TYPE_CHECKING
 
@@ -26,10 +34,45 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from pipelines.ingest import Overloaded
+from pipelines.message import Message
 from pipelines.metrics import RouterMetrics
 
 if TYPE_CHECKING:
     from pipelines.router import Router
+
+
+MAX_INGEST_BODY = 16 << 20
+_MESSAGE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def ingest_route(router: Router) -> Route:
+    """``POST /v1/ingest/{project}/{device}/{path}``: see the module docstring."""
+
+    async def ingest(request: Request) -> Response:
+        p = request.path_params
+        message_id = request.headers.get("message-id")
+        if message_id is not None and not _MESSAGE_ID.match(message_id):
+            return JSONResponse({"error": "Message-Id must be 1-128 of A-Z a-z 0-9 - _ . :"},
+                                status_code=400)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_INGEST_BODY):
+            return JSONResponse({"error": f"body over {MAX_INGEST_BODY} bytes"}, status_code=413)
+        body = await request.body()
+        if len(body) > MAX_INGEST_BODY:
+            return JSONResponse({"error": f"body over {MAX_INGEST_BODY} bytes"}, status_code=413)
+        message = Message.new(project_id=p["project"], device_id=p["device"], path="/" + p["path"],
+                              content_type=request.headers.get("content-type")
+                              or "application/octet-stream",
+                              payload=body, id=message_id)
+        try:
+            await router.accept(message)
+        except Overloaded as exc:
+            return JSONResponse({"error": "overloaded", "reason": str(exc)}, status_code=503,
+                                headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+        return JSONResponse({"id": message.id}, status_code=202)
+
+    return Route("/v1/ingest/{project}/{device}/{path:path}", ingest, methods=["POST"])
 
 
 def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> Starlette:
@@ -76,6 +119,7 @@ def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> S
         Route("/v1/stream", stream),
         Route("/v1/dead-letters", dead_letters),
         Route("/v1/unmatched", unmatched),
+        *([ingest_route(router)] if router.settings.extra.get("http_ingest") else []),
         *(extra_routes or []),
     ]
     return Starlette(routes=routes)

@@ -17,7 +17,11 @@ over ours (compared case-insensitively).
 ``extra`` is ``ComponentContext.extra``: ``extra["url_overrides"]`` maps URL bases to others
 (``{"https://api.replicate.com": "http://127.0.0.1:5010"}`` sends Replicate calls to the local
 stand-in without editing pipelines) and ``extra["timeout"]`` is the per-call timeout in
-seconds (default 30).
+seconds (default 30). ``extra["request_hooks"]`` (each ``hook(message, url) -> Message | None``;
+a message returned replaces the one sent) and ``extra["response_hooks"]`` (each ``await
+hook(sent_message, url, response)``, after a 2xx only) let router features see outbound calls;
+``url`` is the step's URL before overrides. A failing response hook is logged, not raised:
+the receiver already has the message, and raising would make the queue send it again.
 
 Outcomes, as the retry policy (``pipelines.retry``) reads them: ``DeliveryError`` with
 ``retryable`` True for connection errors, timeouts, 408, 425, 429 and 5xx except 501;
@@ -29,6 +33,7 @@ query, which may carry a secret.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -38,6 +43,8 @@ import httpx
 
 from pipelines.components import DeliveryError
 from pipelines.message import Message
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 EXCERPT_CHARS = 500
@@ -162,7 +169,10 @@ async def post_message(
     status = response.status_code
     if 200 <= status <= 299:
         for response_hook in extra.get("response_hooks") or ():
-            await response_hook(message, original_url, response)
+            try:
+                await response_hook(message, original_url, response)
+            except Exception:  # delivered already: a retry would duplicate it
+                log.exception("response hook failed after POST %s of message %s", target, message.id)
         return response
     retryable = is_retryable_status(status)
     retry_after = parse_retry_after(response.headers.get("retry-after"))

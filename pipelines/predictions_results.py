@@ -171,12 +171,12 @@ class PredictionResults:
             metadata={"prediction_id": prediction["id"], "frame_id": where["message_id"]},
         )
         try:
-            await self.router.accept(message)
+            added = await self.router.accept(message, dedup_key=f"prediction-webhook:{webhook_id}")
         except Overloaded as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503,
                                 headers={"Retry-After": str(int(exc.retry_after))})
         self.received += 1
-        return JSONResponse({"accepted": True, "message_id": message.id})
+        return JSONResponse({"accepted": True, "duplicate": not added, "message_id": message.id})
 
 
 def result_document(prediction: dict[str, Any], frame_id: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from pipelines.ingest import Overloaded
 from pipelines.message import Message
 from pipelines.secrets import SecretSource
 from pipelines.state_doc import delete_at, get_at, merge_at, set_at
-from pipelines.store import Store
+from pipelines.store import RoutingOutcome, Store
 
 log = logging.getLogger("pipelines.router")
 
@@ -161,12 +161,16 @@ class Router:
 
     # -- ingest (IngestTarget) ----------------------------------------------------------
 
-    async def accept(self, message: Message) -> None:
+    async def accept(self, message: Message, dedup_key: str | None = None) -> bool:
+        """Durably store ``message``; False when it was a duplicate (same id, or ``dedup_key``
+        seen before). Raises ``Overloaded`` when the router pushes back."""
         if self._overload_reason:
             raise Overloaded(self._overload_reason, self.settings.overload_retry_after)
-        await self.store.add_inbox(message)
-        self.inbox_depth += 1
-        self._inbox_event.set()
+        added = await self.store.add_inbox(message, dedup_key)
+        if added:
+            self.inbox_depth += 1
+            self._inbox_event.set()
+        return added
 
     # -- the engine loop ----------------------------------------------------------------
 
@@ -245,12 +249,10 @@ class Router:
         if pipeline is None:
             raise LookupError(f"pipeline {dl.pipeline!r} is no longer loaded")
         deliveries, dead, _ = await self.engine.run_pipeline(pipeline, dl.message, dl.step_index)
-        if not await self.store.mark_replayed(dl.id):
-            return False
-        from pipelines.store import RoutingOutcome
         outcome = RoutingOutcome(True, deliveries, dead, runs_completed=0 if dead else 1,
                                  runs_dead=1 if dead else 0, from_inbox=False)
-        await self.store.finish_message(dl.message, outcome)
+        if not await self.store.finish_replay(dl.id, dl.message, outcome):
+            return False
         for d in deliveries:
             self.delivery.notify(d.pipeline, d.step)
         return True

@@ -95,14 +95,36 @@ CREATE TABLE IF NOT EXISTS predictions(
 CREATE TABLE IF NOT EXISTS webhooks_seen(webhook_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
 """
 
-# The books (spec §8). Every ingested message ends up unmatched or routed; every
-# (message, pipeline) run completes or is dead-lettered; every delivery is delivered,
-# queued (rows in ``deliveries``; in flight is a subset) or dead-lettered.
+# The books (spec §8). Counters only ever grow; ``inbox``, ``deliveries_queued`` and
+# ``dead_letters_open`` are row counts read in the same transaction, so every snapshot from
+# ``Store.counters()`` satisfies the identities in ``BOOKS`` (see ``books_gaps``).
 COUNTERS = (
     "ingested", "duplicates", "unmatched", "routed", "runs_completed", "runs_dead",
     "deliveries_enqueued", "deliveries_delivered", "deliveries_dead", "deliveries_retried",
     "dead_letters", "dead_letters_replayed", "dead_letters_purged",
 )
+
+# name -> (left side, right side): sum(left) == sum(right) at every moment.
+BOOKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # every accepted message is unmatched, routed, or still waiting in the inbox
+    # (duplicates of a message still in the inbox are counted apart and never enter it)
+    "ingest": (("ingested",), ("unmatched", "routed", "inbox")),
+    # every delivery row ever enqueued (dead-letter replays included) was delivered,
+    # was dead-lettered, or is still queued (in flight is a part of queued)
+    "deliveries": (("deliveries_enqueued",),
+                   ("deliveries_delivered", "deliveries_dead", "deliveries_queued")),
+    # a dead letter comes from a failed transform run or from a delivery given up on
+    "dead_letter_sources": (("dead_letters",), ("runs_dead", "deliveries_dead")),
+    # and is still open, or was replayed, or was purged while open
+    "dead_letters": (("dead_letters",),
+                     ("dead_letters_open", "dead_letters_replayed", "dead_letters_purged")),
+}
+
+
+def books_gaps(books: dict[str, int]) -> dict[str, int]:
+    """Left side minus right side of each identity in ``BOOKS``: all zero when the books hold."""
+    return {name: sum(books.get(k, 0) for k in left) - sum(books.get(k, 0) for k in right)
+            for name, (left, right) in BOOKS.items()}
 
 
 def to_epoch(dt: datetime) -> float:
@@ -307,12 +329,18 @@ class Store:
 
     # -- inbox --------------------------------------------------------------------------
 
-    async def add_inbox(self, message: Message) -> bool:
-        """Store an accepted message. False if a message with this id is already there."""
+    async def add_inbox(self, message: Message, dedup_key: str | None = None) -> bool:
+        """Store an accepted message. False if a message with this id is already there, or
+        if ``dedup_key`` (e.g. an inbound webhook's id) was seen before, even long routed."""
         now = time.time()
         values = (message.id, *_msg_values(message))
 
         def op(conn: sqlite3.Connection) -> bool:
+            if dedup_key is not None and not conn.execute(
+                    "INSERT OR IGNORE INTO webhooks_seen(webhook_id, seen_at) VALUES (?, ?)",
+                    (dedup_key, now)).rowcount:
+                Store._bump(conn, "duplicates")
+                return False
             cur = conn.execute(
                 "INSERT OR IGNORE INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
                 " metadata, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?)", (*values, now))
@@ -504,6 +532,23 @@ class Store:
                 return False
             Store._insert_deliveries(conn, [pd], now)
             Store._bump(conn, "dead_letters_replayed")
+            return True
+        return await self._run(op)
+
+    async def finish_replay(self, dead_letter_id: int, message: Message, outcome: RoutingOutcome) -> bool:
+        """Record a transform dead letter's replay (its new deliveries or new dead letter)
+        and mark it replayed, in one transaction. False if it was already replayed."""
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if not conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
+                                (now, dead_letter_id)).rowcount:
+                return False
+            Store._bump(conn, "dead_letters_replayed")
+            Store._insert_deliveries(conn, outcome.deliveries, now)
+            Store._insert_dead(conn, outcome.dead, now)
+            Store._bump(conn, "runs_completed", outcome.runs_completed)
+            Store._bump(conn, "runs_dead", outcome.runs_dead)
             return True
         return await self._run(op)
 

@@ -163,13 +163,17 @@ class _GraphBuilder:
 
 def build_onnx(target: Path, weights: Path | None = None) -> BuildReport:
     """Write the ONNX model to ``target`` atomically; raise ModelBuildError if the weights don't fit."""
+    return build_onnx_from_state(load_state_dict(weights or bundled_weights_path()), target)
+
+
+def build_onnx_from_state(state: dict[str, np.ndarray], target: Path) -> BuildReport:
+    """As ``build_onnx``, from a state dict already in memory."""
     try:
         import onnx
     except ImportError as exc:
         raise ModelBuildError(
             "building the model needs the 'onnx' package: pip install 'iot-pipelines[model-build]'"
         ) from exc
-    state = load_state_dict(weights or bundled_weights_path())
     builder = _GraphBuilder(state)
     try:
         model = builder.build()

@@ -76,7 +76,7 @@ class _TensorRef:
         view = np.lib.stride_tricks.as_strided(
             base[self.offset :], shape=self.size, strides=tuple(s * item for s in self.stride)
         )
-        return np.array(view, copy=True)  # contiguous copy, detached from the storage buffer
+        return np.array(view, order="C", copy=True)  # contiguous copy, detached from the storage buffer
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, *rest):

@@ -121,6 +121,9 @@ class PredictionRunner:
         try:
             if pred.terminal:
                 return
+            if pred.deadline is not None and time.time() >= pred.deadline:  # got the slot too late
+                self._finish(pred, "aborted", "The prediction's deadline (Cancel-After) passed before it started.")
+                return
             pred.status, pred.started_at = "processing", time.time()
             assert self.webhooks is not None
             self.webhooks.notify(pred, "start")

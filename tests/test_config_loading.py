@@ -40,7 +40,7 @@ steps:
         url: https://api.replicate.com/v1/predictions
         headers:
           Authorization: $REPLICATE_TOKEN     # secret value = "Bearer <token>"
-"""
+"""  # noqa: E501 - verbatim
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -177,10 +177,10 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path: Path) -> None:
 def test_version_selectors_and_missing_version_resolve(tmp_path: Path) -> None:
     path = write(tmp_path, "versions.yaml", """\
         steps:
-          - {name: a, transformer: {type: change-content-type, parameters: {content_type: x/y}}}
-          - {name: b, transformer: {type: change-content-type, version: v1, parameters: {content_type: x/y}}}
-          - {name: c, transformer: {type: change-content-type, version: v1.0, parameters: {content_type: x/y}}}
-          - {name: d, transformer: {type: change-content-type, version: v1.0.0, parameters: {content_type: x/y}}}
+          - {name: a, transformer: {type: change-content-type, parameters: &p {content_type: x/y}}}
+          - {name: b, transformer: {type: change-content-type, version: v1, parameters: *p}}
+          - {name: c, transformer: {type: change-content-type, version: v1.0, parameters: *p}}
+          - {name: d, transformer: {type: change-content-type, version: v1.0.0, parameters: *p}}
         """)
     result = load_pipelines([path])
     assert result.problems == []

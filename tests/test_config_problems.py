@@ -51,8 +51,8 @@ def test_tab_indentation_is_a_syntax_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "needle", "position"),
     [
-        ("version: v1\nfilter: {path: /a}\nstpes: []\n", "unknown key 'stpes' in the pipeline document; did you "
-         "mean 'steps'?", (3, 1)),
+        ("version: v1\nfilter: {path: /a}\nstpes: []\n",
+         "unknown key 'stpes' in the pipeline document; did you mean 'steps'?", (3, 1)),
         ("filter:\n  path: /a\n  contenttype: application/json\nsteps:\n  - name: a\n"
          "    destination: {type: lightdb-stream}\n", "unknown key 'contenttype' in 'filter'; did you mean "
          "'content_type'?", (3, 3)),
@@ -154,7 +154,8 @@ def test_parameter_problems_point_at_the_parameter(tmp_path: Path) -> None:
         """)
     problems = result.problems
     assert at(one(problems, "'change-content-type' is missing required parameter 'content_type'")) == (5, 7)
-    assert at(one(problems, "'change-content-type' has no parameter 'typo' (parameters: content_type)")) == (6, 9)
+    assert at(one(problems, "'change-content-type' has no parameter 'typo' (parameters: content_type)")
+              ) == (6, 9)
     assert at(one(problems, "'base64' parameter 'decode': Input should be a valid boolean")) == (11, 17)
     assert at(one(problems, "parameter 'members[1].type': unknown member type 'u128'")) == (18, 29)
     assert at(one(problems, "'data-url' has no parameter 'key' (it takes no parameters)")) == (20, 48)
@@ -219,7 +220,8 @@ def test_document_level_problems(tmp_path: Path) -> None:
     _, result = load(tmp_path, "pipelines:\n", name="nopipes.yaml")
     assert at(one(result.problems, "'pipelines' is empty")) == (1, 11)
     _, result = load(tmp_path, "steps: []\nsteps: []\n", name="dupkey.yaml")
-    assert at(one(result.problems, "duplicate key 'steps' in the pipeline document (first at line 1)")) == (2, 1)
+    assert at(one(result.problems, "duplicate key 'steps' in the pipeline document (first at line 1)")
+              ) == (2, 1)
 
 
 def test_filter_problems(tmp_path: Path) -> None:
@@ -240,7 +242,7 @@ def test_filter_problems(tmp_path: Path) -> None:
 
 
 def test_missing_secrets_name_pipeline_step_and_parameter(tmp_path: Path) -> None:
-    path, result = load(tmp_path, """\
+    _, result = load(tmp_path, """\
         pipelines:
           notify:
             steps:
@@ -286,9 +288,9 @@ def test_secret_values_never_appear_in_problems(tmp_path: Path) -> None:
 def test_duplicate_pipeline_names_across_files(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("pipelines:\n  shared:\n    steps: [{name: s, destination: "
                                      "{type: lightdb-stream}}]\n")
-    (tmp_path / "b.yaml").write_text("pipelines:\n  other:\n    steps: [{name: s, destination: {type: "
-                                     "lightdb-stream}}]\n  shared:\n    steps: [{name: s, destination: {type: "
-                                     "lightdb-stream}}]\n")
+    step = "[{name: s, destination: {type: lightdb-stream}}]"
+    (tmp_path / "b.yaml").write_text(
+        f"pipelines:\n  other:\n    steps: {step}\n  shared:\n    steps: {step}\n")
     (tmp_path / "shared.yaml").write_text("steps: [{name: s, destination: {type: lightdb-stream}}]\n")
     result = load_pipelines([tmp_path])
     dups = [p for p in result.problems if "duplicate pipeline name 'shared'" in p.message]
@@ -320,3 +322,50 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     path.write_bytes(b"steps: [\xff]\n")
     result = load_pipelines([path])
     assert at(one(result.problems, "not UTF-8 text")) == (1, 1)
+
+
+def test_alias_bombs_and_self_reference_are_refused(tmp_path: Path) -> None:
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i, name in enumerate("bcdefgh"):
+        prev = "abcdefgh"[i]
+        bomb.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 8)}]")
+    bomb.append("steps: *h")
+    _, result = load(tmp_path, "\n".join(bomb) + "\n", name="bomb.yaml")
+    assert at(one(result.problems, "expands to too many nodes")) == (1, 1)
+    _, result = load(tmp_path, "steps: &s [*s]\n", name="self.yaml")
+    assert at(one(result.problems, "refers to itself")) == (1, 1)
+
+
+def test_odd_tags_and_scalars_do_not_crash(tmp_path: Path) -> None:
+    _, result = load(tmp_path, """\
+        steps:
+          - name: !custom odd
+            transformer: {type: embed-in-json, parameters: {key: !!binary aGVsbG8=}}
+          - name: 2024-13-45
+            transformer:
+              type: change-content-type
+              parameters: {content_type: !!python/name:os.system image/png}
+        """)
+    # the text as written is used; nothing is executed, nothing raises
+    assert result.problems == []
+    assert [s.name for s in result.pipelines[0].steps] == ["odd", "2024-13-45"]
+    assert result.pipelines[0].steps[1].transformer.params.content_type == "image/png"
+
+
+def test_allow_missing_secrets_checks_everything_else(tmp_path: Path) -> None:
+    secrets = SecretSource({})
+    secrets.allow_missing = True
+    _, result = load(tmp_path, """\
+        steps:
+          - name: hook
+            destination:
+              type: webhook
+              parameters: {url: $UNSET_URL_SECRET, headers: {A: "${UNSET_HEADER}"}}
+          - name: bad
+            destination:
+              type: webhook
+              parameters: {url: $UNSET_URL_SECRET, headers: [x]}
+        """, secrets=secrets)
+    # the unset url would fail the URL check: skipped, not reported; the bad headers are
+    assert [(at(p), p.step) for p in result.problems] == [((9, 53), "bad")]
+    assert "'headers'" in result.problems[0].message

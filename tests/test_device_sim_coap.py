@@ -1,4 +1,4 @@
-"""A small aiocoap server standing in for the router's CoAP face, for the simulator's own tests.
+"""The device simulator against a small aiocoap server standing in for the router's CoAP face, for the simulator's own tests.
 
 The simulator's contract is the wire protocol (devices spec): POST ``/.s/<path>`` answered 2.04
 with the message id as payload, and an observable ``/.d/result`` per device. This stand-in keeps
@@ -12,15 +12,23 @@ every upload, the Block1 options it saw, and writes a result document for each f
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import aiocoap
 import aiocoap.resource as resource
+import pytest
+import yaml
 from aiocoap import Code, Message
+
+from device_sim import Camera, CameraConfig, Fleet, fleet_identities
+from pipelines.commands import sim
 
 
 def free_udp_port() -> int:
@@ -71,6 +79,9 @@ class _Stream(resource.Resource):
 
     async def render_post(self, request):
         router = self._router
+        if router.reject is not None:
+            code, max_age = router.reject
+            return Message(code=code, max_age=max_age, payload=b"stand-in refuses")
         device_id = router.device_of(request)
         router.counter += 1
         message_id = f"msg-{router.counter:04d}"
@@ -93,6 +104,8 @@ class _State(resource.ObservableResource):
         document = self._router.results.get(self._router.device_of(request))
         if document is None:
             return Message(payload=b"{}", content_format=50)
+        if isinstance(document, bytes):
+            return Message(payload=document, content_format=50)
         return Message(payload=json.dumps(document).encode(), content_format=50)
 
 
@@ -105,7 +118,8 @@ class StandInRouter:
         self.answer_delay = answer_delay
         self.uploads: list[Upload] = []
         self.blocks: list[tuple[int, bool, int, int]] = []
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, dict | bytes] = {}
+        self.reject: tuple[Code, int | None] | None = None  # answer every upload with this
         self.counter = 0
         self._context: aiocoap.Context | None = None
         self._state: _State | None = None
@@ -116,7 +130,7 @@ class StandInRouter:
             return claims[0].lstrip(":").split("@")[0] if claims else "?"
         return parse_qs("&".join(request.opt.uri_query)).get("d", ["?"])[0]
 
-    def set_result(self, device_id: str, document: dict) -> None:
+    def set_result(self, device_id: str, document: dict | bytes) -> None:
         self.results[device_id] = document
         if self._state is not None:
             self._state.updated_state()
@@ -152,3 +166,217 @@ class StandInRouter:
 
 
 # ---------------------------------------------------------------------------------------- tests
+
+
+def fast_config(port: int, transport: str = "coaps", **overrides) -> CameraConfig:
+    settings = dict(port=port, transport=transport, interval=0.1, jitter=0.1, request_timeout=1.5,
+                    backoff_initial=0.1, backoff_max=0.3, keepalive=0)
+    settings.update(overrides)
+    return CameraConfig(**settings)
+
+
+def psks_for(identities) -> dict[str, bytes]:
+    return {identity.psk_identity.decode(): identity.psk_bytes for identity in identities}
+
+
+async def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("answer_delay", [0.05, 0.0])
+async def test_plain_coap_upload_reassembles_byte_identical(answer_delay):
+    identity = fleet_identities(1, seed=5)[0]
+    port = free_udp_port()
+    events = []
+
+    def broken_live_view(event):
+        events.append(event)
+        raise RuntimeError("a live view bug must not stop the camera")
+
+    async with StandInRouter(port, answer_delay=answer_delay) as router:
+        camera = Camera(identity, fast_config(port, "coap", block_size=256, image_format="jpeg",
+                                              max_frames=2), on_event=broken_live_view)
+        async with camera:
+            assert await camera.wait_answered(2, timeout=10), camera.stats
+        upload = router.uploads[-1]
+        # The 2.04 payload is the router's message id; the camera keeps it for correlation.
+        assert camera.stats.last_frame_id == upload.message_id == "msg-0002"
+        assert upload.payload == camera.last_frame.payload
+        assert upload.content_format == 22
+        assert upload.device_id == "cam-01"  # named by ?d= on plain CoAP
+        assert {size for _, _, size, _ in router.blocks} == {256}
+        assert all(length == 256 for _, more, _, length in router.blocks if more)
+    stats = camera.stats
+    assert (stats.frames_sent, stats.frames_acked, stats.frames_answered, stats.errors) == (2, 2, 2, 0)
+    assert stats.last_answer == "Caption: frame 2 (95%)" and stats.last_status == "succeeded"
+    assert len(stats.latencies) == 2 and 0 < stats.last_latency < 5
+    assert [e.kind for e in events if e.kind in ("acked", "answered")] == ["acked", "answered"] * 2 or (
+        answer_delay == 0.0 and sorted(e.kind for e in events if e.kind in ("acked", "answered"))
+        == ["acked", "acked", "answered", "answered"])
+
+
+async def test_dtls_psk_fleet_uploads_and_observes_answers():
+    identities = fleet_identities(3, seed=9)
+    port = free_dtls_port()
+    async with StandInRouter(port, psks=psks_for(identities)) as router:
+        # tinydtls_server asked for port N listens on N+1: N itself stays free.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", port - 1))
+        fleet = Fleet(identities, fast_config(port, max_frames=2), seed=9)
+        async with fleet:
+            for camera in fleet.cameras:
+                assert await camera.wait_answered(2, timeout=15), (camera.device_id, camera.stats)
+        totals = fleet.totals()
+    assert totals["frames_acked"] == totals["frames_answered"] == 6
+    assert totals["errors"] == 0 and totals["latency_p50"] > 0
+    # Each camera authenticated with its own identity cam-NN@<project> and got its own answers.
+    assert sorted({u.device_id for u in router.uploads}) == ["cam-01", "cam-02", "cam-03"]
+    for camera in fleet.cameras:
+        mine = [u.message_id for u in router.uploads if u.device_id == camera.device_id]
+        assert camera.stats.last_frame_id == mine[-1]
+        assert [u.payload for u in router.uploads if u.device_id == camera.device_id][-1] == \
+            camera.last_frame.payload
+    assert {size for _, _, size, _ in router.blocks} == {1024}
+
+
+async def test_dtls_wrong_key_is_refused_and_camera_keeps_trying():
+    identity = fleet_identities(1, seed=1)[0]
+    port = free_dtls_port()
+    async with StandInRouter(port, psks={identity.psk_identity.decode(): b"not-the-right-key"}) as router:
+        camera = Camera(identity, fast_config(port, request_timeout=0.5))
+        async with camera:
+            await wait_until(lambda: camera.stats.retries >= 2, 10, "two retries")
+            assert camera.running
+    assert router.uploads == []
+    assert camera.stats.frames_acked == 0 and camera.stats.errors >= 2
+    assert identity.psk not in (camera.stats.last_error or "")
+
+
+async def test_router_down_then_up_camera_recovers():
+    identities = fleet_identities(1, seed=2)
+    identity = identities[0]
+    port = free_dtls_port()
+    camera = Camera(identity, fast_config(port, request_timeout=0.5, interval=0.2))
+    router = await StandInRouter(port, psks=psks_for(identities)).start()
+    try:
+        await camera.start()
+        assert await camera.wait_answered(1, timeout=10), camera.stats
+        await router.stop()
+        await wait_until(lambda: camera.stats.errors >= 1, 10, "the camera to notice the outage")
+        answered_before = camera.stats.frames_answered
+        router = await StandInRouter(port, psks=psks_for(identities)).start()  # a restarted router
+        assert await camera.wait_answered(answered_before + 2, timeout=15), camera.stats
+        assert camera.running and camera.stats.retries >= 1
+        assert router.uploads and router.uploads[-1].device_id == "cam-01"
+    finally:
+        await camera.stop()
+        await router.stop()
+
+
+async def test_keepalive_pings_when_idle_and_notices_a_dead_router():
+    identity = fleet_identities(1, seed=4)[0]
+    port = free_udp_port()
+    router = await StandInRouter(port).start()
+    camera = Camera(identity, fast_config(port, "coap", keepalive=0.2, interval=30, max_frames=1))
+    try:
+        await camera.start()
+        assert await camera.wait_answered(1, timeout=10)
+        await wait_until(lambda: camera.stats.keepalives >= 2, 5, "two keep-alives")
+        assert camera.stats.errors == 0  # each ping was answered (RST)
+        await router.stop()
+        await wait_until(lambda: camera.stats.errors >= 1, 10, "a failed keep-alive")
+        assert camera.stats.last_error == "keep-alive got no answer"
+    finally:
+        await camera.stop()
+        await router.stop()
+
+
+async def test_refused_frame_is_dropped_and_overload_is_retried():
+    identity = fleet_identities(1, seed=6)[0]
+    port = free_udp_port()
+    async with StandInRouter(port) as router:
+        router.reject = (Code.REQUEST_ENTITY_TOO_LARGE, None)
+        camera = Camera(identity, fast_config(port, "coap"))
+        async with camera:
+            await wait_until(lambda: camera.stats.frames_rejected >= 2, 10, "two refused frames")
+            assert camera.stats.retries == 0  # 4.13 will not change by resending
+            assert "4.13" in camera.stats.last_error
+            router.reject = (Code.SERVICE_UNAVAILABLE, 0)  # overloaded: retry the same frame
+            await wait_until(lambda: camera.stats.retries >= 2, 10, "retries on 5.03")
+            sent = camera.stats.frames_sent
+            router.reject = None
+            assert await camera.wait_answered(1, timeout=10)
+            assert camera.stats.frames_sent <= sent + 1  # the retried frame went through
+
+
+async def test_unreadable_result_counts_as_error():
+    identity = fleet_identities(1, seed=8)[0]
+    port = free_udp_port()
+    async with StandInRouter(port, answer=False) as router:
+        camera = Camera(identity, fast_config(port, "coap", max_frames=1))
+        async with camera:
+            await wait_until(lambda: camera.stats.observing and camera.stats.frames_acked == 1, 10,
+                             "observation and upload")
+            router.set_result("cam-01", b"\xffnot json")
+            await wait_until(lambda: camera.stats.errors == 1, 5, "the bad notification")
+            router.set_result("cam-01", {"frame_id": router.uploads[0].message_id, "output": "ok"})
+            assert await camera.wait_answered(1, timeout=5)
+    assert camera.stats.last_answer == "ok" and camera.stats.last_status is None
+
+
+# ------------------------------------------------------------------------------- pipeline sim
+
+
+def sim_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipeline")
+    sim.add_parser(parser.add_subparsers())
+    return parser.parse_args(["sim", *argv])
+
+
+def test_sim_command_runs_a_fleet_until_every_frame_is_answered(tmp_path, capsys):
+    port = free_udp_port()
+    loop = asyncio.new_event_loop()
+    router = StandInRouter(port)
+    ready = threading.Event()
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(router.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        registry = tmp_path / "devices.yaml"
+        args = sim_args("--devices", "2", "--seed", "3", "--transport", "coap", "--port", str(port),
+                        "--interval", "0.1", "--frames", "2", "--duration", "20", "--registry", str(registry))
+        assert args.func(args) == 0
+    finally:
+        asyncio.run_coroutine_threadsafe(router.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    out = capsys.readouterr().out
+    assert "cam-02 frame 1" in out and "answered in" in out and "latency p50" in out
+    assert len(router.uploads) == 4 and {u.device_id for u in router.uploads} == {"cam-01", "cam-02"}
+    devices = yaml.safe_load(registry.read_text())["devices"]
+    assert [d["id"] for d in devices] == ["cam-01", "cam-02"]
+
+
+def test_sim_command_registry_only_and_bad_arguments(tmp_path, capsys):
+    registry = tmp_path / "out.yaml"
+    assert sim.run(sim_args("--devices", "3", "--seed", "1", "--project", "acme",
+                            "--registry", str(registry), "--registry-only")) == 0
+    document = yaml.safe_load(registry.read_text())
+    assert document["project_id"] == "acme" and len(document["devices"]) == 3
+    assert sim.run(sim_args("--registry-only")) == 2
+    assert "--registry-only needs --registry" in capsys.readouterr().err
+    assert sim.run(sim_args("--devices", "0")) == 2
+    assert "device count must be 1..999" in capsys.readouterr().err
+    assert sim.run(sim_args("--size", "320x8")) == 2
+    assert "frame size 320x8 out of range" in capsys.readouterr().err

@@ -198,3 +198,42 @@ def test_parse_retry_after():
     assert parse_retry_after("soon") is None
     assert parse_retry_after("inf") is None
     assert parse_retry_after("nan") is None
+
+
+async def test_request_and_response_hooks_see_the_call(server, client):
+    server.script(Reply(201, {"Content-Type": "application/json"}, b'{"id": "pred-1"}'))
+    seen: list[tuple] = []
+
+    def add_field(msg: Message, url: str) -> Message | None:
+        seen.append(("request", url))
+        return msg.evolve(json={**msg.json(), "webhook": "http://cb"}, content_type=msg.content_type)
+
+    def ignore(msg: Message, url: str) -> None:
+        return None
+
+    async def remember(msg: Message, url: str, response: httpx.Response) -> None:
+        seen.append(("response", url, msg.json(), response.json()))
+
+    extra = {"url_overrides": {"https://api.replicate.com": server.url()},
+             "request_hooks": [ignore, add_field], "response_hooks": [remember]}
+    await post_message(client, "https://api.replicate.com/v1/predictions",
+                       message(b'{"version":"v"}', "application/json"), extra=extra)
+    assert server.requests[0].body == b'{"version":"v","webhook":"http://cb"}'
+    assert seen == [("request", "https://api.replicate.com/v1/predictions"),
+                    ("response", "https://api.replicate.com/v1/predictions",
+                     {"version": "v", "webhook": "http://cb"}, {"id": "pred-1"})]
+
+
+async def test_response_hooks_run_only_after_2xx_and_their_failure_is_logged(server, client, caplog):
+    calls = []
+
+    async def broken(msg: Message, url: str, response: httpx.Response) -> None:
+        calls.append(response.status_code)
+        raise RuntimeError("store is down")
+
+    server.script(Reply(500), Reply(200))
+    with pytest.raises(DeliveryError):
+        await post_message(client, server.url(), message(), extra={"response_hooks": [broken]})
+    response = await post_message(client, server.url(), message(), extra={"response_hooks": [broken]})
+    assert response.status_code == 200 and calls == [200]
+    assert "response hook failed" in caplog.text

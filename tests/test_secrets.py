@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import secrets as secrets_module
-from pipelines.secrets import MissingSecret, SecretSource, SecretsFileError, SecretSyntaxError
+from pipelines.secrets import MissingSecret, SecretsFileError, SecretSource, SecretSyntaxError
 
 
 def test_yaml_file_then_environment_case_insensitive(tmp_path: Path) -> None:

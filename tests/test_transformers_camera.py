@@ -21,9 +21,10 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
     from http_recorder import HTTPRecorder
 
 VERSION = "2e1dddc8621f72155f24cf2e0adbde548458d3cab9f00c0139eea840d0ac4746"
-# research/golioth.md §5.1, verbatim
+# research/golioth.md §5.1 (one line wrapped)
 PATCH = """[
-  {"op": "add", "path": "/version", "value": "2e1dddc8621f72155f24cf2e0adbde548458d3cab9f00c0139eea840d0ac4746"},
+  {"op": "add", "path": "/version",
+   "value": "2e1dddc8621f72155f24cf2e0adbde548458d3cab9f00c0139eea840d0ac4746"},
   {"op": "add", "path": "/input", "value": {"image": ""}},
   {"op": "move", "from": "/image", "path": "/input/image"}
 ]

@@ -52,7 +52,8 @@ async def test_inject_path_golioth_example():
 
 
 @pytest.mark.parametrize(("path", "expected"), [
-    ("/", [1]), ("", [1]), ("/a//b/", {"a": {"b": [1]}}), ("/data/block_upload", {"data": {"block_upload": [1]}}),
+    ("/", [1]), ("", [1]), ("/a//b/", {"a": {"b": [1]}}),
+    ("/data/block_upload", {"data": {"block_upload": [1]}}),
 ])
 async def test_inject_path_edge_paths(path, expected):
     out = await make("inject-path").transform(msg(b"[1]", path=path))

@@ -95,7 +95,8 @@ async def test_negative_signed_length_field_fails():
 
 async def test_refuses_other_content_types():
     t = make({"members": [{"name": "a", "type": "u8"}]})
-    with pytest.raises(TransformError, match="expects application/octet-stream input, got 'application/json'"):
+    with pytest.raises(TransformError,
+                       match="expects application/octet-stream input, got 'application/json'"):
         await t.transform(msg(b"1", "application/json"))
 
 

@@ -106,10 +106,11 @@ async def test_gives_up_after_max_attempts(server, client):
     server.default = Reply(502, body=b"bad gateway")
     policy = {"max_attempts": 3, "initial_backoff": 0.01, "max_backoff": 0.01}
     t = make({"url": server.url("/x?key=s3cr3t")}, ComponentContext(http=client, extra={"retry": policy}))
-    with pytest.raises(TransformError, match=r"webhook: POST http://127\.0\.0\.1:\d+: HTTP 502 .*after 3 attempts") \
-            as info:
+    pattern = r"webhook: POST http://127\.0\.0\.1:\d+: HTTP 502 .*after 3 attempts"
+    with pytest.raises(TransformError, match=pattern) as info:
         await t.transform(msg())
     assert len(server.requests) == 3 and "s3cr3t" not in str(info.value)
+    assert str(info.value).endswith("(after 3 attempts): 'bad gateway'")
 
 
 async def test_permanent_status_is_not_retried(server, client):
@@ -125,7 +126,7 @@ async def test_connection_refused_fails_after_retries(client):
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
         t = make({"url": url}, ComponentContext(http=client, extra={"retry": FAST}))
-        with pytest.raises(TransformError, match="ConnectError.*after 4 attempts"):
+        with pytest.raises(TransformError, match=r"ConnectError.*after 4 attempts"):
             await t.transform(msg())
 
 

@@ -105,8 +105,9 @@ class WebhookTransformer(Transformer):
             )
         except DeliveryError as err:
             attempts = getattr(err, "attempts", 1)
+            answer = f": {err.response_excerpt[:200]!r}" if err.response_excerpt else ""
             raise TransformError(f"webhook: {err.reason} (after {attempts} attempt"
-                                 f"{'s' if attempts != 1 else ''})") from None
+                                 f"{'s' if attempts != 1 else ''}){answer}") from None
         content_type = response.headers.get("content-type") or "application/octet-stream"
         if not is_json_type(content_type):
             return message.evolve(payload=response.content, content_type=content_type)

@@ -24,12 +24,15 @@ from types import ModuleType
 __all__ = ["command_modules"]
 
 
-def command_modules() -> tuple[list[ModuleType], list[tuple[str, BaseException]]]:
-    """The importable command modules (sorted by name) and the ones that failed to import."""
+def command_modules(only: str | None = None) -> tuple[list[ModuleType], list[tuple[str, BaseException]]]:
+    """The importable command modules (sorted by name) and the ones that failed to import.
+    With ``only``, just the module of that name (``mqtt-worker`` → ``mqtt_worker``), if any:
+    running one command should not pay for importing every other one."""
     modules: list[ModuleType] = []
     failed: list[tuple[str, BaseException]] = []
+    wanted = only.replace("-", "_") if only else None
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
+        if info.name.startswith("_") or (wanted is not None and info.name != wanted):
             continue
         try:
             module = importlib.import_module(f"{__name__}.{info.name}")

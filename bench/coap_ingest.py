@@ -1,0 +1,353 @@
+"""Benchmark: Block1 frame uploads into the router vs. a bare aiocoap resource, same run.
+
+K simulated cameras, each with its own UDP endpoint (its own aiocoap client context), upload
+20-60 KB PNG frames one after another at 1024-byte blocks. The clients run in separate
+processes from the servers. Compared, in one run:
+
+* ``bare aiocoap``: an aiocoap resource that only reassembles (aiocoap's own Block1 spool)
+  and discards: the ceiling for CoAP in Python on this machine.
+* ``router (1 process)``: ``CoapIngest`` + ``Router`` in one process, pipelines running
+  (a webhook to a local HTTP sink): what ``pipeline serve`` runs.
+* ``router, N ingest workers``: N processes each running ``CoapIngest`` on the same port
+  (SO_REUSEPORT) with an ingest-only ``Router`` (``run_engine=False``) writing the shared
+  SQLite store, plus one engine process routing the inbox.
+
+A frame counts when its 2.04 arrived (the router has stored it durably). Prints frames/s,
+blocks/s, p50/p99 upload time and the ratio to the bare resource. Usage::
+
+    python bench/coap_ingest.py                          # 16 devices x 8 frames, plain CoAP
+    python bench/coap_ingest.py --devices 32 --frames 10 --workers 1,2 --dtls
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BLOCK_SZX = 6  # 1024-byte blocks
+
+
+def make_png(approx_bytes: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    side = max(8, int((approx_bytes / 3) ** 0.5))
+    y, x = np.mgrid[0:side, 0:side]
+    img = np.stack([(x * 255 // side), (y * 255 // side), ((x + y) * 127 // side)], axis=-1).astype(np.uint8)
+    img ^= rng.integers(0, 256, img.shape, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def psk_for(device: str) -> str:
+    return f"bench-key-{device}"
+
+
+def write_registry(path: Path, devices: list[str]) -> None:
+    lines = ["project_id: bench", "devices:"]
+    for d in devices:
+        lines += [f"  - id: {d}", f'    psk: "{psk_for(d)}"']
+    path.write_text("\n".join(lines) + "\n")
+
+
+# -- servers (each in its own process) ---------------------------------------------------------
+
+def _quiet() -> None:
+    import logging
+    logging.basicConfig(level=logging.ERROR)
+    for name in ("coap", "coap-server", "coap-ingest", "pipelines", "httpx"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def serve_bare(port: int, dtls: bool, registry: str, ready, stop) -> None:
+    _quiet()
+
+    async def main() -> None:
+        import aiocoap
+        from aiocoap import resource
+
+        from pipelines.devices import DeviceRegistry
+        from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport
+
+        class Discard(resource.Resource):
+            async def render_post(self, request):
+                return aiocoap.Message(code=aiocoap.CHANGED)
+
+        site = resource.Site()
+        site.add_resource([".s", "images"], Discard())
+        if dtls:
+            reg = DeviceRegistry.load(registry)
+            creds = RegistryCredentials(lambda: reg)
+            ctx = aiocoap.Context(serversite=site, server_credentials=creds)
+            await add_dtls_transport(ctx, ("127.0.0.1", port), creds)
+        else:
+            ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port),
+                                                              transports=["udp6"])
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await ctx.shutdown()
+
+    asyncio.run(main())
+
+
+class _Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    received = 0
+
+    def do_POST(self) -> None:  # http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        _Sink.received += 1
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def start_sink() -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/sink"
+
+
+def write_pipelines(path: Path, sink_url: str) -> None:
+    path.write_text(f"""\
+pipelines:
+  frames:
+    filter: {{path: /images}}
+    steps:
+      - name: out
+        destination: {{type: webhook, version: v1, parameters: {{url: "{sink_url}"}}}}
+""")
+
+
+def serve_router(port: int, dtls: bool, registry: str, workdir: str, run_engine: bool, with_coap: bool,
+                 reuse_port: bool, ready, stop) -> None:
+    _quiet()
+
+    async def main() -> None:
+        from pipelines.ingest.coap import CoapIngest, CoapSettings
+        from pipelines.router import Router, RouterSettings
+
+        pipelines = Path(workdir) / "pipelines.yaml"
+        if run_engine:
+            _sink, url = start_sink()
+            write_pipelines(pipelines, url)
+        else:
+            while not pipelines.exists():  # the engine process writes it
+                await asyncio.sleep(0.05)
+        settings = RouterSettings(pipelines=[pipelines], store_path=Path(workdir) / "store.db",
+                                  run_engine=run_engine)
+        async with Router(settings) as router:
+            coap = None
+            if with_coap:
+                cs = CoapSettings(host="127.0.0.1", port=port, dtls_port=port, plain_enabled=not dtls,
+                                  dtls_enabled=dtls, registry_path=registry, reuse_port=reuse_port)
+                coap = await CoapIngest(router, cs).start()
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            if coap is not None:
+                await coap.stop()
+
+    asyncio.run(main())
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+@dataclass
+class ClientResult:
+    latencies: list[float]
+    blocks: int
+    bytes: int
+    failures: dict[str, int]
+    start: float
+    end: float
+
+
+def run_clients(port: int, dtls: bool, devices: list[str], frames: int, seed: int, ready, go, out) -> None:
+    _quiet()
+    import random
+
+    rnd = random.Random(seed)
+    plan = {d: [make_png(rnd.randint(20_000, 60_000), seed=rnd.randrange(1 << 16)) for i in range(frames)]
+            for d in devices}
+
+    async def main() -> ClientResult:
+        import warnings
+
+        import aiocoap
+        from aiocoap.optiontypes import BlockOption
+
+        scheme = "coaps" if dtls else "coap"
+        contexts = {}
+        for d in devices:
+            ctx = await aiocoap.Context.create_client_context()
+            if dtls:
+                ctx.client_credentials.load_from_dict({f"coaps://127.0.0.1:{port}/*": {"dtls": {
+                    "psk": {"ascii": psk_for(d)}, "client-identity": {"ascii": f"{d}@bench"}}}})
+            contexts[d] = ctx
+        latencies: list[float] = []
+        failures: dict[str, int] = {}
+        blocks = nbytes = 0
+
+        async def device(d: str) -> None:
+            nonlocal blocks, nbytes
+            query = "" if dtls else f"?d={d}"
+            for frame in plan[d]:
+                msg = aiocoap.Message(code=aiocoap.POST, uri=f"{scheme}://127.0.0.1:{port}/.s/images{query}",
+                                      payload=frame, content_format=23)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    msg.opt.block1 = BlockOption.BlockwiseTuple(0, False, BLOCK_SZX)
+                t0 = time.perf_counter()
+                try:
+                    r = await contexts[d].request(msg).response
+                    code = str(r.code)
+                except Exception as exc:
+                    code = type(exc).__name__
+                if code.startswith("2.04"):
+                    latencies.append(time.perf_counter() - t0)
+                    blocks += -(-len(frame) // 1024)
+                    nbytes += len(frame)
+                else:
+                    failures[code] = failures.get(code, 0) + 1
+
+        ready.release()  # frames rendered, endpoints open: ready for the clock
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        start = time.time()
+        await asyncio.gather(*(device(d) for d in devices))
+        end = time.time()
+        for ctx in contexts.values():
+            await ctx.shutdown()
+        return ClientResult(latencies, blocks, nbytes, failures, start, end)
+
+    out.put(asyncio.run(main()))
+
+
+def measure(name: str, port: int, args, devices: list[str]) -> dict:
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    ready = ctx.Semaphore(0)
+    out = ctx.Queue()
+    groups = [devices[i::args.client_procs] for i in range(args.client_procs)]
+    procs = [ctx.Process(target=run_clients,
+                         args=(port, args.dtls, g, args.frames, args.seed + i, ready, go, out))
+             for i, g in enumerate(groups) if g]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        if not ready.acquire(timeout=120):
+            raise RuntimeError("clients did not get ready")
+    go.set()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    lat = sorted(x for r in results for x in r.latencies)
+    wall = max(r.end for r in results) - min(r.start for r in results)
+    failures: dict[str, int] = {}
+    for r in results:
+        for k, v in r.failures.items():
+            failures[k] = failures.get(k, 0) + v
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return {"name": name, "frames": len(lat), "fps": len(lat) / wall,
+            "bps": sum(r.blocks for r in results) / wall,
+            "mbps": sum(r.bytes for r in results) / wall / 1e6,
+            "p50": q[49] * 1000, "p99": q[98] * 1000, "failures": failures}
+
+
+def with_servers(targets: list[tuple], fn):
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    procs = []
+    try:
+        for target, targs in targets:
+            ready = ctx.Event()
+            p = ctx.Process(target=target, args=(*targs, ready, stop))
+            p.start()
+            procs.append(p)
+            if not ready.wait(60):
+                raise RuntimeError(f"server {target.__name__} did not start")
+        return fn()
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, default=16, help="simulated cameras (K)")
+    ap.add_argument("--frames", type=int, default=8, help="frames per camera")
+    ap.add_argument("--client-procs", type=int, default=2, help="processes the cameras are spread over")
+    ap.add_argument("--workers", default="1", help="comma list of ingest worker counts, e.g. 1,2")
+    ap.add_argument("--dtls", action="store_true", help="CoAP over DTLS-PSK instead of plain CoAP")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    devices = [f"cam-{i:03d}" for i in range(1, args.devices + 1)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Path(tmp) / "devices.yaml"
+        write_registry(registry, devices)
+
+        port = free_udp_port()
+        rows.append(with_servers([(serve_bare, (port, args.dtls, str(registry)))],
+                                 lambda: measure("bare aiocoap (reassemble, discard)", port, args, devices)))
+
+        work = Path(tmp) / "inproc"
+        work.mkdir()
+        port = free_udp_port()
+        rows.append(with_servers(
+            [(serve_router, (port, args.dtls, str(registry), str(work), True, True, False))],
+            lambda: measure("router (1 process, pipelines running)", port, args, devices)))
+
+        for n in [int(x) for x in args.workers.split(",") if x.strip()]:
+            work = Path(tmp) / f"workers{n}"
+            work.mkdir()
+            port = free_udp_port()
+            servers = [(serve_router, (port, args.dtls, str(registry), str(work), True, False, False))]
+            servers += [(serve_router, (port, args.dtls, str(registry), str(work), False, True, True))] * n
+            rows.append(with_servers(servers, lambda n=n, port=port: measure(
+                f"router, {n} ingest worker(s) + engine", port, args, devices)))
+
+    base = rows[0]["fps"]
+    transport = "CoAP over DTLS-PSK" if args.dtls else "plain CoAP"
+    print(f"\n{args.devices} devices x {args.frames} frames of 20-60 KB PNG, 1024-byte blocks, {transport}, "
+          f"{os.cpu_count()} CPUs, clients in {args.client_procs} processes\n")
+    header = f"{'server':<42} {'frames':>6} {'frames/s':>9} {'blocks/s':>9} {'MB/s':>6} " \
+             f"{'p50 ms':>8} {'p99 ms':>8} {'vs bare':>8}  failures"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:<42} {r['frames']:>6} {r['fps']:>9.1f} {r['bps']:>9.0f} {r['mbps']:>6.2f} "
+              f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['fps'] / base:>8.2f}  {r['failures'] or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""``pipeline devices``: look at and add to the device registry (who may connect over CoAP/DTLS).
+
+    pipeline devices list --registry devices.yaml
+    pipeline devices add cam-07 --registry devices.yaml                # generates a key, prints it once
+    pipeline devices add cam-08 --project demo --psk-ref CAM08_PSK     # key kept in a secret store
+    pipeline devices add cam-09 --psk "my key text"
+
+``list`` validates the file (errors name FILE:LINE) and shows each device's PSK identity
+(``<device>@<project>``) and where its key comes from, never the key. ``add`` rewrites the file
+(mode 0600; comments are not kept) and refuses a device that is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.devices import DeviceEntry, DeviceRegistry, DeviceRegistryError
+
+_NO_KEY = "missing (DTLS refused)"
+
+
+class _Quoted(str):
+    """Keys are always written quoted, so YAML never reads one back as a number."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Quoted, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", str(v), style='"'))
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("devices", help="list or add devices in the device registry",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="devices_command", metavar="ACTION")
+    ls = sub.add_parser("list", help="validate the registry and list its devices (never the keys)")
+    ls.add_argument("--registry", default="devices.yaml", help="registry file (default: devices.yaml)")
+    ls.set_defaults(func=run)
+    add = sub.add_parser("add", help="add a device (generates a key unless one is given)")
+    add.add_argument("device_id")
+    add.add_argument("--registry", default="devices.yaml", help="registry file (default: devices.yaml)")
+    add.add_argument("--project", help="project id (default: the registry's project_id)")
+    key = add.add_mutually_exclusive_group()
+    key.add_argument("--psk", help="the key text (0x... for hex); default: a new random key")
+    key.add_argument("--psk-ref", metavar="NAME", help="store the key as the secret reference $NAME")
+    add.set_defaults(func=run)
+    p.set_defaults(func=run)
+
+
+def _source(entry: DeviceEntry) -> str:
+    if entry.psk is None:
+        return f"{entry.psk_source} {_NO_KEY}" if entry.psk_source else _NO_KEY
+    return entry.psk_source or "inline"
+
+
+def _list(path: Path) -> int:
+    reg = DeviceRegistry.load(path)
+    print(f"{path}: {len(reg)} device(s), default project {reg.default_project}")
+    width = max([len(e.identity) for e in reg.entries] + [8])
+    for e in reg.entries:
+        print(f"  {e.identity:<{width}}  key: {_source(e)}")
+    return 0
+
+
+def _add(path: Path, device_id: str, project: str | None, psk: str | None, psk_ref: str | None) -> int:
+    if path.exists():
+        DeviceRegistry.load(path)  # validate before touching it
+        doc = yaml.safe_load(path.read_text()) or {}
+    else:
+        doc = {"project_id": project or "default", "devices": []}
+    doc.setdefault("devices", [])
+    default_project = doc.get("project_id", "default")
+    generated = None
+    if psk_ref:
+        key_value = f"${psk_ref}"
+    elif psk:
+        key_value = psk
+    else:
+        generated = key_value = secrets.token_hex(16)
+    item: dict[str, Any] = {"id": device_id}
+    if project and project != default_project:
+        item["project_id"] = project
+    item["psk"] = _Quoted(key_value)
+    doc["devices"].append(item)
+    for other in doc["devices"]:
+        if isinstance(other, dict) and isinstance(other.get("psk"), str):
+            other["psk"] = _Quoted(other["psk"])
+    text = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    try:
+        DeviceRegistry.load(tmp)  # the new file must load (duplicates, bad ids) before it replaces the old
+    except DeviceRegistryError as exc:
+        tmp.unlink()
+        raise DeviceRegistryError(str(exc).replace(str(tmp), str(path))) from None
+    tmp.replace(path)
+    identity = f"{device_id}@{project or default_project}"
+    print(f"added {identity} to {path}")
+    if generated:
+        print(f"key (shown once; give it to the device): {generated}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    action = getattr(args, "devices_command", None)
+    if action is None:
+        print("pipeline devices: choose an action: list or add", file=sys.stderr)
+        return 2
+    try:
+        if action == "list":
+            return _list(Path(args.registry))
+        return _add(Path(args.registry), args.device_id, args.project, args.psk, args.psk_ref)
+    except DeviceRegistryError as exc:
+        print(f"pipeline devices {action}: {exc}", file=sys.stderr)
+        return 1

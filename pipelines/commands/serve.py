@@ -1,0 +1,90 @@
+"""``pipeline serve``: run the router headless, with its HTTP face, until SIGTERM or Ctrl-C.
+
+    pipeline serve --pipelines pipeline.yaml --store data/store.db --http-port 8080
+    pipeline serve --pipelines p.yaml --store s.db --http-port 0 --http-ingest   # any free port
+    pipeline serve --pipelines p.yaml --coap-dtls-port 5684 --registry devices.yaml
+
+Once everything listens it prints one line, ``ready http://HOST:PORT`` (then the CoAP
+ports if any), so scripts and tests can wait for it. The store is the durable SQLite file
+given by ``--store``: stopping the process any way at all, ``kill -9`` included, loses no
+acknowledged message; the next start resumes every unfinished run and delivery.
+
+``--http-ingest`` adds ``POST /v1/ingest/{project}/{device}/{path}`` to the HTTP face (no
+authentication: loopback or behind an authenticating proxy only). CoAP ingest starts when
+``--coap-dtls-port`` or ``--coap-port`` (plain CoAP, development only) is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from pipelines.router import RouterSettings
+from pipelines.service import RouterService, ServiceSettings
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the router headless with its HTTP face until stopped",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipelines", action="append", default=None, metavar="PATH",
+                   help="pipeline file or directory (repeatable; default: ./pipeline.yaml)")
+    p.add_argument("--store", default="pipeline-data/store.db", help="SQLite store file (default: %(default)s)")
+    p.add_argument("--secrets", help="secrets file (NAME: value YAML or .env lines)")
+    p.add_argument("--http-host", default="127.0.0.1", help="HTTP face address (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=8080, help="HTTP face port, 0 for any (default: 8080)")
+    p.add_argument("--http-ingest", action="store_true", help="accept messages at POST /v1/ingest/...")
+    p.add_argument("--coap-dtls-port", type=int, help="serve CoAP over DTLS on this port (needs --registry)")
+    p.add_argument("--coap-port", type=int, help="serve plain CoAP on this port (development only)")
+    p.add_argument("--coap-host", default="127.0.0.1", help="CoAP address (default: %(default)s)")
+    p.add_argument("--registry", help="device registry file (PSK identities) for CoAP over DTLS")
+    p.add_argument("--max-queue", type=int, help="deliveries per destination queue before pushing back")
+    p.add_argument("--max-inbox", type=int, help="unrouted messages before pushing back")
+    p.add_argument("--log-level", default="WARNING", help="log level (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def settings_from(args: argparse.Namespace) -> ServiceSettings:
+    router = RouterSettings(pipelines=args.pipelines or ["pipeline.yaml"], store_path=args.store,
+                            secrets_file=args.secrets)
+    if args.max_queue:
+        router.max_queue = args.max_queue
+    if args.max_inbox:
+        router.max_inbox = args.max_inbox
+    if args.http_ingest:
+        router.extra["http_ingest"] = True
+    coap = None
+    if args.coap_dtls_port is not None or args.coap_port is not None:
+        from pipelines.ingest.coap import CoapSettings
+        coap = CoapSettings(host=args.coap_host, registry_path=args.registry,
+                            dtls_enabled=args.coap_dtls_port is not None,
+                            dtls_port=args.coap_dtls_port or 0,
+                            plain_enabled=args.coap_port is not None, port=args.coap_port or 0)
+    return ServiceSettings(router=router, http_host=args.http_host, http_port=args.http_port, coap=coap)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(settings_from(args)))
+
+
+async def serve(settings: ServiceSettings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with RouterService(settings) as service:
+        parts = [f"ready {service.http_url or '(no http)'}"]
+        if service.coap_dtls_port:
+            parts.append(f"coaps://{settings.coap.host}:{service.coap_dtls_port}")
+        if service.coap_port:
+            parts.append(f"coap://{settings.coap.host}:{service.coap_port}")
+        print(" ".join(parts), flush=True)
+        await stop.wait()
+    return 0

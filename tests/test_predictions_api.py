@@ -1,0 +1,572 @@
+"""Contract suite for the local predictions service: every endpoint and error over real HTTP.
+
+The service runs under uvicorn on a free loopback port with the real model; images come inline
+(data URLs) or from a second real HTTP server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from predictions_service import Settings, blip, running
+from predictions_service.model import Classifier, ensure_model
+from predictions_service.runner import PredictionRunner
+
+skdata = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
+
+TOKEN = "r8_contract_suite_token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+VERSION = blip.VERSION
+ID_RE = re.compile(r"^[0-9a-z]{26}$")
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+FIELDS = {"id", "model", "version", "input", "output", "logs", "error", "status", "created_at", "started_at",
+          "completed_at", "data_removed", "metrics", "urls"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def png(array: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    img = Image.fromarray(array)
+    if size:
+        img.thumbnail(size)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+COFFEE = data_url(png(skdata.coffee(), (320, 240)))
+TINY = data_url(png(np.full((8, 8, 3), 200, np.uint8)))
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory) -> Classifier:
+    return Classifier(ensure_model(tmp_path_factory.getbasetemp() / "predictions-model"))
+
+
+@contextlib.asynccontextmanager
+async def service(classifier: Classifier, **overrides) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
+    settings = Settings(port=0, tokens=(TOKEN,), log_level="warning", **overrides)
+    async with running(settings, PredictionRunner(settings, classifier=classifier)) as url:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=15) as client:
+            yield client, settings
+
+
+@pytest.fixture
+async def api(classifier):
+    async with service(classifier) as (client, _):
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Starlette, sock: socket.socket | None = None) -> AsyncIterator[str]:
+    """Run another starlette app on loopback (image host, stalling host)."""
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+class ImageHost:
+    """/coffee.png, /missing (404) and /stall.png (answers once ``release`` is set)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.stalled = 0
+        coffee = png(skdata.coffee(), (320, 240))
+
+        async def image(request: Request) -> Response:
+            return Response(coffee, media_type="image/png")
+
+        async def stall(request: Request) -> Response:
+            self.stalled += 1
+            await self.release.wait()
+            return Response(coffee, media_type="image/png")
+
+        async def missing(request: Request) -> Response:
+            return Response("no", status_code=404)
+
+        self.app = Starlette(routes=[Route("/coffee.png", image), Route("/stall.png", stall),
+                                     Route("/missing", missing)])
+
+
+@pytest.fixture
+async def images():
+    host = ImageHost()
+    async with serve_app(host.app) as url:
+        host.url = url
+        yield host
+        host.release.set()
+
+
+async def poll(client: httpx.AsyncClient, pred_id: str, until, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = (await client.get(f"/v1/predictions/{pred_id}")).json()
+        if until(got) or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.05)
+
+
+def assert_problem(r: httpx.Response, status: int, title: str | None = None, detail: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status
+    if title is not None:
+        assert body["title"] == title
+    if detail is not None:
+        assert body["detail"] == detail
+    return body
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+
+async def test_missing_token_is_401(api):
+    r = await api.get("/v1/predictions", headers={"Authorization": ""})
+    assert_problem(r, 401, "Unauthenticated", "You did not pass an authentication token")
+
+
+@pytest.mark.parametrize("header", ["Bearer wrong", "Token wrong", f"Basic {TOKEN}", "Bearer"])
+async def test_bad_token_is_401(api, header):
+    r = await api.get("/v1/predictions", headers={"Authorization": header})
+    body = assert_problem(r, 401, "Unauthenticated")
+    assert "authentication token" in body["detail"] and "wrong" not in body["detail"]
+
+
+@pytest.mark.parametrize("header", [f"Bearer {TOKEN}", f"Token {TOKEN}", f"bearer {TOKEN}"])
+async def test_bearer_and_legacy_token_are_accepted(api, header):
+    r = await api.get("/v1/predictions", headers={"Authorization": header})
+    assert r.status_code == 200
+
+
+def test_settings_need_a_token():
+    with pytest.raises(ValueError, match="token"):
+        Settings()
+    with pytest.raises(ValueError, match="whsec_"):
+        Settings(tokens=("t",), webhook_secret="plain")
+    with pytest.raises(ValueError, match="fault kinds"):
+        Settings(tokens=("t",), fault_kinds=("boom",))
+
+
+# -- creating --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "version"),
+    [
+        ("/v1/predictions", VERSION),
+        ("/v1/predictions", f"salesforce/blip:{VERSION}"),
+        ("/v1/predictions", "salesforce/blip"),
+        ("/v1/models/salesforce/blip/predictions", None),
+        ("/v1/deployments/acme/camera-captions/predictions", None),
+    ],
+)
+async def test_sync_create_in_every_form(api, path, version):
+    body: dict = {"input": {"image": COFFEE}}
+    if version:
+        body["version"] = version
+    r = await api.post(path, json=body, headers={"Prefer": "wait"})
+    assert r.status_code == 201, r.text
+    pred = r.json()
+    assert set(pred) == FIELDS
+    assert pred["status"] == "succeeded", pred
+    assert pred["output"].startswith("Caption: espresso (") or pred["output"].startswith("Caption: cup (")
+    assert (pred["model"], pred["version"]) == ("salesforce/blip", VERSION)
+    assert ID_RE.match(pred["id"])
+    for key in ("created_at", "started_at", "completed_at"):
+        assert TS_RE.match(pred[key]), pred[key]
+    assert pred["error"] is None and pred["data_removed"] is False
+    assert set(pred["metrics"]) == {"predict_time", "total_time"}
+    assert pred["metrics"]["total_time"] >= pred["metrics"]["predict_time"] >= 0
+    base = str(api.base_url).rstrip("/")
+    assert pred["urls"] == {"get": f"{base}/v1/predictions/{pred['id']}",
+                            "cancel": f"{base}/v1/predictions/{pred['id']}/cancel",
+                            "web": f"{base}/p/{pred['id']}"}
+    assert r.headers["location"] == pred["urls"]["get"]
+    assert r.headers["preference-applied"] == "wait=60"
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["ratelimit-remaining"]) == 599 and r.headers["ratelimit-reset"] == "1"
+    assert "EfficientNet-Lite0" in pred["logs"]
+    web = await api.get(f"/p/{pred['id']}")
+    assert web.json()["id"] == pred["id"]
+
+
+async def test_async_create_then_poll(api):
+    r = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": COFFEE}})
+    assert r.status_code == 201
+    pred = r.json()
+    assert pred["status"] == "starting" and pred["output"] is None and pred["completed_at"] is None
+    assert pred["metrics"] == {} and "preference-applied" not in r.headers
+    done = await poll(api, pred["id"], lambda p: p["status"] == "succeeded")
+    assert done["output"].startswith("Caption: ")
+    again = await api.get(f"/v1/predictions/{pred['id']}")
+    assert int(again.headers["ratelimit-remaining"]) < 3000
+
+
+@pytest.mark.parametrize("prefer", ["wait=0", "wait=61", "wait=abc", "respond-async"])
+async def test_invalid_prefer_is_ignored(api, prefer):
+    r = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}},
+                       headers={"Prefer": prefer})
+    assert r.status_code == 201 and "preference-applied" not in r.headers
+
+
+async def test_vqa_and_itm_tasks(api):
+    r = await api.post("/v1/predictions", headers={"Prefer": "wait=10"}, json={
+        "version": VERSION,
+        "input": {"image": COFFEE, "task": "visual_question_answering", "question": "Is there espresso?"}})
+    assert r.headers["preference-applied"] == "wait=10"
+    assert r.json()["output"].startswith("Answer: yes (espresso ")
+    r = await api.post("/v1/predictions", headers={"Prefer": "wait=10"}, json={
+        "version": VERSION, "input": {"image": COFFEE, "task": "image_text_matching", "caption": "espresso"}})
+    assert r.json()["output"].startswith("The image and text are matched with a probability of 0.")
+
+
+@pytest.mark.parametrize(
+    ("inp", "error"),
+    [
+        ({"image": data_url(b"%PDF-1.4 not an image", "application/pdf")}, "image: cannot decode the image"),
+        ({"image": "data:image/png;base64,@@@not-base64@@@"}, "image: the data URL's base64 is invalid"),
+        ({"image": "data:image/png;base64"}, "image: malformed data URL"),
+        ({"image": COFFEE, "task": "visual_question_answering"}, "question is required"),
+        ({"image": COFFEE, "task": "image_text_matching", "caption": "  "}, "caption is required"),
+    ],
+)
+async def test_inputs_the_model_cannot_use_fail_the_prediction(api, inp, error):
+    r = await api.post("/v1/predictions", json={"version": VERSION, "input": inp}, headers={"Prefer": "wait"})
+    assert r.status_code == 201
+    pred = r.json()
+    assert pred["status"] == "failed" and pred["output"] is None
+    assert pred["error"].startswith(error) or error in pred["error"], pred["error"]
+
+
+async def test_unknown_input_keys_are_ignored_and_logged(api):
+    r = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY, "seed": 3}},
+                       headers={"Prefer": "wait"})
+    pred = r.json()
+    assert pred["status"] == "succeeded" and "ignored unknown input keys: seed" in pred["logs"]
+
+
+async def test_image_from_http_urls(api, images):
+    ok = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": f"{images.url}/coffee.png"}},
+                        headers={"Prefer": "wait"})
+    assert ok.json()["status"] == "succeeded" and "espresso" in ok.json()["output"]
+    missing = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": f"{images.url}/missing"}},
+                             headers={"Prefer": "wait"})
+    assert missing.json()["status"] == "failed" and "answered HTTP 404" in missing.json()["error"]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    port = closed.getsockname()[1]
+    try:
+        refused = await api.post("/v1/predictions", headers={"Prefer": "wait"},
+                                 json={"version": VERSION, "input": {"image": f"http://127.0.0.1:{port}/x.png"}})
+    finally:
+        closed.close()
+    assert refused.json()["status"] == "failed" and "could not fetch" in refused.json()["error"]
+
+
+# -- 4xx on create ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["0" * 64, f"salesforce/blip:{'0' * 64}", "someone/else", f"someone/else:{VERSION}", "not a version", ""],
+)
+async def test_invalid_version_is_422(api, version):
+    r = await api.post("/v1/predictions", json={"version": version, "input": {"image": TINY}})
+    assert_problem(r, 422, "Invalid version or not permitted",
+                   "The specified version does not exist (or perhaps you don't have permission to use it?)")
+
+
+@pytest.mark.parametrize(
+    ("body", "detail", "kinds"),
+    [
+        ({"version": VERSION, "input": {"image": TINY}, "model": "x"},
+         "- Additional property model is not allowed\n", ["additional_property_not_allowed"]),
+        ({"version": VERSION, "input": {}}, "- input: image is required\n", ["required"]),
+        ({"version": VERSION}, "- input is required\n", ["required"]),
+        ({"input": {"image": TINY}}, "- version is required\n", ["required"]),
+        ({"version": 7, "input": {"image": TINY}}, "- version: Invalid type. Expected: string\n", ["invalid_type"]),
+        ({"version": VERSION, "input": "x"}, "- input: Invalid type. Expected: object, given: string\n",
+         ["invalid_type"]),
+        ({"version": VERSION, "input": {"image": TINY, "task": "draw"}},
+         '- input.task: task must be one of the following: "image_captioning", "visual_question_answering", '
+         '"image_text_matching"\n', ["enum"]),
+        ({"version": VERSION, "input": {"image": TINY}, "webhook": "not a url"},
+         "- webhook: Does not match format 'uri' (an http(s) URL)\n", ["format"]),
+        ({"version": VERSION, "input": {"image": TINY}, "webhook_events_filter": ["done"]},
+         '- webhook_events_filter: webhook_events_filter must be an array of: "start", "output", "logs", '
+         '"completed"\n', ["enum"]),
+        ({"version": VERSION, "foo": 1}, "- Additional property foo is not allowed\n- input is required\n",
+         ["additional_property_not_allowed", "required"]),
+    ],
+)
+async def test_input_validation_is_422(api, body, detail, kinds):
+    r = await api.post("/v1/predictions", json=body)
+    problem = assert_problem(r, 422, "Input validation failed", detail)
+    assert [f["type"] for f in problem["invalid_fields"]] == kinds
+    assert "ratelimit-remaining" in r.headers
+
+
+async def test_version_key_is_not_allowed_on_model_routes(api):
+    r = await api.post("/v1/models/salesforce/blip/predictions", json={"version": VERSION, "input": {"image": TINY}})
+    assert_problem(r, 422, "Input validation failed", "- Additional property version is not allowed\n")
+
+
+async def test_unknown_model_route_is_404(api):
+    r = await api.post("/v1/models/stability-ai/sdxl/predictions", json={"input": {"prompt": "x"}})
+    assert_problem(r, 404, detail="The requested resource could not be found.")
+
+
+async def test_body_that_is_not_json_or_not_an_object(api):
+    r = await api.post("/v1/predictions", content=b"{not json", headers={"content-type": "application/json"})
+    assert "not valid JSON" in assert_problem(r, 400, "Bad Request")["detail"]
+    r = await api.post("/v1/predictions", json=[1, 2])
+    assert_problem(r, 422, "Input validation failed", "- Invalid type. Expected: object\n")
+
+
+async def test_too_large_body_is_413(classifier):
+    async with service(classifier, max_body_bytes=1000) as (client, _):
+        r = await client.post("/v1/predictions", json={"version": VERSION, "input": {"image": COFFEE}})
+        assert_problem(r, 413, "Request Entity Too Large")
+
+
+@pytest.mark.parametrize("value", ["soon", "4s", "25h", "5x", "-5"])
+async def test_bad_cancel_after_is_422(api, value):
+    r = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}},
+                       headers={"Cancel-After": value})
+    problem = assert_problem(r, 422, "Input validation failed")
+    assert problem["invalid_fields"][0]["field"] == "Cancel-After"
+
+
+# -- waiting, cancelling, deadlines ----------------------------------------------------------------
+
+
+async def test_sync_timeout_answers_starting_and_cancel_works(api, images):
+    r = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": f"{images.url}/stall.png"}},
+                       headers={"Prefer": "wait=1"})
+    assert r.status_code == 201 and r.headers["preference-applied"] == "wait=1"
+    pred = r.json()
+    assert pred["status"] == "starting" and pred["output"] is None
+    assert (await api.get(f"/v1/predictions/{pred['id']}")).json()["status"] == "processing"
+    c = await api.post(f"/v1/predictions/{pred['id']}/cancel")
+    assert c.status_code == 200
+    canceled = c.json()
+    assert canceled["status"] == "canceled" and canceled["completed_at"] and canceled["started_at"]
+    assert set(canceled["metrics"]) == {"predict_time", "total_time"}
+    images.release.set()
+    await asyncio.sleep(0.2)
+    assert (await api.get(f"/v1/predictions/{pred['id']}")).json()["status"] == "canceled"
+
+
+async def test_cancel_of_a_finished_prediction_changes_nothing(api):
+    pred = (await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}},
+                           headers={"Prefer": "wait"})).json()
+    c = await api.post(f"/v1/predictions/{pred['id']}/cancel")
+    assert c.status_code == 200 and c.json()["status"] == "succeeded" and c.json()["output"] == pred["output"]
+
+
+async def test_unknown_prediction_is_404(api):
+    for r in (await api.get("/v1/predictions/" + "a" * 26), await api.post("/v1/predictions/nope/cancel")):
+        assert_problem(r, 404, detail="The requested resource could not be found.")
+
+
+async def test_cancel_after_cancels_a_running_and_aborts_a_queued_prediction(api, images):
+    body = {"version": VERSION, "input": {"image": f"{images.url}/stall.png"}}
+    running_pred = (await api.post("/v1/predictions", json=body, headers={"Cancel-After": "6s"})).json()
+    queued = (await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}},
+                             headers={"Cancel-After": "5"})).json()
+    assert TS_RE.match(running_pred["deadline"]) and queued["deadline"]
+    queued_done = await poll(api, queued["id"], lambda p: p["status"] != "starting", timeout=8)
+    assert (await api.get(f"/v1/predictions/{running_pred['id']}")).json()["status"] == "processing"
+    running_done = await poll(api, running_pred["id"], lambda p: p["status"] != "processing", timeout=4)
+    assert running_done["status"] == "canceled" and "deadline" in running_done["error"]
+    assert queued_done["status"] == "aborted" and queued_done["started_at"] is None
+    assert queued_done["metrics"]["predict_time"] == 0
+
+
+# -- listing, versions, secret ---------------------------------------------------------------------
+
+
+async def test_list_is_newest_first_in_pages_of_100(api):
+    created = []
+    for _ in range(103):
+        r = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": "data:,x"}})
+        created.append(r.json()["id"])
+    first = (await api.get("/v1/predictions")).json()
+    assert [p["id"] for p in first["results"]] == created[::-1][:100]
+    assert first["previous"] is None and "cursor=" in first["next"]
+    assert first["next"].startswith(str(api.base_url).rstrip("/") + "/v1/predictions?")
+    second = (await api.get(first["next"])).json()
+    assert [p["id"] for p in second["results"]] == created[::-1][100:]
+    assert second["next"] is None
+    bad = await api.get("/v1/predictions", params={"cursor": "!!!"})
+    assert_problem(bad, 422, "Input validation failed")
+
+
+async def test_list_filters_by_creation_time(api):
+    first = (await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}})).json()
+    await asyncio.sleep(0.01)
+    second = (await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}})).json()
+    after = await api.get("/v1/predictions", params={"created_after": first["created_at"]})
+    assert [p["id"] for p in after.json()["results"]] == [second["id"]]
+    before = await api.get("/v1/predictions", params={"created_before": second["created_at"]})
+    assert [p["id"] for p in before.json()["results"]] == [first["id"]]
+    bad = await api.get("/v1/predictions", params={"created_after": "yesterday"})
+    assert_problem(bad, 422, "Input validation failed")
+
+
+async def test_version_endpoint_describes_blip(api):
+    r = await api.get(f"/v1/models/salesforce/blip/versions/{VERSION}")
+    assert r.status_code == 200
+    v = r.json()
+    assert v["id"] == VERSION and isinstance(v["cog_version"], str) and TS_RE.match(v["created_at"])
+    schemas = v["openapi_schema"]["components"]["schemas"]
+    assert schemas["Input"]["required"] == ["image"]
+    assert set(schemas["Input"]["properties"]) == {"image", "task", "question", "caption"}
+    assert schemas["task"]["enum"] == ["image_captioning", "visual_question_answering", "image_text_matching"]
+    assert schemas["Output"] == {"type": "string", "title": "Output"}
+    missing = await api.get(f"/v1/models/salesforce/blip/versions/{'1' * 64}")
+    assert_problem(missing, 404)
+
+
+async def test_webhook_secret_endpoint(classifier):
+    secret = "whsec_" + base64.b64encode(b"0123456789abcdefghijklmn").decode()
+    async with service(classifier, webhook_secret=secret) as (client, _):
+        r = await client.get("/v1/webhooks/default/secret")
+        assert r.status_code == 200 and r.json() == {"key": secret}
+        assert (await client.get("/v1/webhooks/default/secret", headers={"Authorization": ""})).status_code == 401
+
+
+async def test_healthz_needs_no_token(api):
+    r = await api.get("/healthz", headers={"Authorization": ""})
+    assert r.status_code == 200 and r.json()["version"] == VERSION
+
+
+# -- rate limits and faults ------------------------------------------------------------------------
+
+
+async def test_create_rate_limit_is_429_with_retry_after(classifier):
+    async with service(classifier, create_rate_per_minute=2, other_rate_per_minute=3) as (client, _):
+        body = {"version": VERSION, "input": {"image": TINY}}
+        assert (await client.post("/v1/predictions", json=body)).headers["ratelimit-remaining"] == "1"
+        assert (await client.post("/v1/predictions", json=body)).headers["ratelimit-remaining"] == "0"
+        r = await client.post("/v1/predictions", json=body)
+        problem = assert_problem(r, 429)
+        assert re.fullmatch(r"Request was throttled\. Your rate limit resets in ~\d+s\.", problem["detail"])
+        assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit-remaining"] == "0"
+        # other calls have their own budget
+        for _ in range(3):
+            assert (await client.get("/v1/predictions")).status_code == 200
+        assert_problem(await client.get("/v1/predictions"), 429)
+
+
+@pytest.mark.parametrize(("kind", "status"), [("500", 500), ("503", 503), ("429", 429)])
+async def test_fault_mode_injects_errors(classifier, kind, status):
+    async with service(classifier, fault_rate=1.0, fault_kinds=(kind,)) as (client, _):
+        r = await client.get("/v1/predictions")
+        problem = assert_problem(r, status)
+        assert "injected fault" in problem["detail"]
+        if status == 429:
+            assert r.headers["retry-after"] == "1"
+
+
+async def test_fault_mode_slow(classifier):
+    async with service(classifier, fault_rate=1.0, fault_kinds=("slow",), fault_slow_seconds=0.3) as (client, _):
+        start = time.monotonic()
+        r = await client.get("/v1/predictions")
+        assert r.status_code == 200 and time.monotonic() - start >= 0.3
+
+
+async def test_fault_rate_is_a_rate(classifier):
+    async with service(classifier, fault_rate=0.5, fault_kinds=("500",), fault_seed=7) as (client, _):
+        codes = [(await client.get("/v1/predictions")).status_code for _ in range(40)]
+        assert 5 < codes.count(500) < 35 and codes.count(200) == 40 - codes.count(500)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_python_m_serves_until_terminated(classifier, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "predictions_service", "--port", str(port), "--token", "cli-token",
+         "--model-dir", str(classifier.path.parent), "--log-level", "warning"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "service did not come up"
+            time.sleep(0.05)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/predictions", headers={"Authorization": "Token cli-token",
+                       "Prefer": "wait"}, json={"version": VERSION, "input": {"image": COFFEE}}, timeout=20)
+        assert r.json()["output"].startswith("Caption: espresso")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    assert b"Traceback" not in proc.stderr.read()
+
+
+def test_serve_without_a_token_is_a_usage_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREDICTIONS_API_TOKENS"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-m", "predictions_service", "--port", "0"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "at least one API token" in out.stderr
+
+
+def test_pipeline_predictions_build_model(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["predictions", "build-model", "--model-dir", str(tmp_path)]) == 0
+    assert "0 missing, 0 unexpected" in capsys.readouterr().out
+    assert (tmp_path / "efficientnet-lite0-v1.onnx").is_file()
