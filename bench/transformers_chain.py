@@ -27,15 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jsonpatch  # noqa: E402
-from PIL import Image  # noqa: E402
+import jsonpatch
+from PIL import Image
 
-from pipelines.components import ComponentContext  # noqa: E402
-from pipelines.message import Message  # noqa: E402
-from transformers.registry import registry  # noqa: E402
+from pipelines.components import ComponentContext
+from pipelines.message import Message
+from transformers.registry import registry
 
 PATCH = json.dumps([
-    {"op": "add", "path": "/version", "value": "2e1dddc8621f72155f24cf2e0adbde548458d3cab9f00c0139eea840d0ac4746"},
+    {"op": "add", "path": "/version",
+     "value": "2e1dddc8621f72155f24cf2e0adbde548458d3cab9f00c0139eea840d0ac4746"},
     {"op": "add", "path": "/input", "value": {"image": ""}},
     {"op": "move", "from": "/image", "path": "/input/image"},
 ])
@@ -104,7 +105,7 @@ def main() -> None:
     assert loop.run_until_complete(patcher.transform(sensor_msg)).json() == lib_patch.apply(doc)
 
     rows = [
-        ("camera chain (%d KB PNG)" % (len(frame) // 1024),
+        (f"camera chain ({len(frame) // 1024} KB PNG)",
          rate(lambda: loop.run_until_complete(ours_chain()), args.seconds),
          rate(naive_chain, args.seconds)),
         ("json-patch, 5 ops, 50 readings",

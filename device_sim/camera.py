@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import aiocoap
 import cbor2
 
-from device_sim.coap_link import BLOCK_SIZES, CoapLink, LinkError, RejectedError
+from device_sim.coap_link import BLOCK_SIZES, CoapLink, LinkError, Notification, RejectedError
 from device_sim.frames import CONTENT_FORMATS, Frame, FrameSource, ImageFormat
 from device_sim.identity import DeviceIdentity
 
@@ -141,7 +140,7 @@ class CameraEvent:
     detail: str = ""
 
 
-EventCallback = Callable[[CameraEvent], None | Awaitable[None]]
+EventCallback = Callable[[CameraEvent], Awaitable[None] | None]
 
 
 @dataclass
@@ -193,7 +192,11 @@ class Camera:
         if self._tasks:
             return
         self._stopping = False
-        await self._link.open()
+        try:
+            await self._link.open()
+        except LinkError as exc:  # e.g. MQTT broker down: the upload loop keeps retrying
+            self.stats.errors += 1
+            self.stats.last_error = str(exc)
         self._link_healthy.set()  # optimistic: observe right away; failures clear it
         self._tasks = [
             asyncio.create_task(self._upload_loop(), name=f"{self.device_id}-upload"),
@@ -295,7 +298,7 @@ class Camera:
                     delay = max(delay, float(exc.max_age))
                 else:
                     # No answer at all: a fresh endpoint and DTLS session, as firmware would do.
-                    await self._link.reset()
+                    await self._reset_link()
                 await asyncio.sleep(delay * self._rng.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.config.backoff_max)
                 self.stats.retries += 1
@@ -340,7 +343,13 @@ class Camera:
         self.stats.errors += 1
         self.stats.last_error = "keep-alive got no answer"
         self._link_healthy.clear()
-        await self._link.reset()
+        await self._reset_link()
+
+    async def _reset_link(self) -> None:
+        try:
+            await self._link.reset()
+        except LinkError as exc:  # still unreachable; the next attempt tries again
+            log.debug("%s: reconnect failed: %s", self.device_id, exc)
 
     def _check_overdue(self) -> None:
         now = time.monotonic()
@@ -379,42 +388,33 @@ class Camera:
                     self.stats.errors += 1
                 else:
                     established = observer.result()
-            backoff = self.config.backoff_initial if established else min(backoff * 2, self.config.backoff_max)
+            backoff = (self.config.backoff_initial if established
+                       else min(backoff * 2, self.config.backoff_max))
             if not resubscribe.done():
                 await asyncio.sleep(backoff * self._rng.uniform(0.8, 1.2))
 
     async def _observe_once(self) -> bool:
         """Observe until the observation ends; True if it was established at all."""
         try:
-            request = self._link.observe(self.config.result_path)
-        except LinkError:
-            return False
-        try:
-            response = await asyncio.wait_for(asyncio.shield(request.response), self.config.request_timeout)
-        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            subscription = await self._link.subscribe(self.config.result_path)
+        except LinkError as exc:
             log.debug("%s: observe failed: %s", self.device_id, exc)
-            return False
-        if not response.code.is_successful() or response.opt.observe is None:
-            await self._emit("observing", detail=f"not established: {response.code.dotted}")
+            await self._emit("observing", detail=f"not established: {exc}")
             return False
         self.stats.observing = True
         await self._emit("observing", detail="established")
         try:
-            await self._on_result(response)
-            async for notification in request.observation:
+            async for notification in subscription:
                 await self._on_result(notification)
-        except (aiocoap.error.Error, OSError) as exc:
-            log.debug("%s: observation ended: %s", self.device_id, exc)
         finally:
-            with contextlib.suppress(Exception):
-                request.observation.cancel()
+            subscription.cancel()
         return True
 
-    async def _on_result(self, message: aiocoap.Message) -> None:
-        if not message.code.is_successful() or not message.payload:
+    async def _on_result(self, notification: Notification) -> None:
+        if not notification.payload:
             return
         received = time.monotonic()
-        document = _decode_document(message.payload, message.opt.content_format)
+        document = _decode_document(notification.payload, notification.content_format)
         if not isinstance(document, dict):
             self.stats.errors += 1
             self.stats.last_error = "result notification is not a JSON or CBOR object"
@@ -425,6 +425,9 @@ class Camera:
         frame_id = str(document["frame_id"])
         if frame_id in self._answered:
             return  # the initial state on re-registration, already counted
+        if frame_id not in self._pending and not self._link.correlates and self._pending:
+            # MQTT gives the device no message id: answers come in upload order.
+            frame_id = next(iter(self._pending))
         if frame_id not in self._pending:
             # Possibly the answer overtook our 2.04; keep it briefly for _send to match.
             self._early[frame_id] = (document, received)

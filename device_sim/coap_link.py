@@ -23,6 +23,8 @@ import contextlib
 import logging
 import time
 import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiocoap
@@ -94,6 +96,7 @@ class CoapLink:
         self.request_timeout = request_timeout
         self.last_activity = time.monotonic()
         self.generation = 0  # bumped on every reset, so observers know their request is gone
+        self.correlates = True  # the 2.04 names the frame, so answers match by frame_id
         self._context: aiocoap.Context | None = None
 
     @property
@@ -104,7 +107,10 @@ class CoapLink:
         if self._context is not None:
             return
         transports = ["tinydtls"] if self.secure else ["udp6"]
-        context = await aiocoap.Context.create_client_context(transports=transports)
+        try:
+            context = await aiocoap.Context.create_client_context(transports=transports)
+        except (OSError, ImportError) as exc:  # ImportError: DTLSSocket missing
+            raise LinkError(f"cannot open a {self.scheme} endpoint: {exc}") from None
         if self.secure:
             context.client_credentials.load_from_dict({
                 f"{self.base_uri}/*": {"dtls": {
@@ -155,6 +161,23 @@ class CoapLink:
         request = context.request(Message(code=Code.GET, uri=self.uri(f".d/{path.lstrip('/')}"), observe=0))
         request.response.add_done_callback(_consume)
         return request
+
+    async def subscribe(self, path: str) -> CoapSubscription:
+        """Observe ``/.d/<path>``; raises :class:`LinkError` unless the observation is established."""
+        request = self.observe(path)
+        try:
+            response = await asyncio.wait_for(asyncio.shield(request.response), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise LinkError(f"no answer to observe from {self.base_uri} within {self.request_timeout:g} s"
+                            ) from None
+        except (aiocoap.error.Error, OSError) as exc:
+            raise LinkError(f"observe at {self.base_uri} failed: {exc}") from None
+        if not response.code.is_successful() or response.opt.observe is None:
+            with contextlib.suppress(Exception):
+                request.observation.cancel()
+            raise LinkError(f"observe at {self.base_uri}/.d/{path.lstrip('/')} not established: "
+                            f"{response.code.dotted} {response.code.name_printable}")
+        return CoapSubscription(request, response)
 
     async def ping(self, timeout: float = 5.0) -> bool:
         """Send an empty CON (CoAP ping) and wait for the RST; False if none came in time.
@@ -209,6 +232,41 @@ class CoapLink:
         if self._context is None:
             raise LinkError("link is closed")
         return self._context
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One state document received from the router (CoAP notification or MQTT message)."""
+
+    payload: bytes
+    content_format: int | None  # CoAP Content-Format number, None if not given
+
+
+class CoapSubscription:
+    """An established observation: iterate it for notifications (the current state first)."""
+
+    def __init__(self, request: aiocoap.protocol.Request, first: Message) -> None:
+        self._request = request
+        self._first = first
+
+    async def __aiter__(self) -> AsyncIterator[Notification]:
+        yield _notification(self._first)
+        try:
+            async for message in self._request.observation:
+                yield _notification(message)
+        except (aiocoap.error.Error, OSError) as exc:
+            log.debug("observation ended: %s", exc)
+
+    def cancel(self) -> None:
+        with contextlib.suppress(Exception):
+            self._request.observation.cancel()
+
+
+def _notification(message: Message) -> Notification:
+    if not message.code.is_successful():
+        return Notification(b"", None)
+    cf = message.opt.content_format
+    return Notification(message.payload, None if cf is None else int(cf))
 
 
 def _printable(payload: bytes, limit: int = 200) -> str:

@@ -15,8 +15,9 @@ The registry is written in exactly the format the router reads::
         project_id: demo
         psk: "<key text>"
 
-Keys (16 characters, URL-safe base64 of 96 bits) are derived from the seed with SHA-256, so the same seed always gives the same fleet. They
-are simulation keys: anyone who knows the seed knows them.
+Keys (16 characters, URL-safe base64 of 96 bits) are derived from the seed with SHA-256, so the
+same seed always gives the same fleet. They are simulation keys: anyone who knows the seed knows
+them.
 """
 
 from __future__ import annotations

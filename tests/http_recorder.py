@@ -8,12 +8,16 @@ Usage::
         req = server.requests[0]   # .method .path .headers (case-insensitive) .body
 
 Replies are used in order; when the script runs out every request gets ``default``.
+``server.routes["/path"] = Reply(...)`` answers one path (without query) the same way every
+time, ahead of the script. ``await server.wait_for(n)`` polls until n requests arrived.
 ``Reply(hang=True)`` never answers until the server stops (timeout tests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from email.message import Message as HeaderMap
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +45,7 @@ class HTTPRecorder:
         self.default = default or Reply(204)
         self.requests: list[Recorded] = []
         self._script: list[Reply] = []
+        self.routes: dict[str, Reply] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         recorder = self
@@ -54,7 +59,9 @@ class HTTPRecorder:
                 with recorder._lock:
                     recorder.requests.append(Recorded("POST", self.path, self.headers,
                                                       list(self.headers.items()), body))
-                    reply = recorder._script.pop(0) if recorder._script else recorder.default
+                    reply = recorder.routes.get(self.path.split("?", 1)[0])
+                    if reply is None:
+                        reply = recorder._script.pop(0) if recorder._script else recorder.default
                 if reply.hang:
                     recorder._stop.wait(10)
                     return
@@ -76,6 +83,14 @@ class HTTPRecorder:
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Recorded]:
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} requests, got {len(self.requests)}")
+            await asyncio.sleep(0.01)
+        return list(self.requests)
 
     def script(self, *replies: Reply) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""The device simulator against a small aiocoap server standing in for the router's CoAP face, for the simulator's own tests.
+"""The device simulator against a small aiocoap server standing in for the router's CoAP face.
 
 The simulator's contract is the wire protocol (devices spec): POST ``/.s/<path>`` answered 2.04
 with the message id as payload, and an observable ``/.d/result`` per device. This stand-in keeps
@@ -67,7 +67,8 @@ class _RecordingSite(resource.Site):
     async def render_to_pipe(self, pipe):  # sees every block before reassembly
         block1 = pipe.request.opt.block1
         if block1 is not None:
-            self._router.blocks.append((block1.block_number, block1.more, block1.size, len(pipe.request.payload)))
+            self._router.blocks.append(
+                (block1.block_number, block1.more, block1.size, len(pipe.request.payload)))
         return await super().render_to_pipe(pipe)
 
 

@@ -52,7 +52,8 @@ def test_frames_are_deterministic_for_a_seed_and_differ_over_time():
     first = FrameSource("chelsea", seed=7, label="cam-02")
     again = FrameSource("chelsea", seed=7, label="cam-02")
     assert first.render(3, WHEN).payload == again.render(3, WHEN).payload
-    assert first.render(3, WHEN).payload != FrameSource("chelsea", seed=8, label="cam-02").render(3, WHEN).payload
+    other_seed = FrameSource("chelsea", seed=8, label="cam-02")
+    assert first.render(3, WHEN).payload != other_seed.render(3, WHEN).payload
 
     pixels = [np.asarray(decode(first.render(i, WHEN).payload), dtype=np.int16) for i in (0, 10)]
     assert np.abs(pixels[0] - pixels[1]).mean() > 3  # the view panned

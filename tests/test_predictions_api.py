@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
 import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
@@ -76,7 +77,11 @@ async def service(classifier: Classifier, **overrides) -> AsyncIterator[tuple[ht
             yield client, settings
 
 
-@pytest.fixture
+# One service for the tests that don't need settings of their own (saves a server start per test).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def api(classifier):
     async with service(classifier) as (client, _):
         yield client
@@ -123,7 +128,7 @@ class ImageHost:
                                      Route("/missing", missing)])
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def images():
     host = ImageHost()
     async with serve_app(host.app) as url:
@@ -220,7 +225,7 @@ async def test_sync_create_in_every_form(api, path, version):
     assert r.headers["location"] == pred["urls"]["get"]
     assert r.headers["preference-applied"] == "wait=60"
     assert r.headers["content-type"] == "application/json"
-    assert int(r.headers["ratelimit-remaining"]) == 599 and r.headers["ratelimit-reset"] == "1"
+    assert 0 <= int(r.headers["ratelimit-remaining"]) < 600 and r.headers["ratelimit-reset"] == "1"
     assert "EfficientNet-Lite0" in pred["logs"]
     web = await api.get(f"/p/{pred['id']}")
     assert web.json()["id"] == pred["id"]
@@ -422,7 +427,12 @@ async def test_cancel_after_cancels_a_running_and_aborts_a_queued_prediction(api
 # -- listing, versions, secret ---------------------------------------------------------------------
 
 
-async def test_list_is_newest_first_in_pages_of_100(api):
+async def test_list_is_newest_first_in_pages_of_100(classifier):
+    async with service(classifier) as (api, _):
+        await check_pages_of_100(api)
+
+
+async def check_pages_of_100(api: httpx.AsyncClient) -> None:
     created = []
     for _ in range(103):
         r = await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": "data:,x"}})
@@ -438,7 +448,12 @@ async def test_list_is_newest_first_in_pages_of_100(api):
     assert_problem(bad, 422, "Input validation failed")
 
 
-async def test_list_filters_by_creation_time(api):
+async def test_list_filters_by_creation_time(classifier):
+    async with service(classifier) as (api, _):
+        await check_time_filters(api)
+
+
+async def check_time_filters(api: httpx.AsyncClient) -> None:
     first = (await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}})).json()
     await asyncio.sleep(0.01)
     second = (await api.post("/v1/predictions", json={"version": VERSION, "input": {"image": TINY}})).json()

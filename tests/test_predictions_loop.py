@@ -212,3 +212,52 @@ async def test_sync_style_pipeline_from_plain_yaml(tmp_path):
             assert doc["caption"].startswith("Caption: ")
             assert "cat" in doc["caption"] or "tabby" in doc["caption"]
             assert "input" not in doc  # the frame itself does not go back to the device
+
+
+async def test_the_loop_over_coap_frame_id_traceable_end_to_end(tmp_path):
+    """Frame in over CoAP/DTLS → prediction → signed callback → device state → Observe at the
+    device; the id the router gave the frame in its 2.04 is the one in the answer."""
+    from device_sim.camera import CameraConfig
+    from device_sim.fleet import Fleet
+    from device_sim.identity import fleet_identities, write_registry
+    from pipelines.ingest.coap import CoapSettings
+
+    secret = new_webhook_secret()
+    secrets_file = tmp_path / "secrets.yaml"
+    secrets_file.write_text(f"REPLICATE_TOKEN: Bearer {TOKEN}\n")
+    identities = fleet_identities(1, seed=5, project_id="demo")
+    registry = write_registry(tmp_path / "devices.yaml", identities)
+    async with running(PredictionSettings(port=0, tokens=(TOKEN,), webhook_secret=secret)) as api_url:
+        settings = ServiceSettings(
+            router=RouterSettings(pipelines=[ROOT / "pipeline.yaml"], store_path=tmp_path / "store.db",
+                                  secrets_file=secrets_file,
+                                  url_overrides={"https://api.replicate.com": api_url}),
+            http_port=0, webhook_secret=secret,
+            coap=CoapSettings(host="127.0.0.1", dtls_port=0, registry_path=registry))
+        async with RouterService(settings) as service:
+            events = []
+            fleet = Fleet(identities, CameraConfig(host="127.0.0.1", port=service.coap_dtls_port,
+                                                   interval=0.2, max_frames=1), seed=5, on_event=events.append)
+            cam = fleet.cameras[0]
+            async with fleet:
+                deadline = time.monotonic() + 30
+                while cam.stats.frames_answered < 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            assert cam.stats.frames_answered == 1, cam.stats.as_dict()
+            acked = [e for e in events if e.kind == "acked"]
+            answered = [e for e in events if e.kind == "answered"]
+            assert len(acked) == 1 and len(answered) == 1
+            frame_id = acked[0].frame_id
+            assert answered[0].frame_id == frame_id
+            assert cam.stats.last_answer.startswith("Caption: ")
+            # the router's own record ties the prediction to the same frame
+            doc = await service.router.get_state("demo", cam.device_id, "/result")
+            assert doc["frame_id"] == frame_id and doc["status"] == "succeeded"
+            where = await service.router.store.lookup_prediction(doc["prediction_id"])
+            assert where["message_id"] == frame_id and where["device_id"] == cam.device_id
+            # and the predictions API knows that prediction, with the same output
+            async with httpx.AsyncClient() as client:
+                r = await client.get(f"{api_url}/v1/predictions/{doc['prediction_id']}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200
+            assert r.json()["output"] == doc["output"] == cam.stats.last_answer

@@ -15,7 +15,6 @@ type, anything else is a MIME type compared without parameters) and raises a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pipelines.components import Component, TransformError
@@ -53,13 +52,3 @@ def read_json(component: Component, message: Message) -> Any:
     except NotJSONError as exc:
         raise TransformError(f"{component.type}: {exc}") from None
 
-
-def json_safe(value: Any) -> Any:
-    """Replace non-finite floats (which JSON cannot hold) by ``None``, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
