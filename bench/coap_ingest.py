@@ -81,7 +81,7 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def serve_bare(port: int, dtls: bool, registry: str, ready, stop) -> None:
+def serve_bare(port: int, dtls: bool, registry: str, cpu_out, ready, stop) -> None:
     _quiet()
 
     async def main() -> None:
@@ -105,8 +105,10 @@ def serve_bare(port: int, dtls: bool, registry: str, ready, stop) -> None:
         else:
             ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port),
                                                               transports=["udp6"])
+        cpu0 = time.process_time()
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        cpu_out.put(time.process_time() - cpu0)
         await ctx.shutdown()
 
     asyncio.run(main())
@@ -146,7 +148,7 @@ pipelines:
 
 
 def serve_router(port: int, dtls: bool, registry: str, workdir: str, run_engine: bool, with_coap: bool,
-                 reuse_port: bool, ready, stop) -> None:
+                 reuse_port: bool, cpu_out, ready, stop) -> None:
     _quiet()
 
     async def main() -> None:
@@ -168,8 +170,15 @@ def serve_router(port: int, dtls: bool, registry: str, workdir: str, run_engine:
                 cs = CoapSettings(host="127.0.0.1", port=port, dtls_port=port, plain_enabled=not dtls,
                                   dtls_enabled=dtls, registry_path=registry, reuse_port=reuse_port)
                 coap = await CoapIngest(router, cs).start()
+            cpu0 = time.process_time()
             ready.set()
             await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            if run_engine:  # count the pipeline work for every frame: wait until it is all done
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and (
+                        await router.store.inbox_size() or any((await router.store.queue_depths()).values())):
+                    await asyncio.sleep(0.05)
+            cpu_out.put(time.process_time() - cpu0)
             if coap is not None:
                 await coap.stop()
 
@@ -282,16 +291,21 @@ def measure(name: str, port: int, args, devices: list[str]) -> dict:
 def with_servers(targets: list[tuple], fn):
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
+    cpu_out = ctx.Queue()
     procs = []
     try:
         for target, targs in targets:
             ready = ctx.Event()
-            p = ctx.Process(target=target, args=(*targs, ready, stop))
+            p = ctx.Process(target=target, args=(*targs, cpu_out, ready, stop))
             p.start()
             procs.append(p)
             if not ready.wait(60):
                 raise RuntimeError(f"server {target.__name__} did not start")
-        return fn()
+        row = fn()
+        stop.set()
+        cpu = sum(cpu_out.get(timeout=90) for _ in procs)
+        row["cpu_ms"] = cpu * 1000 / max(row["frames"], 1)
+        return row
     finally:
         stop.set()
         for p in procs:
@@ -335,17 +349,20 @@ def main() -> int:
             rows.append(with_servers(servers, lambda n=n, port=port: measure(
                 f"router, {n} ingest worker(s) + engine", port, args, devices)))
 
-    base = rows[0]["fps"]
+    base = rows[0]
     transport = "CoAP over DTLS-PSK" if args.dtls else "plain CoAP"
     print(f"\n{args.devices} devices x {args.frames} frames of 20-60 KB PNG, 1024-byte blocks, {transport}, "
-          f"{os.cpu_count()} CPUs, clients in {args.client_procs} processes\n")
-    header = f"{'server':<42} {'frames':>6} {'frames/s':>9} {'blocks/s':>9} {'MB/s':>6} " \
-             f"{'p50 ms':>8} {'p99 ms':>8} {'vs bare':>8}  failures"
+          f"{os.cpu_count()} CPUs, clients in {args.client_procs} processes")
+    print("server CPU/frame: CPU time of all server processes (ingest, and for the router the engine and\n"
+          "webhook delivery of every frame) per frame; the fairest figure when clients share the CPUs.\n")
+    header = (f"{'server':<40} {'frames':>6} {'frames/s':>8} {'blocks/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'CPU ms/frame':>12} {'fps vs bare':>11} {'CPU vs bare':>11}  failures")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['name']:<42} {r['frames']:>6} {r['fps']:>9.1f} {r['bps']:>9.0f} {r['mbps']:>6.2f} "
-              f"{r['p50']:>8.1f} {r['p99']:>8.1f} {r['fps'] / base:>8.2f}  {r['failures'] or '-'}")
+        print(f"{r['name']:<40} {r['frames']:>6} {r['fps']:>8.1f} {r['bps']:>8.0f} {r['p50']:>7.0f} "
+              f"{r['p99']:>7.0f} {r['cpu_ms']:>12.1f} {r['fps'] / base['fps']:>11.2f} "
+              f"{r['cpu_ms'] / base['cpu_ms']:>11.2f}  {r['failures'] or '-'}")
     return 0
 
 

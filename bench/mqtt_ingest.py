@@ -10,11 +10,13 @@ Runs, in one go and against one fresh mosquitto per case (real processes through
   inbox and then recorded as unmatched;
 * ``2 workers``: two such workers in one shared-subscription group, each with its own store.
 
-Publishers are separate processes (paho, QoS 1, up to 1000 in flight each) started after the
-consumers subscribed. The rate is messages / (time of the last stored message - time of the
-first), measured at the consumer (the workers' store counters, polled every 20 ms). The
-offered rate (what the publishers managed) is printed too: a consumer cannot look faster
-than its publishers.
+Drain mode, so that publishers and consumers do not fight over the same CPUs: each consumer
+first subscribes with a persistent session (MQTT v5 session expiry) and goes away; the
+publishers (separate processes, paho, QoS 1, up to 1000 in flight each) then publish the
+whole backlog, which mosquitto queues for the absent sessions (round-robin between the
+members of the shared group); then the consumers start again and drain it. The rate is
+messages / (time of the last stored message - time of the first), measured at the consumer
+(for the workers: their store counters, polled every 20 ms).
 """
 
 from __future__ import annotations
@@ -65,16 +67,23 @@ def publisher(port: int, index: int, count: int, size: int, out: mp.Queue) -> No
     c.disconnect()
 
 
-def bare_subscriber(port: int, total: int, ready: mp.Event, out: mp.Queue) -> None:
+def bare_subscriber(port: int, total: int, ready: mp.Event, out: mp.Queue, subscribe_only: bool) -> None:
     import asyncio
 
     import aiomqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
 
     async def main() -> None:
-        async with aiomqtt.Client("127.0.0.1", port, identifier="bench-bare",
-                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+        async with aiomqtt.Client("127.0.0.1", port, identifier="bench-bare", clean_start=False,
+                                  properties=props, protocol=aiomqtt.ProtocolVersion.V5) as client:
             await client.subscribe("+/+/stream/#", qos=1)
             ready.set()
+            if subscribe_only:
+                return
             n, first = 0, 0.0
             async for _ in client.messages:
                 if n == 0:
@@ -112,14 +121,17 @@ def offered(out: mp.Queue, publishers: int, total: int) -> float:
 def case_bare(work: Path, total: int, size: int, publishers: int) -> tuple[float, float]:
     with Mosquitto(work / "broker-bare") as broker:
         ready, out = mp.Event(), mp.Queue()
-        sub = mp.Process(target=bare_subscriber, args=(broker.port, total, ready, out))
+        sub = mp.Process(target=bare_subscriber, args=(broker.port, total, ready, out, True))
         sub.start()
-        ready.wait(30)
+        sub.join(30)
         procs, pub_out = run_publishers(broker.port, total, size, publishers)
-        first, last = out.get(timeout=300)
         rate_offered = offered(pub_out, publishers, total)
-        for p in [*procs, sub]:
+        for p in procs:
             p.join(30)
+        sub = mp.Process(target=bare_subscriber, args=(broker.port, total, ready, out, False))
+        sub.start()
+        first, last = out.get(timeout=300)
+        sub.join(30)
         return total / (last - first), rate_offered
 
 
@@ -127,26 +139,36 @@ def case_workers(work: Path, n_workers: int, total: int, size: int, publishers: 
     pipes = work / "pipeline.yaml"
     pipes.write_text(PIPELINE)
     with Mosquitto(work / f"broker-{n_workers}") as broker:
-        workers, stores, logs = [], [], []
-        for i in range(n_workers):
-            store = work / f"w{n_workers}-{i}.db"
-            log = work / f"w{n_workers}-{i}.log"
-            stores.append(store)
-            logs.append(log)
-            workers.append(subprocess.Popen(
+        stores = [work / f"w{n_workers}-{i}.db" for i in range(n_workers)]
+        logs = [work / f"w{n_workers}-{i}.log" for i in range(n_workers)]
+
+        def start_workers() -> list[subprocess.Popen]:
+            return [subprocess.Popen(
                 [sys.executable, "-m", "pipelines.cli", "mqtt-worker", "--broker",
                  f"mqtt://127.0.0.1:{broker.port}", "--pipelines", str(pipes), "--store", str(store),
                  "--group", "bench", "--client-id", f"bench-w{i}", "--log-level", "INFO"],
                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                stdout=open(log, "wb"), stderr=subprocess.STDOUT))  # noqa: SIM115
+                stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+                for i, (store, log) in enumerate(zip(stores, logs, strict=True))]
+
+        # 1. create the sessions, then leave (SIGTERM: the sessions stay at the broker)
+        workers = start_workers()
+        deadline = time.time() + 60
+        while not all(p.exists() and "subscribed to" in p.read_text(errors="replace") for p in logs):
+            if time.time() > deadline:
+                raise RuntimeError("workers did not subscribe")
+            time.sleep(0.05)
+        for w in workers:
+            w.terminate()
+            w.wait(30)
+        # 2. the backlog
+        procs, pub_out = run_publishers(broker.port, total, size, publishers)
+        rate_offered = offered(pub_out, publishers, total)
+        for p in procs:
+            p.join(30)
+        # 3. drain it
+        workers = start_workers()
         try:
-            deadline = time.time() + 60
-            while not all("subscribed to" in p.read_text(errors="replace") for p in logs if p.exists()) \
-                    or not all(p.exists() for p in logs):
-                if time.time() > deadline:
-                    raise RuntimeError("workers did not subscribe")
-                time.sleep(0.05)
-            procs, pub_out = run_publishers(broker.port, total, size, publishers)
             first = last = 0.0
             deadline = time.time() + 300
             while time.time() < deadline:
@@ -158,9 +180,6 @@ def case_workers(work: Path, n_workers: int, total: int, size: int, publishers: 
                     last = now
                     break
                 time.sleep(0.02)
-            rate_offered = offered(pub_out, publishers, total)
-            for p in procs:
-                p.join(30)
             if not last:
                 raise RuntimeError(f"only {n} of {total} messages were stored")
             return total / (last - first), rate_offered
@@ -185,7 +204,7 @@ def main() -> None:
         two, two_off = case_workers(work, 2, total, args.size, args.publishers)
     print(f"\nMQTT ingest, {total} messages of {args.size} B, QoS 1, {args.publishers} publisher processes,"
           f" mosquitto on loopback, {os.cpu_count()} CPUs\n")
-    print(f"{'consumer':<34}{'msg/s':>10}{'offered msg/s':>16}{'ratio':>18}")
+    print(f"{'consumer':<34}{'msg/s':>10}{'publish msg/s':>16}{'ratio':>18}")
     print(f"{'bare aiomqtt subscriber':<34}{bare:>10.0f}{bare_off:>16.0f}{'1.00x bare':>18}")
     print(f"{'router, 1 worker (ack after store)':<34}{one:>10.0f}{one_off:>16.0f}{one / bare:>13.2f}x bare")
     print(f"{'router, 2 workers ($share group)':<34}{two:>10.0f}{two_off:>16.0f}{two / one:>14.2f}x one")

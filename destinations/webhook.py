@@ -18,8 +18,7 @@ from __future__ import annotations
 from destinations.registry import register
 from pipelines.components import ComponentError, Destination
 from pipelines.message import Message
-from pipelines.outbound_http import post_message
-from transformers.webhook import WebhookParams
+from pipelines.outbound_http import WebhookParams, post_message
 
 
 @register

@@ -147,6 +147,7 @@ EventCallback = Callable[[CameraEvent], Awaitable[None] | None]
 class _Pending:
     frame_index: int
     started: float  # monotonic time the successful upload attempt started
+    resubscribed: bool = False
 
 
 class Camera:
@@ -260,7 +261,6 @@ class Camera:
                 frame = await asyncio.to_thread(self.frames.render, index, datetime.now(UTC))
                 self.last_frame = frame
                 await self._send(frame)
-                self._check_overdue()
             except Exception as exc:  # a simulator bug must not silently kill the camera
                 log.exception("%s: upload of frame %d failed unexpectedly", self.device_id, index)
                 self.stats.errors += 1
@@ -324,7 +324,8 @@ class Camera:
             now = time.monotonic()
             if now >= deadline:
                 return
-            wait = deadline - now
+            self._check_overdue()
+            wait = min(deadline - now, max(0.05, self.config.answer_timeout / 4))
             if self.config.keepalive and self._link.is_open:
                 until_ping = self._link.last_activity + self.config.keepalive - now
                 if until_ping <= 0:
@@ -352,15 +353,21 @@ class Camera:
             log.debug("%s: reconnect failed: %s", self.device_id, exc)
 
     def _check_overdue(self) -> None:
+        """Re-observe when an answer is overdue; give up on a frame after 3 answer timeouts."""
         now = time.monotonic()
-        overdue = [fid for fid, p in self._pending.items() if now - p.started > self.config.answer_timeout]
-        for frame_id in overdue:
-            pending = self._pending.pop(frame_id)
-            log.info("%s: no answer for frame %s, re-registering observation", self.device_id, frame_id)
-            self._emit_soon("unanswered", frame_index=pending.frame_index, frame_id=frame_id)
-        if overdue:
-            # The router may have restarted and forgotten us: observe again.
-            self._resubscribe.set()
+        limit = self.config.answer_timeout
+        for frame_id, pending in list(self._pending.items()):
+            age = now - pending.started
+            if age > 3 * limit:
+                del self._pending[frame_id]
+                self._emit_soon("unanswered", frame_index=pending.frame_index, frame_id=frame_id)
+            elif age > limit and not pending.resubscribed:
+                # The router may have restarted and forgotten our observation: observe again;
+                # the new observation's first notification carries the current result.
+                log.info("%s: no answer for frame %s yet, re-registering observation",
+                         self.device_id, frame_id)
+                pending.resubscribed = True
+                self._resubscribe.set()
 
     # ------------------------------------------------------------------ results
 

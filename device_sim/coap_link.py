@@ -167,7 +167,7 @@ class CoapLink:
         request = self.observe(path)
         try:
             response = await asyncio.wait_for(asyncio.shield(request.response), self.request_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LinkError(f"no answer to observe from {self.base_uri} within {self.request_timeout:g} s"
                             ) from None
         except (aiocoap.error.Error, OSError) as exc:

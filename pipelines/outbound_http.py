@@ -8,6 +8,8 @@ Usage::
                                   extra=context.extra)
     # 2xx: the httpx.Response; anything else raises DeliveryError
 
+``WebhookParams`` (``url``, ``headers``) is the parameters model both webhook components use.
+
 What goes on the wire: the payload bytes as they are; ``Content-Type`` = the message's;
 CloudEvents binary-mode headers (``Ce-Specversion: 1.0``, ``Ce-Id`` = message id,
 ``Ce-Source`` = device id, ``Ce-Subject`` = project id, ``Ce-Type:
@@ -40,6 +42,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.components import DeliveryError
 from pipelines.message import Message
@@ -185,3 +188,32 @@ async def post_message(
         retry_after=retry_after,
         response_excerpt=_excerpt(response),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters shared by the webhook destination and the webhook transformer
+
+
+def check_http_url(value: str) -> str:
+    """An absolute http(s) URL. The message never repeats the URL: it may be a secret."""
+    try:
+        url = httpx.URL(value)
+    except Exception:  # httpx raises several types for malformed URLs
+        raise ValueError("url is not a valid URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("url must be an absolute http:// or https:// URL")
+    return value
+
+
+class WebhookParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="The endpoint to POST the message to.",
+                     examples=["https://api.replicate.com/v1/predictions", "$SLACK_WEBHOOK"])
+    headers: dict[str, str] = Field(default_factory=dict,
+                                    description="Extra request headers; they win over ours.",
+                                    examples=[{"Authorization": "Bearer ${REPLICATE_API_TOKEN}"}])
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return check_http_url(value)

@@ -38,7 +38,7 @@ class Prediction:
     output: object = None
     logs: str = ""
     error: str | None = None
-    created_at: float = field(default_factory=time.time)
+    created_at: float = field(default_factory=lambda: round(time.time(), 6))  # as precise as shown
     started_at: float | None = None
     completed_at: float | None = None
     seq: int = 0
@@ -126,14 +126,15 @@ class PredictionStore:
     ) -> tuple[list[Prediction], str | None]:
         """Newest first; ``next_cursor`` is None on the last page."""
         below = decode_cursor(cursor) if cursor else None
+        after = None if created_after is None else round(created_after * 1e6)
+        before = None if created_before is None else round(created_before * 1e6)
         out: list[Prediction] = []
         more = False
         for pred in reversed(self.items.values()):
             if below is not None and pred.seq >= below:
                 continue
-            if created_after is not None and pred.created_at <= created_after:
-                continue
-            if created_before is not None and pred.created_at >= created_before:
+            micros = round(pred.created_at * 1e6)  # compare as shown in created_at, to the microsecond
+            if (after is not None and micros <= after) or (before is not None and micros >= before):
                 continue
             if len(out) == limit:
                 more = True

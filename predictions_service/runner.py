@@ -30,6 +30,7 @@ from .settings import Settings
 from .webhooks import WebhookSender
 
 log = logging.getLogger("predictions_service.runner")
+ABORTED_ERROR = "The prediction's deadline (Cancel-After) passed before it started."
 
 
 class PredictionRunner:
@@ -114,15 +115,13 @@ class PredictionRunner:
         try:
             await asyncio.wait_for(self.slots.acquire(), until_deadline)
         except TimeoutError:
-            self._finish(
-                pred, "aborted", "The prediction's deadline (Cancel-After) passed before it started."
-            )
+            self._finish(pred, "aborted", ABORTED_ERROR)
             return
         try:
             if pred.terminal:
                 return
             if pred.deadline is not None and time.time() >= pred.deadline:  # got the slot too late
-                self._finish(pred, "aborted", "The prediction's deadline (Cancel-After) passed before it started.")
+                self._finish(pred, "aborted", ABORTED_ERROR)
                 return
             pred.status, pred.started_at = "processing", time.time()
             assert self.webhooks is not None

@@ -277,6 +277,20 @@ async def test_plain_is_off_unless_enabled(router, registry_path):
         assert srv.port is None and srv.dtls_port
 
 
+async def test_serve_coap_runs_until_cancelled(router, registry_path, client, hook):
+    from pipelines.ingest.coap import serve_coap
+
+    started: asyncio.Future = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve_coap(router, coap_settings(registry_path), ready=started.set_result))
+    srv = await asyncio.wait_for(started, 10)
+    frame = make_png(2_000)
+    await expect_delivered(hook, await post_frame(client, srv.port, frame), frame)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert srv.context is None  # sockets closed
+
+
 # -- DTLS ----------------------------------------------------------------------------------
 
 @needs_libcoap
@@ -358,6 +372,27 @@ async def test_dtls_listens_on_exactly_the_configured_port(router, registry_path
         assert rc == 0, err
         got = await wait_for(lambda: delivered(hook, out.decode().strip()), what="delivery")
         assert got.body == b"exact"
+
+
+@needs_libcoap
+async def test_dtls_sessions_are_capped(router, registry_path, hook):
+    async with CoapIngest(router, coap_settings(registry_path, max_dtls_sessions=4)) as srv:
+        pool = srv.context.request_interfaces[-1].token_interface.message_interface._pool
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(12)]
+        try:
+            for s in socks:  # each source port is a would-be DTLS peer
+                s.sendto(b"\x16\xfe\xfd" + os.urandom(40), ("127.0.0.1", srv.dtls_port))
+            await wait_for(lambda: len(pool._connections) >= 3, what="junk sessions")
+            await asyncio.sleep(0.2)
+            assert len(pool._connections) <= 4
+        finally:
+            for s in socks:
+                s.close()
+        rc, out, err = await libcoap("-m", "post", "-e", "still-here", "-t", "0", "-u", "cam-01@demo",
+                                     "-k", KEY_01, f"coaps://127.0.0.1:{srv.dtls_port}/.s/images")
+        assert rc == 0, err
+        got = await wait_for(lambda: delivered(hook, out.decode().strip()), what="delivery")
+        assert got.body == b"still-here"
 
 
 async def test_dtls_needs_concrete_address_and_registry(router, registry_path):
@@ -543,6 +578,20 @@ async def test_garbage_and_oversized_tokens_do_not_hurt_others(server, client, h
     frame = make_png(5_000)
     await expect_delivered(hook, await post_frame(client, server.port, frame), frame)
     assert server.stats["accepted"] == 1
+
+
+async def test_keepalives_and_pings_are_quietly_handled(server, client, hook, caplog):
+    raw = RawClient(server.port)
+    try:
+        raw.send(bytes([0x50, 0x00, 0x12, 0x35]))  # empty NON: the Golioth SDK's keep-alive
+        raw.send(bytes([0x40, 0x00, 0x12, 0x36]))  # empty CON: a CoAP ping, answered with RST
+        pong = await raw.receive()
+        assert pong.mtype == aiocoap.RST and pong.mid == 0x1236
+    finally:
+        raw.close()
+    frame = make_png(2_000)
+    await expect_delivered(hook, await post_frame(client, server.port, frame), frame)
+    assert not [r for r in caplog.records if r.levelno >= 30 and "EMPTY" in r.getMessage()]
 
 
 async def test_flooding_device_gets_4_29_while_others_are_served(router, registry_path, hook):

@@ -85,7 +85,7 @@ class _Stream(resource.Resource):
             return Message(code=code, max_age=max_age, payload=b"stand-in refuses")
         device_id = router.device_of(request)
         router.counter += 1
-        message_id = f"msg-{router.counter:04d}"
+        message_id = f"{router.prefix}{router.counter:04d}"
         router.uploads.append(Upload(device_id, self._path, request.payload, request.opt.content_format,
                                      message_id))
         if router.answer:
@@ -112,8 +112,9 @@ class _State(resource.ObservableResource):
 
 class StandInRouter:
     def __init__(self, port: int, *, psks: dict[str, bytes] | None = None, answer: bool = True,
-                 answer_delay: float = 0.05) -> None:
+                 answer_delay: float = 0.05, prefix: str = "msg-") -> None:
         self.port = port
+        self.prefix = prefix  # of message ids; a "restarted" router gets another, ids stay unique
         self.psks = psks  # None: plain coap
         self.answer = answer
         self.answer_delay = answer_delay
@@ -269,7 +270,7 @@ async def test_router_down_then_up_camera_recovers():
         await router.stop()
         await wait_until(lambda: camera.stats.errors >= 1, 10, "the camera to notice the outage")
         answered_before = camera.stats.frames_answered
-        router = await StandInRouter(port, psks=psks_for(identities)).start()  # a restarted router
+        router = await StandInRouter(port, psks=psks_for(identities), prefix="restarted-").start()
         assert await camera.wait_answered(answered_before + 2, timeout=15), camera.stats
         assert camera.running and camera.stats.retries >= 1
         assert router.uploads and router.uploads[-1].device_id == "cam-01"
@@ -381,3 +382,24 @@ def test_sim_command_registry_only_and_bad_arguments(tmp_path, capsys):
     assert "device count must be 1..999" in capsys.readouterr().err
     assert sim.run(sim_args("--size", "320x8")) == 2
     assert "frame size 320x8 out of range" in capsys.readouterr().err
+
+
+async def test_camera_observes_again_when_a_restarted_router_forgot_the_observation():
+    identity = fleet_identities(1, seed=13)[0]
+    port = free_udp_port()
+    # Plain CoAP: uploads to the restarted router just work, so only the missing answer tells
+    # the camera that its observation is gone.
+    camera = Camera(identity, fast_config(port, "coap", interval=1.0, jitter=0, answer_timeout=0.3))
+    router = await StandInRouter(port).start()
+    try:
+        await camera.start()
+        assert await camera.wait_answered(1, timeout=10)
+        await router.stop()
+        router = await StandInRouter(port, prefix="restarted-").start()
+        assert await camera.wait_answered(2, timeout=10), camera.stats
+        assert camera.stats.errors == 0 and camera.stats.retries == 0  # nothing failed on the wire
+        assert camera.stats.last_frame_id == router.uploads[0].message_id
+        assert camera.stats.last_latency > 0.3  # answered through the new observation
+    finally:
+        await camera.stop()
+        await router.stop()

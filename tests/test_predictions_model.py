@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,18 @@ from predictions_service.model import MODEL_FILE, Classifier, ImageDecodeError, 
 from predictions_service.model_build import BLOCK_STRIDES, ModelBuildError, build_onnx, build_onnx_from_state
 from predictions_service.model_weights import WeightsError, bundled_weights_path, load_state_dict
 
-skdata = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def photo(name: str) -> np.ndarray:
+    """A real photo: the copy shipped in device_sim/data, else scikit-image's original."""
+    path = ROOT / "device_sim" / "data" / f"{name}.jpg"
+    if path.is_file():
+        return np.asarray(Image.open(path).convert("RGB"))
+    skdata = pytest.importorskip(
+        "skimage.data", reason="test photos come from device_sim/data or scikit-image"
+    )
+    return getattr(skdata, name)()
 
 
 @pytest.fixture(scope="session")
@@ -84,23 +96,24 @@ def test_model_file_is_cached(tmp_path_factory, classifier):
 
 
 def test_coffee_is_espresso(classifier):
-    top = classifier.classify(decode_image(png(skdata.coffee())), k=3)
+    top = classifier.classify(decode_image(png(photo("coffee"))), k=3)
     assert top[0].name in ("espresso", "cup")
     assert top[0].probability > 0.8
 
 
 def test_chelsea_is_a_cat(classifier):
-    top = classifier.classify(decode_image(png(skdata.chelsea())), k=3)
+    top = classifier.classify(decode_image(png(photo("chelsea"))), k=3)
     assert top[0].name in ("tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat")
 
 
 def test_cameraman_is_a_tripod(classifier):
-    top = classifier.classify(decode_image(png(skdata.camera())), k=1)  # greyscale input
+    grey = np.asarray(Image.fromarray(photo("camera")).convert("L"))
+    top = classifier.classify(decode_image(png(grey)), k=1)  # greyscale input
     assert top[0].name == "tripod" and top[0].probability > 0.5
 
 
 def test_caption_for_coffee(classifier):
-    result = blip.answer(classifier, png(skdata.coffee()), "image_captioning", None, None)
+    result = blip.answer(classifier, png(photo("coffee")), "image_captioning", None, None)
     assert result.output.startswith("Caption: espresso (") and result.output.endswith("%)")
     assert "top-5: espresso" in result.logs
 
@@ -113,17 +126,17 @@ def test_uniform_frame_says_unsure(classifier, value):
 
 
 def test_vqa_answers_from_labels(classifier):
-    image = png(skdata.chelsea())
+    image = png(photo("chelsea"))
     vqa = "visual_question_answering"
     assert blip.answer(classifier, image, vqa, "Is there a cat?", None).output.startswith("Answer: yes (")
     no = blip.answer(classifier, image, vqa, "Is this a tripod?", None)
     assert no.output.startswith("Answer: no (tripod 0%")
-    what = blip.answer(classifier, png(skdata.camera()), "visual_question_answering", "What is shown?", None)
+    what = blip.answer(classifier, png(photo("camera")), "visual_question_answering", "What is shown?", None)
     assert what.output.startswith("Answer: tripod (")
 
 
 def test_itm_probability_follows_the_caption(classifier):
-    image = png(skdata.coffee())
+    image = png(photo("coffee"))
     good = blip.answer(classifier, image, "image_text_matching", None, "a cup of espresso")
     bad = blip.answer(classifier, image, "image_text_matching", None, "a tabby sleeping")
     none = blip.answer(classifier, image, "image_text_matching", None, "something nice")
@@ -140,7 +153,7 @@ def test_itm_probability_follows_the_caption(classifier):
 )
 def test_task_without_its_text_fails(classifier, task, field):
     with pytest.raises(blip.PredictionFailed, match=f"{field} is required"):
-        blip.answer(classifier, png(skdata.coffee()), task, None, None)
+        blip.answer(classifier, png(photo("coffee")), task, None, None)
 
 
 @pytest.mark.parametrize("data", [b"", b"hello, not an image", b"\x89PNG\r\n\x1a\n truncated"])

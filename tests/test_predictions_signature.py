@@ -47,8 +47,11 @@ def test_verify_accepts_the_spec_vector():
 
 
 def test_verify_accepts_any_matching_entry_and_mixed_case_headers():
-    headers = {"Webhook-Id": MSG_ID, "WEBHOOK-TIMESTAMP": str(TS),
-               "webhook-signature": f"v1,bm90IGl0 v2,abc {EXPECTED}"}
+    headers = {
+        "Webhook-Id": MSG_ID,
+        "WEBHOOK-TIMESTAMP": str(TS),
+        "webhook-signature": f"v1,bm90IGl0 v2,abc {EXPECTED}",
+    }
     assert verify(SECRET, headers, BODY, now=TS) is None
 
 
@@ -57,8 +60,9 @@ def test_the_documented_wrong_key_does_not_verify():
     import hashlib
     import hmac
 
-    wrong = base64.b64encode(hmac.new(SECRET[6:].encode(), f"{MSG_ID}.{TS}.".encode() + BODY,
-                                      hashlib.sha256).digest()).decode()
+    wrong = base64.b64encode(
+        hmac.new(SECRET[6:].encode(), f"{MSG_ID}.{TS}.".encode() + BODY, hashlib.sha256).digest()
+    ).decode()
     headers = {**vector_headers(), "webhook-signature": f"v1,{wrong}"}
     with pytest.raises(SignatureMismatchError):
         verify(SECRET, headers, BODY, now=TS)

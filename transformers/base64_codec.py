@@ -28,7 +28,8 @@ class Base64(Transformer):
 
     async def transform(self, message: Message) -> Message:
         if not self.params.decode:
-            return message.evolve(payload=base64.b64encode(message.payload), content_type="text/plain")
+            return message.evolve(payload=base64.b64encode(message.payload), content_type="text/plain",
+                                  json_safe_text=True)
         try:
             raw = base64.b64decode(message.payload.strip(), validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -9,14 +9,23 @@ from __future__ import annotations
 import base64
 
 from pipelines.components import Transformer
-from pipelines.message import Message
+from pipelines.message import Message, is_json_safe
 from transformers.registry import register
+
+
+def _media(content_type: str) -> str:
+    return ";".join(part.strip() for part in content_type.split(";") if part.strip())
 
 
 def data_url(content_type: str, payload: bytes) -> str:
     """``data:image/png;base64,iVBOR...``; MIME parameters are kept, spaces around ``;`` dropped."""
-    media = ";".join(part.strip() for part in content_type.split(";") if part.strip())
-    return f"data:{media};base64,{base64.b64encode(payload).decode('ascii')}"
+    return f"data:{_media(content_type)};base64,{base64.b64encode(payload).decode('ascii')}"
+
+
+def data_url_bytes(content_type: str, payload: bytes) -> tuple[bytes, bool]:
+    """The data URL as bytes (one copy of the base64), and whether it is JSON-safe text."""
+    media = _media(content_type)
+    return b"data:" + media.encode() + b";base64," + base64.b64encode(payload), is_json_safe(media)
 
 
 @register
@@ -26,5 +35,5 @@ class DataUrl(Transformer):
     summary = "Encode the payload as a data URL (data:<content type>;base64,...), output text/plain."
 
     async def transform(self, message: Message) -> Message:
-        text = data_url(message.content_type, message.payload)
-        return message.evolve(payload=text.encode("ascii"), content_type="text/plain")
+        url, safe = data_url_bytes(message.content_type, message.payload)
+        return message.evolve(payload=url, content_type="text/plain", json_safe_text=safe)

@@ -32,4 +32,6 @@ class EmbedInJson(Transformer):
                 f"embed-in-json: payload is not valid UTF-8 (byte {exc.start}); encode binary "
                 "data with a base64 or data-url step first"
             ) from None
-        return message.evolve(json={self.params.key: text})
+        # a data URL or base64 text needs no JSON escaping: let the serialiser copy it
+        safe = (text,) if message.json_safe_text else ()
+        return message.evolve(json={self.params.key: text}, safe_strings=safe)

@@ -48,7 +48,9 @@ class Member(BaseModel):
                       examples=["temperature"])
     type: str = Field(description="One of " + ", ".join(TYPES) + ".", examples=["float", "string"])
     length: int | str | None = Field(
-        default=None, description="string only: fixed length in bytes.", examples=[5])
+        default=None, examples=[5],
+        description="string only: fixed length in bytes (a member name here is read as lengthField, "
+                    "as in Golioth's own example).")
     lengthField: str | None = Field(  # Golioth's spelling
         default=None, description="string only: name of an earlier integer member holding the length.",
         examples=["string2_len"])

@@ -28,36 +28,14 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from pipelines.components import DeliveryError, Transformer, TransformError
 from pipelines.message import Message, NotJSONError, is_json_type
-from pipelines.outbound_http import post_message
+from pipelines.outbound_http import WebhookParams, post_message
 from pipelines.retry import RetryPolicy, call_with_retry
 from transformers.base import base_type
 from transformers.registry import register
-
-
-def check_http_url(value: str) -> str:
-    """An absolute http(s) URL. The message never repeats the URL: it may be a secret."""
-    try:
-        url = httpx.URL(value)
-    except Exception:  # httpx raises several types for malformed URLs
-        raise ValueError("url is not a valid URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("url must be an absolute http:// or https:// URL")
-    return value
-
-
-class WebhookParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    url: str = Field(description="The endpoint to POST the message to.",
-                     examples=["https://api.replicate.com/v1/predictions", "$SLACK_WEBHOOK"])
-    headers: dict[str, str] = Field(default_factory=dict,
-                                    description="Extra request headers; they win over ours.",
-                                    examples=[{"Authorization": "Bearer ${REPLICATE_API_TOKEN}"}])
-
-    _check_url = field_validator("url")(classmethod(lambda cls, v: check_http_url(v)))
 
 
 def retry_policy(extra: dict[str, Any]) -> RetryPolicy:

@@ -78,6 +78,19 @@ OCTET_STREAM = "application/octet-stream"
 CF_JSON = 50
 CF_CBOR = 60
 
+LOGGER_NAME = "coap-ingest"  # aiocoap's own messages about our server go here
+
+
+class _KeepAliveFilter(logging.Filter):
+    """The Golioth SDK sends an empty NON as keep-alive every 9 s; aiocoap warns about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg.startswith("Received a message with code") and "EMPTY" in record.getMessage()
+                    and "NON" in record.getMessage())
+
+
+logging.getLogger(LOGGER_NAME).addFilter(_KeepAliveFilter())
+
 MAX_TOKEN_LENGTH = 8
 MAX_PATH_LENGTH = 256
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -372,31 +385,31 @@ class StateResource(_Base, resource.ObservableResource):
             self.server.check_rate(who)
         except _Refusal:
             return  # not accepted; render answers with the refusal and the observation ends
-        last: list[bytes | None] = [None]
-        tasks: set[asyncio.Task] = set()
+        # One reader per observation, woken by changes: the last read always follows the last
+        # write, so a slow read can never deliver an older document after a newer one.
+        dirty = asyncio.Event()
 
-        async def notify() -> None:
-            try:
-                value = await self.server.target.get_state(who.project_id, who.device_id, path)
-            except Exception:
-                log.exception("reading state for an observer of %s %s failed", who.device_id, path)
-                return
-            response = _encode_state(value, request.opt.accept)
-            if response.payload != last[0]:  # the document changed elsewhere: not news here
-                last[0] = response.payload
-                serverobservation.trigger(response)
+        async def pump() -> None:
+            last: bytes | None = None
+            while True:
+                await dirty.wait()
+                dirty.clear()
+                try:
+                    value = await self.server.target.get_state(who.project_id, who.device_id, path)
+                except Exception:
+                    log.exception("reading state for an observer of %s %s failed", who.device_id, path)
+                    continue
+                response = _encode_state(value, request.opt.accept)
+                if response.payload != last:  # a change elsewhere in the document is not news here
+                    last = response.payload
+                    serverobservation.trigger(response)
 
-        def changed() -> None:
-            task = asyncio.get_running_loop().create_task(notify())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        stop = self.server.target.watch_state(who.project_id, who.device_id, changed)
+        task = asyncio.get_running_loop().create_task(pump(), name=f"observe {who.device_id}{path}")
+        stop = self.server.target.watch_state(who.project_id, who.device_id, dirty.set)
 
         def cancelled() -> None:
             stop()
-            for task in tasks:
-                task.cancel()
+            task.cancel()
 
         serverobservation.accept(cancelled)
 
@@ -460,7 +473,7 @@ class CoapIngest:
         if not (s.plain_enabled or s.dtls_enabled):
             raise ValueError("enable plain CoAP, DTLS or both")
         loop = asyncio.get_running_loop()
-        ctx = aiocoap.Context(loop=loop, serversite=build_site(self.server), loggername="coap-ingest")
+        ctx = aiocoap.Context(loop=loop, serversite=build_site(self.server), loggername=LOGGER_NAME)
         self.context = ctx
         try:
             with _reuse_port(s.reuse_port):
