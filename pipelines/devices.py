@@ -97,6 +97,9 @@ class DeviceRegistry:
 
     def _set_entries(self, entries: list[DeviceEntry]) -> None:
         self._by_identity = {e.identity: e for e in entries}
+        self._by_device: dict[str, list[DeviceEntry]] = {}
+        for e in entries:
+            self._by_device.setdefault(e.device_id, []).append(e)
         self.entries = list(entries)
 
     @classmethod
@@ -136,7 +139,7 @@ class DeviceRegistry:
         entry = self.lookup(self.default_project, device_id)
         if entry is not None:
             return entry
-        matches = [e for e in self.entries if e.device_id == device_id]
+        matches = self._by_device.get(device_id, [])
         return matches[0] if len(matches) == 1 else None
 
     def __len__(self) -> int:

@@ -414,12 +414,8 @@ class StateResource(_Base, resource.ObservableResource):
         serverobservation.accept(cancelled)
 
 
-class _Root(resource.Site):
-    pass
-
-
 def build_site(server: _Server) -> resource.Site:
-    site = _Root()
+    site = resource.Site()
     site.add_resource([".s"], StreamResource(server))
     site.add_resource([".d"], StateResource(server))
     site.add_resource([".well-known", "core"],
