@@ -73,7 +73,7 @@ class CameraConfig:
     request_timeout: float = 30.0  # give up on one upload attempt after this long
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
-    answer_timeout: float = 60.0  # no answer this long after the 2.04: re-register the observation
+    answer_timeout: float = 60.0  # no answer this long after the 2.04: observe again (x3: give up)
     max_frames: int | None = None  # stop uploading after this many frames (None: forever)
 
     def validate(self) -> None:
@@ -147,6 +147,7 @@ EventCallback = Callable[[CameraEvent], Awaitable[None] | None]
 class _Pending:
     frame_index: int
     started: float  # monotonic time the successful upload attempt started
+    acked: float  # monotonic time of the 2.04
     resubscribed: bool = False
 
 
@@ -309,7 +310,7 @@ class Camera:
             self.stats.bytes_sent += len(frame.payload)
             self.stats.last_frame_id = frame_id
             await self._emit("acked", frame_index=frame.index, frame_id=frame_id)
-            self._pending[frame_id] = _Pending(frame.index, started)
+            self._pending[frame_id] = _Pending(frame.index, started, time.monotonic())
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
             early = self._early.pop(frame_id, None)
@@ -357,7 +358,7 @@ class Camera:
         now = time.monotonic()
         limit = self.config.answer_timeout
         for frame_id, pending in list(self._pending.items()):
-            age = now - pending.started
+            age = now - pending.acked
             if age > 3 * limit:
                 del self._pending[frame_id]
                 self._emit_soon("unanswered", frame_index=pending.frame_index, frame_id=frame_id)

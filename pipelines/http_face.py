@@ -128,7 +128,10 @@ def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> S
 async def start_http(app: Starlette, host: str, port: int) -> uvicorn.Server:
     """Serve ``app`` in this event loop; returns once it is listening. Port 0 picks one:
     read it back from ``bound_port(server)``."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on sockets that say they are TCP, and
+    # without it every keep-alive answer waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)

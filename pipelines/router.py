@@ -124,6 +124,16 @@ class Router:
         await self._measure()
         self.ready = True
 
+    async def open_for_replay(self) -> None:
+        """Store, HTTP client and engine, without the engine loop, delivery workers or
+        monitor: what ``pipeline dlq replay`` needs beside (or instead of) a running router.
+        Replayed deliveries wait in their queues for a router to deliver them."""
+        loaded = self.load()
+        self.pipeline_configs = loaded.pipelines
+        await self.store.open()
+        self.http = httpx.AsyncClient(timeout=self.settings.http_timeout)
+        self.engine = Engine(build_pipelines(self.pipeline_configs, self._context_for))
+
     async def stop(self) -> None:
         self.ready = False
         for t in self._tasks:
@@ -235,26 +245,34 @@ class Router:
             self._in_progress.discard(message.id)
 
     async def replay_dead_letter(self, dead_letter_id: int) -> bool:
-        """Re-run a dead letter from the step that failed (same message id)."""
-        assert self.engine is not None and self.delivery is not None
+        """Re-run a dead letter from the step that failed (same message id). False if it
+        is unknown or already replayed; LookupError if its pipeline or step is gone."""
+        assert self.engine is not None
         letters = await self.store.dead_letters(ids=[dead_letter_id])
         if not letters:
             return False
         dl = letters[0]
-        if dl.stage == "delivery":
-            ok = await self.store.requeue_dead_letter(dl)
-            self.delivery.notify(dl.pipeline, dl.step)
-            return ok
         pipeline = self.engine.by_name.get(dl.pipeline)
         if pipeline is None:
             raise LookupError(f"pipeline {dl.pipeline!r} is no longer loaded")
+        if dl.step_index >= len(pipeline.steps) or pipeline.steps[dl.step_index].name != dl.step:
+            raise LookupError(f"pipeline {dl.pipeline!r} has no step {dl.step!r} at position "
+                              f"{dl.step_index + 1} any more")
+        if dl.stage == "delivery":
+            if pipeline.steps[dl.step_index].destination is None:
+                raise LookupError(f"step {dl.pipeline}/{dl.step} has no destination any more")
+            ok = await self.store.requeue_dead_letter(dl)
+            if self.delivery:
+                self.delivery.notify(dl.pipeline, dl.step)
+            return ok
         deliveries, dead, _ = await self.engine.run_pipeline(pipeline, dl.message, dl.step_index)
         outcome = RoutingOutcome(True, deliveries, dead, runs_completed=0 if dead else 1,
                                  runs_dead=1 if dead else 0, from_inbox=False)
         if not await self.store.finish_replay(dl.id, dl.message, outcome):
             return False
         for d in deliveries:
-            self.delivery.notify(d.pipeline, d.step)
+            if self.delivery:
+                self.delivery.notify(d.pipeline, d.step)
         return True
 
     # -- back-pressure ------------------------------------------------------------------

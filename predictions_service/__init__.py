@@ -17,7 +17,7 @@ BLIP-style texts are built from its labels (see ``blip.py``). This package never
 (``pipelines``, ``transformers``, ``destinations``): they talk over HTTP only.
 """
 
-from .app import create_app, running, serve
+from .app import StartupError, create_app, running, serve
 from .settings import Settings
 
-__all__ = ["Settings", "create_app", "running", "serve"]
+__all__ = ["Settings", "StartupError", "create_app", "running", "serve"]

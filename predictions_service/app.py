@@ -399,11 +399,28 @@ def _server(settings: Settings, runner: PredictionRunner | None = None) -> uvico
     return uvicorn.Server(config)
 
 
+class StartupError(RuntimeError):
+    """The service could not start (model missing and not buildable, port taken, ...)."""
+
+
+async def _serve_guarded(server: uvicorn.Server, sock: socket.socket, runner: PredictionRunner) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit as exc:  # uvicorn exits the process when the lifespan startup fails
+        why = runner.startup_error
+        raise StartupError(
+            f"predictions service failed to start: {why or f'exit status {exc.code}'}"
+        ) from why
+
+
 async def serve(settings: Settings) -> None:
     """Run the service with uvicorn until cancelled (or SIGINT/SIGTERM when run from the CLI)."""
+    runner = PredictionRunner(settings)
     sock = _bind(settings)
+    host, port = sock.getsockname()[:2]
+    log.info("predictions service (salesforce/blip stand-in) on http://%s:%s", host, port)
     try:
-        await _server(settings).serve(sockets=[sock])
+        await _serve_guarded(_server(settings, runner), sock, runner)
     finally:
         sock.close()
 
@@ -412,17 +429,18 @@ async def serve(settings: Settings) -> None:
 async def running(settings: Settings, runner: PredictionRunner | None = None) -> AsyncIterator[str]:
     """Start the service in this event loop; yields its base URL (``http://127.0.0.1:<port>``).
 
-    ``runner`` lets callers share one loaded model between several service instances (tests).
+    Raises StartupError if it cannot start. ``runner`` lets callers share one loaded model
+    between several service instances (tests).
     """
+    runner = runner or PredictionRunner(settings)
     sock = _bind(settings)
     server = _server(settings, runner)
-    server.config.install_signal_handlers = False  # uvicorn>=0.29 ignores it off the main thread
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    task = asyncio.create_task(_serve_guarded(server, sock, runner))
     try:
         while not server.started:
             if task.done():
-                task.result()  # startup failed: raise its error here
-                raise RuntimeError("predictions service stopped during startup")
+                task.result()  # raises StartupError
+                raise StartupError("predictions service stopped during startup")
             await asyncio.sleep(0.01)
         host, port = sock.getsockname()[:2]
         yield f"http://{'[' + host + ']' if ':' in host else host}:{port}"

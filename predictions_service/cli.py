@@ -81,7 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .app import serve
+    from .app import StartupError, serve
 
     try:
         settings = settings_from_args(args)
@@ -91,12 +91,12 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    print(
-        f"predictions service on http://{settings.host}:{settings.port} (model salesforce/blip stand-in)",
-        file=sys.stderr,
-    )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(settings))
+    except (StartupError, OSError) as exc:
+        print(f"predictions serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

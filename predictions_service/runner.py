@@ -42,12 +42,19 @@ class PredictionRunner:
         self.slots = asyncio.Semaphore(settings.workers)
         self.fetch_client: httpx.AsyncClient | None = None
         self.webhooks: WebhookSender | None = None
+        self.startup_error: Exception | None = None
 
     async def start(self) -> None:
         if self.classifier is None:
             loop = asyncio.get_running_loop()
-            path = await loop.run_in_executor(self.executor, ensure_model, self.settings.resolved_model_dir())
-            self.classifier = await loop.run_in_executor(self.executor, Classifier, path)
+            try:
+                path = await loop.run_in_executor(
+                    self.executor, ensure_model, self.settings.resolved_model_dir()
+                )
+                self.classifier = await loop.run_in_executor(self.executor, Classifier, path)
+            except Exception as exc:  # kept so running() can say why startup failed
+                self.startup_error = exc
+                raise
         self.fetch_client = httpx.AsyncClient(
             timeout=self.settings.image_fetch_timeout, follow_redirects=True, max_redirects=3
         )

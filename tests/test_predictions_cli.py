@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from predictions_service import Settings, blip
+from predictions_service import Settings, StartupError, blip, running
 from predictions_service.model import Classifier, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +128,51 @@ def test_pipeline_predictions_build_model(tmp_path, capsys):
     assert main(["predictions", "build-model", "--model-dir", str(tmp_path)]) == 0
     assert "0 missing, 0 unexpected" in capsys.readouterr().out
     assert (tmp_path / "efficientnet-lite0-v1.onnx").is_file()
+
+
+async def test_startup_failure_raises_instead_of_exiting(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    settings = Settings(port=0, tokens=("t",), model_dir=blocker / "models", log_level="critical")
+    with pytest.raises(StartupError, match=r"failed to start: .*Not a directory"):
+        async with running(settings):
+            pass
+
+
+def test_serve_reports_a_model_dir_it_cannot_use(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "predictions_service",
+            "--port",
+            "0",
+            "--token",
+            "t",
+            "--log-level",
+            "critical",
+            "--model-dir",
+            str(blocker / "models"),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "failed to start" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_service_never_imports_the_router_or_torch():
+    code = (
+        "import sys, predictions_service, predictions_service.app, predictions_service.cli, "
+        "predictions_service.model_build\n"
+        "banned = {'pipelines', 'transformers', 'destinations', 'torch'}\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
