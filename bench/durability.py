@@ -32,8 +32,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.message import Message  # noqa: E402
-from pipelines.router import Router, RouterSettings  # noqa: E402
+from pipelines.message import Message
+from pipelines.router import Router, RouterSettings
 
 SINK = r"""
 import sys, uvicorn

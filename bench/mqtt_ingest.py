@@ -160,7 +160,11 @@ def case_workers(work: Path, n_workers: int, total: int, size: int, publishers: 
             time.sleep(0.05)
         for w in workers:
             w.terminate()
-            w.wait(30)
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
         # 2. the backlog
         procs, pub_out = run_publishers(broker.port, total, size, publishers)
         rate_offered = offered(pub_out, publishers, total)

@@ -67,6 +67,7 @@ class CameraConfig:
     jitter: float = 0.2  # fraction of the interval, uniform ±
     block_size: int = 1024  # Block1 size, 16..1024
     image_format: ImageFormat = "png"
+    png_palette: bool = True  # 256-colour PNG (20-60 KB); False: full RGB (120-140 KB)
     width: int = 320
     height: int = 240
     keepalive: float = 9.0  # empty CON when idle this long; 0 disables
@@ -174,7 +175,8 @@ class Camera:
         device_seed = seed * 1000 + _device_number(identity.device_id)
         self.frames = FrameSource(
             identity.scene, seed=device_seed, label=identity.device_id, width=self.config.width,
-            height=self.config.height, image_format=self.config.image_format)
+            height=self.config.height, image_format=self.config.image_format,
+            png_palette=self.config.png_palette)
         self._rng = random.Random(device_seed)
         self._link = self._make_link()
         self._tasks: list[asyncio.Task] = []
@@ -184,7 +186,6 @@ class Camera:
         self._link_healthy = asyncio.Event()
         self._resubscribe = asyncio.Event()
         self._answered_event = asyncio.Event()
-        self._stopping = False
         self._background: set[asyncio.Task] = set()
         self.last_frame: Frame | None = None
 
@@ -193,7 +194,6 @@ class Camera:
     async def start(self) -> None:
         if self._tasks:
             return
-        self._stopping = False
         try:
             await self._link.open()
         except LinkError as exc:  # e.g. MQTT broker down: the upload loop keeps retrying
@@ -206,7 +206,6 @@ class Camera:
         ]
 
     async def stop(self) -> None:
-        self._stopping = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -422,7 +421,12 @@ class Camera:
         if not notification.payload:
             return
         received = time.monotonic()
-        document = _decode_document(notification.payload, notification.content_format)
+        try:
+            document = _decode_document(notification.payload, notification.content_format)
+        except ValueError:
+            document = _UNREADABLE
+        if document is None:
+            return  # an empty state document (JSON/CBOR null): no result yet
         if not isinstance(document, dict):
             self.stats.errors += 1
             self.stats.last_error = "result notification is not a JSON or CBOR object"
@@ -481,13 +485,17 @@ class Camera:
             task.add_done_callback(self._background.discard)
 
 
+_UNREADABLE = object()
+
+
 def _decode_document(payload: bytes, content_format: int | None) -> Any:
+    """The decoded state document; ValueError if it is neither JSON nor (when labelled) CBOR."""
     try:
         if content_format == 60:  # application/cbor
             return cbor2.loads(payload)
         return json.loads(payload)
-    except (ValueError, cbor2.CBORDecodeError):
-        return None
+    except (ValueError, cbor2.CBORDecodeError) as exc:
+        raise ValueError(f"unreadable state document: {exc}") from None
 
 
 def _device_number(device_id: str) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -43,6 +44,10 @@ warnings.filterwarnings("ignore", message="Setting a block1 option in a managed 
 warnings.filterwarnings("ignore", message="DTLS module did not shut down", category=UserWarning)
 
 BLOCK_SIZES = {16: 0, 32: 1, 64: 2, 128: 3, 256: 4, 512: 5, 1024: 6}
+# Measured with DTLSSocket 0.2.3 (its bundled tinydtls): longer identities or keys make the
+# handshake fail with alert 80 (internal error), so refuse them up front with a clear message.
+MAX_PSK_IDENTITY = 32
+MAX_PSK_KEY = 18
 
 
 class LinkError(Exception):
@@ -85,6 +90,13 @@ class CoapLink:
             raise ValueError(f"block size {block_size} not allowed: use one of {sorted(BLOCK_SIZES)}")
         if request_timeout <= 0:
             raise ValueError(f"request timeout must be > 0, got {request_timeout}")
+        if secure and len(identity.psk_identity) > MAX_PSK_IDENTITY:
+            size = len(identity.psk_identity)
+            raise ValueError(f"PSK identity {identity.psk_identity.decode()!r} is {size} bytes; "
+                             f"DTLS (tinydtls) accepts at most {MAX_PSK_IDENTITY}")
+        if secure and len(identity.psk_bytes) > MAX_PSK_KEY:
+            raise ValueError(f"device {identity.device_id}: pre-shared key is {len(identity.psk_bytes)} "
+                             f"bytes; DTLS (tinydtls) accepts at most {MAX_PSK_KEY}")
         self.identity = identity
         self.secure = secure
         self.scheme = "coaps" if secure else "coap"
@@ -95,7 +107,6 @@ class CoapLink:
         self.block_size = block_size
         self.request_timeout = request_timeout
         self.last_activity = time.monotonic()
-        self.generation = 0  # bumped on every reset, so observers know their request is gone
         self.correlates = True  # the 2.04 names the frame, so answers match by frame_id
         self._context: aiocoap.Context | None = None
 
@@ -118,8 +129,12 @@ class CoapLink:
                     "client-identity": self.identity.psk_identity,
                 }},
             })
+        # Devices on the Golioth SDK send 8-byte tokens; aiocoap counts up from a 2-byte random
+        # start and strips leading zeros, so start it high in the 64-bit range instead.
+        for interface in context.request_interfaces:
+            if isinstance(getattr(interface, "_token", None), int):
+                interface._token = random.getrandbits(63) | (1 << 63)
         self._context = context
-        self.generation += 1
 
     async def close(self) -> None:
         context, self._context = self._context, None

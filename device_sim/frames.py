@@ -65,6 +65,7 @@ class FrameSource:
         image_format: ImageFormat = "png",
         noise_sigma: float = 2.5,
         jpeg_quality: int = 85,
+        png_palette: bool = True,
     ) -> None:
         if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
             raise ValueError(f"frame size {width}x{height} out of range {MIN_SIZE}..{MAX_SIZE} per side")
@@ -80,6 +81,9 @@ class FrameSource:
         self.image_format: ImageFormat = image_format
         self.noise_sigma = noise_sigma
         self.jpeg_quality = jpeg_quality
+        # 256-colour palette PNG, as small camera modules store frames: 20-60 KB at 320x240
+        # (full RGB PNG of a noisy photo is 120-140 KB); the classifier's answers are the same
+        self.png_palette = png_palette
         self._image = load_scene(scene)
         rng = np.random.default_rng([seed, 0x5CE7E])
         # Slow, incommensurate pan periods (in frames) so the path does not repeat quickly.
@@ -117,7 +121,9 @@ class FrameSource:
             pixels = pixels * gain
         frame = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
         buffer = io.BytesIO()
-        if self.image_format == "png":
+        if self.image_format == "png" and self.png_palette:
+            frame.quantize(256, method=Image.Quantize.FASTOCTREE).save(buffer, "PNG")
+        elif self.image_format == "png":
             frame.save(buffer, "PNG")
         else:
             frame.save(buffer, "JPEG", quality=self.jpeg_quality)

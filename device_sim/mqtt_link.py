@@ -61,7 +61,6 @@ class MqttLink:
         self.keepalive = keepalive
         self.base_uri = f"mqtt://{host}:{self.port}"
         self.last_activity = time.monotonic()
-        self.generation = 0
         self._client: aiomqtt.Client | None = None
         self._topic_prefix = f"{identity.project_id}/{identity.device_id}"
 
@@ -83,7 +82,6 @@ class MqttLink:
         except (TimeoutError, aiomqtt.MqttError, OSError) as exc:
             raise LinkError(f"cannot connect to {self.base_uri}: {exc or 'timeout'}") from None
         self._client = client
-        self.generation += 1
         self.last_activity = time.monotonic()
 
     async def close(self) -> None:

@@ -17,6 +17,7 @@ dead destination only ever holds its own workers: the others never wait for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -151,10 +152,8 @@ class QueueWorker:
         if nxt is not None:
             wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
         if wait > 0 and not self._wake.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                pass
 
     def _succeeded(self, seq: int) -> None:
         # successes are written in batches: one transaction for all that finished meanwhile

@@ -7,6 +7,21 @@ Usage::
 
 The books (spec §8) come from the store's counters, so they hold across restarts and
 across processes sharing the store; per-queue figures come from the live workers.
+
+The accounting identities, all read from one snapshot (one transaction) of the store, so
+they hold at every scrape; ``pipeline_books_gap{book=...}`` exports left minus right:
+
+    ingest:              ingested == unmatched + routed + inbox
+    deliveries:          deliveries_enqueued == deliveries_delivered + deliveries_dead
+                                                + deliveries_queued
+    dead_letter_sources: dead_letters == runs_dead + deliveries_dead
+    dead_letters:        dead_letters == dead_letters_open + dead_letters_replayed
+                                         + dead_letters_purged
+
+``duplicates`` (a message id already waiting in the inbox) are counted apart and never
+ingested twice. A replayed delivery dead letter is enqueued again, so it counts once more
+in ``deliveries_enqueued`` and then once more as delivered, dead or queued. In flight is a
+part of queued: a row leaves ``deliveries`` only when its outcome is committed.
 """
 
 from __future__ import annotations
@@ -16,6 +31,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pipelines.store import books_gaps
 
 if TYPE_CHECKING:
     from pipelines.router import Router
@@ -39,10 +56,19 @@ class _Snapshot:
                 c = CounterMetricFamily(f"pipeline_{name}", f"messages counted as {name.replace('_', ' ')}")
                 c.add_metric([], value)
                 yield c
+        # the identities of pipelines.store.BOOKS, left minus right: 0 whenever the books hold
+        gaps = GaugeMetricFamily("pipeline_books_gap",
+                                 "accounting identity left side minus right side (0 = balanced)",
+                                 labels=["book"])
+        for book, gap in books_gaps(self.books).items():
+            gaps.add_metric([book], gap)
+        yield gaps
         depth = GaugeMetricFamily("pipeline_queue_depth", "deliveries waiting per destination step",
                                   labels=["pipeline", "step"])
-        for (p, s), n in r.queue_depths.items():
-            depth.add_metric([p, s], n)
+        # every destination step, empty queues included (a missing series reads as "unknown")
+        keys = set(r.queue_depths) | (set(r.delivery.workers) if r.delivery is not None else set())
+        for p, s in sorted(keys):
+            depth.add_metric([p, s], r.queue_depths.get((p, s), 0))
         yield depth
         if r.delivery is None:
             return

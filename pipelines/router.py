@@ -18,6 +18,7 @@ deduplicate).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -206,11 +207,9 @@ class Router:
                 running.add(t)
                 t.add_done_callback(running.discard)
             if len(rows) < 256:
-                try:
-                    # other processes (CoAP workers) write the inbox too: look again soon
+                # other processes (CoAP workers) write the inbox too: look again soon
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._inbox_event.wait(), 0.05)
-                except TimeoutError:
-                    pass
 
     async def _route_one(self, message: Message, sem: asyncio.Semaphore) -> None:
         try:
@@ -290,7 +289,8 @@ class Router:
         else:
             for (p, s), n in self.queue_depths.items():
                 if n >= self.settings.max_queue:
-                    reason = f"destination queue {p}/{s} holds {n} deliveries (limit {self.settings.max_queue})"
+                    reason = (f"destination queue {p}/{s} holds {n} deliveries "
+                              f"(limit {self.settings.max_queue})")
                     break
         if reason != self._overload_reason:
             if reason:

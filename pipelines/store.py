@@ -24,6 +24,7 @@ Several processes may share the file (CoAP workers write the inbox; one engine r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import sqlite3
@@ -293,10 +294,8 @@ class Store:
                 conn.execute("COMMIT")
                 self.commits += 1
             except BaseException as exc:  # the commit itself failed: everyone hears of it
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 results = [(loop, fut, False, exc) for _, loop, fut in batch]
             for loop, fut, ok, res in results:
                 loop.call_soon_threadsafe(_settle, fut, ok, res)
@@ -541,8 +540,8 @@ class Store:
         now = time.time()
 
         def op(conn: sqlite3.Connection) -> bool:
-            if not conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
-                                (now, dead_letter_id)).rowcount:
+            if not conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ?"
+                                " AND replayed_at IS NULL", (now, dead_letter_id)).rowcount:
                 return False
             Store._bump(conn, "dead_letters_replayed")
             Store._insert_deliveries(conn, outcome.deliveries, now)

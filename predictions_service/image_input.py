@@ -33,7 +33,9 @@ def decode_data_url(url: str) -> bytes:
 async def fetch_input_file(value: str, client: httpx.AsyncClient, max_bytes: int) -> bytes:
     if value[:5].lower() == "data:":
         return decode_data_url(value)
-    shown = value if len(value) <= 200 else value[:200] + "..."
+    # Errors name the URL without its query string: presigned URLs carry credentials there.
+    shown = value.split("?", 1)[0].split("#", 1)[0]
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
     try:
         async with client.stream("GET", value) as response:
             if response.status_code != 200:

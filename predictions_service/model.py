@@ -20,6 +20,7 @@ The ONNX file lives in ``Settings.model_dir`` (default ``$IOT_PIPELINES_MODEL_DI
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ CROP = 224
 MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding them
 
 _build_lock = threading.Lock()
+log = logging.getLogger("predictions_service.model")
 
 
 class ImageDecodeError(ValueError):
@@ -129,4 +131,11 @@ class Classifier:
 
 
 def load_classifier(model_dir: Path | None = None, threads: int = 1) -> Classifier:
-    return Classifier(ensure_model(model_dir), threads=threads)
+    """Load the cached model, building it first if needed, and rebuilding it once if it is corrupt."""
+    path = ensure_model(model_dir)
+    try:
+        return Classifier(path, threads=threads)
+    except Exception as exc:  # onnxruntime raises its own types for a damaged file
+        log.warning("cached model %s cannot be loaded (%s); rebuilding it", path, exc)
+        path.unlink(missing_ok=True)
+        return Classifier(ensure_model(model_dir), threads=threads)

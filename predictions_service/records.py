@@ -6,7 +6,9 @@
     page, next_cursor = store.page(cursor=None, limit=100)
 
 Records live in memory only: a restart forgets them, as the stand-in needs no durability (the router
-keeps its own state). When more than ``max_items`` exist the oldest finished ones are dropped.
+keeps its own state). When more than ``max_items`` exist the oldest finished ones are dropped, and
+as on Replicate, ``retention`` seconds after a prediction finished its input, output and logs are
+removed (``data_removed: true``), which bounds the memory that inline images take.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Prediction:
     started_at: float | None = None
     completed_at: float | None = None
     seq: int = 0
+    data_removed: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -70,7 +73,7 @@ class Prediction:
             "created_at": rfc3339(self.created_at),
             "started_at": rfc3339(self.started_at),
             "completed_at": rfc3339(self.completed_at),
-            "data_removed": False,
+            "data_removed": self.data_removed,
             "metrics": metrics,
             "urls": {"get": url, "cancel": f"{url}/cancel", "web": f"{self.base_url}/p/{self.id}"},
         }
@@ -98,10 +101,12 @@ def decode_cursor(cursor: str) -> int:
 
 
 class PredictionStore:
-    def __init__(self, max_items: int = 10_000) -> None:
+    def __init__(self, max_items: int = 10_000, retention: float = 3600.0) -> None:
         self.items: OrderedDict[str, Prediction] = OrderedDict()
         self.max_items = max_items
+        self.retention = retention
         self._seq = 0
+        self._last_sweep = 0.0
 
     def add(self, pred: Prediction) -> Prediction:
         self._seq += 1
@@ -112,9 +117,25 @@ class PredictionStore:
                 : len(self.items) - self.max_items
             ]:
                 del self.items[old_id]
+        self.sweep()
         return pred
 
+    def sweep(self, now: float | None = None) -> None:
+        """Remove the data of predictions that finished more than ``retention`` seconds ago."""
+        now = time.time() if now is None else now
+        if now - self._last_sweep < min(1.0, self.retention / 2):
+            return  # at most about once a second
+        self._last_sweep = now
+        cutoff = now - self.retention
+        for pred in self.items.values():
+            if pred.created_at > cutoff:
+                break  # created later, so finished later too: nothing older follows
+            if pred.data_removed or pred.completed_at is None or pred.completed_at > cutoff:
+                continue
+            pred.input, pred.output, pred.logs, pred.data_removed = {}, None, "", True
+
     def get(self, pred_id: str) -> Prediction | None:
+        self.sweep()
         return self.items.get(pred_id)
 
     def page(
@@ -125,6 +146,7 @@ class PredictionStore:
         created_before: float | None = None,
     ) -> tuple[list[Prediction], str | None]:
         """Newest first; ``next_cursor`` is None on the last page."""
+        self.sweep()
         below = decode_cursor(cursor) if cursor else None
         after = None if created_after is None else round(created_after * 1e6)
         before = None if created_before is None else round(created_before * 1e6)

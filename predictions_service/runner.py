@@ -24,7 +24,7 @@ import httpx
 
 from . import blip
 from .image_input import fetch_input_file
-from .model import Classifier, ensure_model
+from .model import Classifier, load_classifier
 from .records import Prediction, PredictionStore
 from .settings import Settings
 from .webhooks import WebhookSender
@@ -36,7 +36,7 @@ ABORTED_ERROR = "The prediction's deadline (Cancel-After) passed before it start
 class PredictionRunner:
     def __init__(self, settings: Settings, classifier: Classifier | None = None) -> None:
         self.settings = settings
-        self.store = PredictionStore(settings.max_predictions)
+        self.store = PredictionStore(settings.max_predictions, settings.data_retention_seconds)
         self.classifier = classifier
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="predict")
         self.slots = asyncio.Semaphore(settings.workers)
@@ -48,10 +48,9 @@ class PredictionRunner:
         if self.classifier is None:
             loop = asyncio.get_running_loop()
             try:
-                path = await loop.run_in_executor(
-                    self.executor, ensure_model, self.settings.resolved_model_dir()
+                self.classifier = await loop.run_in_executor(
+                    self.executor, load_classifier, self.settings.resolved_model_dir()
                 )
-                self.classifier = await loop.run_in_executor(self.executor, Classifier, path)
             except Exception as exc:  # kept so running() can say why startup failed
                 self.startup_error = exc
                 raise

@@ -58,6 +58,7 @@ class Settings:
     webhook_timeout: float = 10.0
     webhook_throttle_seconds: float = 0.5
     max_predictions: int = 10_000  # in memory; the oldest finished ones are forgotten first
+    data_retention_seconds: float = 3600.0  # then input/output/logs are removed, as on Replicate
     public_base_url: str | None = None  # for urls.get etc.; default: the URL the client used
     log_level: str = "info"
 
@@ -79,6 +80,8 @@ class Settings:
             raise ValueError(f"fault kinds must be some of {', '.join(FAULT_KINDS)}; got {sorted(unknown)}")
         if self.create_rate_per_minute < 1 or self.other_rate_per_minute < 1:
             raise ValueError("rate limits must be at least 1 per minute")
+        if self.data_retention_seconds <= 0 or self.max_predictions < 1:
+            raise ValueError("data retention must be positive and max_predictions at least 1")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
 

@@ -223,7 +223,7 @@ class BooksSampler:
         assert books.samples > 0 and not books.broken
     """
 
-    def __init__(self, store, every: float = 0.02) -> None:  # noqa: ANN001 - a pipelines Store
+    def __init__(self, store, every: float = 0.02) -> None:
         self.store = store
         self.every = every
         self.samples = 0

@@ -13,6 +13,7 @@ optional ``persistence``); the broker runs as ``/usr/sbin/mosquitto -c conf``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,8 @@ class Mosquitto:
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
                  # the delivery promise needs the broker not to drop queued QoS 1 messages
                  "max_queued_messages 0", "max_inflight_messages 0"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # stay root: the temp dirs are root's (persistence writes there)
         if persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/",
                       "autosave_interval 1"]

@@ -108,7 +108,8 @@ async def test_sigkill_while_streaming_loses_no_acknowledged_frame(tmp_path: Pat
                 kills_done += 1
                 t = time.monotonic()
                 await router.start()
-                print(f"kill at {len(acked)} acked, {time.monotonic() - t0:.1f} s; restart took {time.monotonic() - t:.1f} s")
+                print(f"kill at {len(acked)} acked, {time.monotonic() - t0:.1f} s; "
+                      f"restart took {time.monotonic() - t:.1f} s")
 
         t0 = time.monotonic()
         async with httpx.AsyncClient(timeout=5) as http:
@@ -119,7 +120,8 @@ async def test_sigkill_while_streaming_loses_no_acknowledged_frame(tmp_path: Pat
 
         deadline = time.monotonic() + 30
         while not acked <= set(sink.ids("/frames")):
-            assert time.monotonic() < deadline, f"{len(acked - set(sink.ids('/frames')))} frames never arrived"
+            missing = len(acked - set(sink.ids("/frames")))
+            assert time.monotonic() < deadline, f"{missing} frames never arrived"
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - t0
         assert await router.terminate() == 0

@@ -65,6 +65,7 @@ class _RecordingSite(resource.Site):
         self._router = router
 
     async def render_to_pipe(self, pipe):  # sees every block before reassembly
+        self._router.token_lengths.add(len(pipe.request.token))
         block1 = pipe.request.opt.block1
         if block1 is not None:
             self._router.blocks.append(
@@ -130,6 +131,7 @@ class StandInRouter:
         self.answer_delay = answer_delay
         self.uploads: list[Upload] = []
         self.blocks: list[tuple[int, bool, int, int]] = []
+        self.token_lengths: set[int] = set()
         self.results: dict[str, dict | bytes] = {}
         self.reject: tuple[Code, int | None] | None = None  # answer every upload with this
         self.counter = 0
@@ -225,6 +227,7 @@ async def test_plain_coap_upload_reassembles_byte_identical(answer_delay):
         assert upload.content_format == 22
         assert upload.device_id == "cam-01"  # named by ?d= on plain CoAP
         assert {size for _, _, size, _ in router.blocks} == {256}
+        assert router.token_lengths == {8}  # like the Golioth SDK
         assert all(length == 256 for _, more, _, length in router.blocks if more)
     stats = camera.stats
     assert (stats.frames_sent, stats.frames_acked, stats.frames_answered, stats.errors) == (2, 2, 2, 0)
@@ -242,10 +245,12 @@ async def test_dtls_psk_fleet_uploads_and_observes_answers():
         # tinydtls_server asked for port N listens on N+1: N itself stays free.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.1", port - 1))
-        fleet = Fleet(identities, fast_config(port, max_frames=2), seed=9)
+        fleet = Fleet(identities, fast_config(port, max_frames=2, keepalive=0.2), seed=9)
         async with fleet:
             for camera in fleet.cameras:
                 assert await camera.wait_answered(2, timeout=15), (camera.device_id, camera.stats)
+            # Idle now: each camera pings (empty CON) through its DTLS session and gets the RST.
+            await wait_until(lambda: all(c.stats.keepalives >= 1 for c in fleet.cameras), 5, "pings")
         totals = fleet.totals()
     assert totals["frames_acked"] == totals["frames_answered"] == 6
     assert totals["errors"] == 0 and totals["latency_p50"] > 0
@@ -257,6 +262,7 @@ async def test_dtls_psk_fleet_uploads_and_observes_answers():
         assert [u.payload for u in router.uploads if u.device_id == camera.device_id][-1] == \
             camera.last_frame.payload
     assert {size for _, _, size, _ in router.blocks} == {1024}
+    assert router.token_lengths == {8}
 
 
 async def test_dtls_wrong_key_is_refused_and_camera_keeps_trying():
@@ -333,10 +339,12 @@ async def test_unreadable_result_counts_as_error():
     identity = fleet_identities(1, seed=8)[0]
     port = free_udp_port()
     async with StandInRouter(port, answer=False) as router:
+        router.results["cam-01"] = b"null"  # an empty state document (the first notification)
         camera = Camera(identity, fast_config(port, "coap", max_frames=1))
         async with camera:
             await wait_until(lambda: camera.stats.observing and camera.stats.frames_acked == 1, 10,
                              "observation and upload")
+            assert camera.stats.errors == 0  # null means "no result yet", not an error
             router.set_result("cam-01", b"\xffnot json")
             await wait_until(lambda: camera.stats.errors == 1, 5, "the bad notification")
             router.set_result("cam-01", {"frame_id": router.uploads[0].message_id, "output": "ok"})

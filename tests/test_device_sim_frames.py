@@ -38,10 +38,12 @@ def test_frames_are_png_of_the_configured_size():
     frame = FrameSource("coffee", seed=1, label="cam-01").render(0, WHEN)
     assert frame.payload.startswith(b"\x89PNG\r\n\x1a\n")
     image = decode(frame.payload)
-    assert image.format == "PNG" and image.size == (320, 240) and image.mode == "RGB"
+    assert image.format == "PNG" and image.size == (320, 240) and image.mode == "P"
     assert frame.content_format == 23 and frame.media_type == "image/png"
-    # A realistic camera frame: tens of kilobytes, not a tiny synthetic pattern.
-    assert 20_000 < len(frame.payload) < 300_000
+    # A realistic camera frame: a 256-colour PNG of 20-60 KB, not a tiny synthetic pattern.
+    assert 20_000 < len(frame.payload) < 60_000
+    full = FrameSource("coffee", seed=1, label="cam-01", png_palette=False).render(0, WHEN)
+    assert decode(full.payload).mode == "RGB" and len(full.payload) > len(frame.payload)
 
     small = FrameSource("rocket", width=160, height=120, image_format="jpeg").render(0, WHEN)
     assert decode(small.payload).format == "JPEG" and decode(small.payload).size == (160, 120)
@@ -73,7 +75,8 @@ def test_crop_pans_gently_over_most_of_the_scene():
 
 
 def test_timestamp_overlay_changes_the_frame():
-    source = FrameSource("astronaut", seed=1, label="cam-01", noise_sigma=0)
+    # full RGB: a palette is chosen per frame, which would change pixels everywhere
+    source = FrameSource("astronaut", seed=1, label="cam-01", noise_sigma=0, png_palette=False)
     a = np.asarray(decode(source.render(0, WHEN).payload), dtype=np.int16)
     b = np.asarray(decode(source.render(0, WHEN.replace(second=4)).payload), dtype=np.int16)
     changed_rows = np.nonzero(np.abs(a - b).sum(axis=(1, 2)))[0]
@@ -189,3 +192,23 @@ def test_simulator_never_imports_the_router():
                 continue
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def test_dtls_limits_and_fleet_event_callback_are_checked_up_front():
+    from device_sim import CoapLink, Fleet
+
+    long_id = DeviceIdentity("c" * 30, "demo", "k")
+    with pytest.raises(ValueError, match=r"is 35 bytes; DTLS \(tinydtls\) accepts at most 32"):
+        CoapLink(long_id)
+    CoapLink(long_id, secure=False)  # plain CoAP has no such limit
+    long_key = DeviceIdentity("cam-01", "demo", "k" * 19)
+    with pytest.raises(ValueError, match="cam-01: pre-shared key is 19 bytes") as caught:
+        CoapLink(long_key)
+    assert "k" * 19 not in str(caught.value)
+
+    fleet = Fleet.create(2, seed=1)
+    seen = []
+    fleet.on_event = seen.append
+    assert all(camera.on_event == seen.append for camera in fleet.cameras)
+    assert [c.start_delay for c in fleet.cameras] == [0.0, fleet.config.interval / 2]
+    assert fleet.totals()["frames_sent"] == 0 and fleet.totals()["latency_p50"] is None

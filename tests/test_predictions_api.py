@@ -325,10 +325,11 @@ async def test_image_from_http_urls(api, images):
     assert ok.json()["status"] == "succeeded" and "espresso" in ok.json()["output"]
     missing = await api.post(
         "/v1/predictions",
-        json={"version": VERSION, "input": {"image": f"{images.url}/missing"}},
+        json={"version": VERSION, "input": {"image": f"{images.url}/missing?X-Amz-Signature=secret123"}},
         headers={"Prefer": "wait"},
     )
     assert missing.json()["status"] == "failed" and "answered HTTP 404" in missing.json()["error"]
+    assert "secret123" not in missing.json()["error"]
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
     port = closed.getsockname()[1]
@@ -544,6 +545,28 @@ async def check_time_filters(api: httpx.AsyncClient) -> None:
     assert [p["id"] for p in before.json()["results"]] == [first["id"]]
     bad = await api.get("/v1/predictions", params={"created_after": "yesterday"})
     assert_problem(bad, 422, "Input validation failed")
+
+
+async def test_data_is_removed_after_the_retention_period(classifier):
+    async with service(classifier, data_retention_seconds=0.3) as (api, _):
+        body = {"version": VERSION, "input": {"image": TINY}}
+        pred = (await api.post("/v1/predictions", json=body, headers={"Prefer": "wait"})).json()
+        assert pred["data_removed"] is False and pred["output"]
+        gone = await poll(api, pred["id"], lambda p: p["data_removed"], timeout=3)
+        assert gone["data_removed"] is True and gone["status"] == "succeeded"
+        assert (gone["input"], gone["output"], gone["logs"]) == ({}, None, "")
+
+
+async def test_only_the_newest_predictions_are_kept(classifier):
+    async with service(classifier, max_predictions=3) as (api, _):
+        body = {"version": VERSION, "input": {"image": TINY}}
+        ids = [
+            (await api.post("/v1/predictions", json=body, headers={"Prefer": "wait"})).json()["id"]
+            for _ in range(5)
+        ]
+        listed = (await api.get("/v1/predictions")).json()["results"]
+        assert [p["id"] for p in listed] == ids[::-1][:3]
+        assert (await api.get(f"/v1/predictions/{ids[0]}")).status_code == 404
 
 
 async def test_version_endpoint_describes_blip(api):

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from predictions_service import blip
-from predictions_service.model import MODEL_FILE, Classifier, ImageDecodeError, decode_image, ensure_model
+from predictions_service.model import (
+    MODEL_FILE,
+    Classifier,
+    ImageDecodeError,
+    decode_image,
+    ensure_model,
+    load_classifier,
+)
 from predictions_service.model_build import BLOCK_STRIDES, ModelBuildError, build_onnx, build_onnx_from_state
 from predictions_service.model_weights import WeightsError, bundled_weights_path, load_state_dict
 
@@ -93,6 +100,13 @@ def test_model_file_is_cached(tmp_path_factory, classifier):
     assert path.name == MODEL_FILE
     mtime = path.stat().st_mtime_ns
     assert ensure_model(path.parent) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_a_corrupt_cached_model_is_rebuilt(tmp_path):
+    (tmp_path / MODEL_FILE).write_bytes(b"half a model")
+    clf = load_classifier(tmp_path)
+    assert clf.classify(Image.new("RGB", (64, 64), "white"), k=1)
+    assert (tmp_path / MODEL_FILE).stat().st_size > 10_000_000
 
 
 def test_coffee_is_espresso(classifier):

@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipelines", action="append", default=None, metavar="PATH",
                    help="pipeline file or directory (repeatable; default: ./pipeline.yaml)")
-    p.add_argument("--store", default="pipeline-data/store.db", help="SQLite store file (default: %(default)s)")
+    p.add_argument("--store", default="pipeline-data/store.db", help="SQLite store (default: %(default)s)")
     p.add_argument("--secrets", help="secrets file (NAME: value YAML or .env lines)")
     p.add_argument("--http-host", default="127.0.0.1", help="HTTP face address (default: %(default)s)")
     p.add_argument("--http-port", type=int, default=8080, help="HTTP face port, 0 for any (default: 8080)")
