@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -72,12 +73,19 @@ class PredictionResults:
         self.result_suffix = result_suffix
         self.received = 0
         self.rejected = 0
+        # tokens are signed with a key derived from the webhook secret, so they survive a
+        # restart; without a secret, a random key of this process's own (never a constant)
+        self._fallback_key = os.urandom(32)
+        if not webhook_secret:
+            log.warning("prediction callbacks are not signature-checked: give the predictions API's "
+                        "webhook secret (whsec_...) to verify them")
 
     # -- tokens -------------------------------------------------------------------------
 
     def _key(self) -> bytes:
-        secret = self.webhook_secret or "no-secret"
-        return hmac.new(secret.encode(), b"iot-pipelines callback token", hashlib.sha256).digest()
+        if not self.webhook_secret:
+            return self._fallback_key
+        return hmac.new(self.webhook_secret.encode(), b"iot-pipelines callback token", hashlib.sha256).digest()
 
     def make_token(self, message: Message) -> str:
         body = json.dumps([message.id, message.project_id, message.device_id, message.path],

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -44,13 +45,22 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--registry", help="device registry file (PSK identities) for CoAP over DTLS")
     p.add_argument("--max-queue", type=int, help="deliveries per destination queue before pushing back")
     p.add_argument("--max-inbox", type=int, help="unrouted messages before pushing back")
+    p.add_argument("--override", action="append", default=[], metavar="FROM=TO",
+                   help="send requests for base URL FROM to TO, e.g. "
+                        "https://api.replicate.com=http://127.0.0.1:8008 (repeatable)")
+    p.add_argument("--webhook-secret", default=os.environ.get("PREDICTIONS_WEBHOOK_SECRET"),
+                   help="whsec_... secret that prediction callbacks are signed with "
+                        "(or PREDICTIONS_WEBHOOK_SECRET); unset: callbacks are not verified")
+    p.add_argument("--public-url", help="base URL at which the predictions API reaches this HTTP face")
     p.add_argument("--log-level", default="WARNING", help="log level (default: %(default)s)")
     p.set_defaults(func=run)
 
 
 def settings_from(args: argparse.Namespace) -> ServiceSettings:
+    from pipelines.commands.send import parse_overrides
+
     router = RouterSettings(pipelines=args.pipelines or ["pipeline.yaml"], store_path=args.store,
-                            secrets_file=args.secrets)
+                            secrets_file=args.secrets, url_overrides=parse_overrides(args.override))
     if args.max_queue:
         router.max_queue = args.max_queue
     if args.max_inbox:
@@ -64,7 +74,8 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
                             dtls_enabled=args.coap_dtls_port is not None,
                             dtls_port=args.coap_dtls_port or 0,
                             plain_enabled=args.coap_port is not None, port=args.coap_port or 0)
-    return ServiceSettings(router=router, http_host=args.http_host, http_port=args.http_port, coap=coap)
+    return ServiceSettings(router=router, http_host=args.http_host, http_port=args.http_port, coap=coap,
+                           webhook_secret=args.webhook_secret, public_url=args.public_url)
 
 
 def run(args: argparse.Namespace) -> int:
