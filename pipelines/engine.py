@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipelines.components import ComponentContext, ComponentError, Destination, Transformer
 from pipelines.message import Message
@@ -177,7 +177,3 @@ def _reason(exc: BaseException, step: RuntimeStep) -> str:
         log.exception("unexpected error in step %s", step.name)
         text = f"internal error in {type(exc).__name__}: {exc}"
     return redact(text)
-
-
-def describe(obj: Any) -> str:
-    return redact(str(obj))
