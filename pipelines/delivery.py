@@ -11,7 +11,14 @@ Each ``QueueWorker`` reads due rows of its own (pipeline, step) queue from the s
 delivers up to ``max_in_flight`` at once at no more than ``rate`` per second, and
 records the outcome: delivered (row deleted), retry (row rescheduled per the step's
 ``RetryPolicy``, honouring ``Retry-After``), or dead letter (exact bytes kept). A slow or
-dead destination only ever holds its own workers: the others never wait for it.
+dead destination only ever holds its own workers: the others never wait for it, and its
+backlog waits in the store, not in memory (the router pushes back on ingest when one
+queue reaches ``RouterSettings.max_queue``).
+
+A row leaves the store only once its outcome is committed, so a crash at any point means
+the row is delivered again after the restart (at-least-once, same message id). Rows are
+read ahead in batches (``prefetch``) and successes are written in batches (at most
+``DONE_FLUSH_DELAY`` late), which keeps store round trips off the per-message path.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ log = logging.getLogger("pipelines.delivery")
 
 DEFAULT_MAX_IN_FLIGHT = 16
 IDLE_POLL = 1.0  # seconds between looks at the queue when nothing wakes the worker
+DONE_FLUSH_DELAY = 0.01  # successes are recorded in batches at most this much later
 
 
 @dataclass
@@ -81,7 +89,7 @@ class QueueWorker:
         self.max_in_flight = cfg.max_in_flight or DEFAULT_MAX_IN_FLIGHT
         # read ahead so a freed slot never waits for a store round trip; bounded so a big
         # backlog stays on disk, not in memory
-        self.prefetch = max(2 * self.max_in_flight, 32)
+        self.prefetch = max(4 * self.max_in_flight, 64)
         self.timeout = cfg.timeout
         self.bucket = TokenBucket(cfg.rate) if cfg.rate else None
         self.stats = QueueStats()
@@ -128,7 +136,8 @@ class QueueWorker:
 
     async def _fill(self) -> None:
         self._wake.clear()
-        if len(self._buffer) < self.max_in_flight:
+        # refill at half: the store may be busy (a WAL checkpoint) and the buffer must not run dry
+        if len(self._buffer) <= self.prefetch // 2:
             want = self.prefetch - len(self._buffer)
             rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), want,
                                                    set(self._held))
@@ -163,6 +172,8 @@ class QueueWorker:
 
     async def _flush_done(self) -> None:
         while self._done:
+            # gather the successes of the next few milliseconds into the same write
+            await asyncio.sleep(DONE_FLUSH_DELAY)
             batch, self._done = self._done, []
             try:
                 await self.store.deliveries_done(batch)

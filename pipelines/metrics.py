@@ -48,7 +48,7 @@ class _Snapshot:
     def collect(self):  # prometheus_client collector protocol
         r = self.router
         for name, value in sorted(self.books.items()):
-            if name in {"inbox", "deliveries_queued", "dead_letters_open"}:
+            if name in {"inbox", "deliveries_queued", "dead_letters_open", "payloads"}:
                 g = GaugeMetricFamily(f"pipeline_{name}", f"current {name.replace('_', ' ')}")
                 g.add_metric([], value)
                 yield g

@@ -75,6 +75,7 @@ class Router:
         self.engine: Engine | None = None
         self.delivery: Delivery | None = None
         self.pipeline_configs: list[PipelineConfig] = []
+        self._routing: set[asyncio.Task] = set()  # messages being routed now
         self._watchers: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self._watched_versions: dict[tuple[str, str], int] = {}
         self._tasks: list[asyncio.Task] = []
@@ -141,6 +142,10 @@ class Router:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        # a message cut off mid-route stays in the inbox and is routed again on the next start
+        for t in list(self._routing):
+            t.cancel()
+        await asyncio.gather(*self._routing, return_exceptions=True)
         if self.delivery:
             await self.delivery.stop()
         if self.engine:
@@ -188,7 +193,6 @@ class Router:
     async def _engine_loop(self) -> None:
         assert self.engine is not None
         sem = asyncio.Semaphore(self.settings.engine_concurrency)
-        running: set[asyncio.Task] = set()
         while True:
             self._inbox_event.clear()
             try:
@@ -204,8 +208,8 @@ class Router:
                 await sem.acquire()
                 self._in_progress.add(row.message.id)
                 t = asyncio.create_task(self._route_one(row.message, sem))
-                running.add(t)
-                t.add_done_callback(running.discard)
+                self._routing.add(t)
+                t.add_done_callback(self._routing.discard)
             if len(rows) < 256:
                 # other processes (CoAP workers) write the inbox too: look again soon
                 with contextlib.suppress(TimeoutError):

@@ -14,8 +14,10 @@ commit, and each caller resumes only once its own write is committed. Each opera
 runs in its own SAVEPOINT, so one failing write never takes its neighbours down.
 
 Tables: ``inbox`` (accepted, not yet routed), ``deliveries`` (one queue per destination
-step), ``dead_letters``, ``state`` (device documents), ``stream``, ``logs``,
-``unmatched``, ``counters`` (the accounting books), ``predictions`` (correlation of a
+step), ``payloads`` (the bytes of inbox and delivery rows, stored once and shared by
+reference count: a frame that goes unchanged to two destinations is written once),
+``dead_letters`` (each with its own copy of the exact bytes), ``state`` (device documents),
+``stream``, ``logs``, ``unmatched``, ``counters`` (the accounting books), ``predictions`` (correlation of a
 prediction with the frame that caused it), ``webhooks_seen`` (idempotency).
 
 Several processes may share the file (CoAP workers write the inbox; one engine routes).
@@ -46,13 +48,16 @@ CREATE TABLE IF NOT EXISTS inbox(
   id TEXT NOT NULL UNIQUE,
   project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL,
   content_type TEXT NOT NULL, timestamp REAL NOT NULL, received_at REAL NOT NULL,
-  metadata TEXT NOT NULL, payload BLOB NOT NULL
+  metadata TEXT NOT NULL, payload_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payloads(
+  id INTEGER PRIMARY KEY, refs INTEGER NOT NULL, data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deliveries(
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   message_id TEXT NOT NULL, pipeline TEXT NOT NULL, step TEXT NOT NULL, step_index INTEGER NOT NULL,
   project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL,
-  content_type TEXT NOT NULL, timestamp REAL NOT NULL, metadata TEXT NOT NULL, payload BLOB NOT NULL,
+  content_type TEXT NOT NULL, timestamp REAL NOT NULL, metadata TEXT NOT NULL, payload_id INTEGER NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
   first_attempt_at REAL, last_status INTEGER, last_error TEXT, created_at REAL NOT NULL
 );
@@ -200,8 +205,30 @@ def _msg_values(m: Message) -> tuple:
             json.dumps(m.metadata), m.payload)
 
 
+def _meta_values(m: Message) -> tuple:
+    return (m.project_id, m.device_id, m.path, m.content_type, to_epoch(m.timestamp),
+            json.dumps(m.metadata))
+
+
+def _new_payload(conn: sqlite3.Connection, data: bytes, refs: int) -> int:
+    return conn.execute("INSERT INTO payloads(refs, data) VALUES (?, ?)", (refs, data)).lastrowid  # type: ignore[return-value]
+
+
+def _release_payloads(conn: sqlite3.Connection, counts: dict[int, int]) -> None:
+    """Drop ``counts[payload_id]`` references each; rows nobody refers to any more go."""
+    if counts:
+        conn.executemany("UPDATE payloads SET refs = refs - ? WHERE id = ?",
+                         [(n, pid) for pid, n in counts.items()])
+        ids = list(counts)
+        conn.execute(f"DELETE FROM payloads WHERE id IN ({','.join('?' * len(ids))}) AND refs <= 0", ids)
+
+
 class StoreClosed(RuntimeError):
     pass
+
+
+class StoreError(RuntimeError):
+    """The store file cannot be used (e.g. it was made by an incompatible version)."""
 
 
 class Store:
@@ -216,7 +243,11 @@ class Store:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
+        self._closing = False
         self.commits = 0  # group commits done (for benchmarks)
+        self.ops = 0  # operations in them
+        self.busy_seconds = 0.0  # time the writer spent in transactions
+        self.busy_cpu_seconds = 0.0  # CPU time it used in them
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -232,9 +263,11 @@ class Store:
     async def close(self) -> None:
         if self._thread is None:
             return
+        self._closing = True  # nothing may queue behind the stop marker: it would wait forever
         self._ops.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        self._closing = False
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -255,6 +288,10 @@ class Store:
     def _writer(self) -> None:
         try:
             conn = self._connect()
+            old = {r[1] for r in conn.execute("PRAGMA table_info(inbox)")}
+            if old and "payload_id" not in old:
+                raise StoreError(f"{self.path} was written by an older version of the router (payloads "
+                                 "were kept per row); move it aside and start with a new store")
             conn.executescript(SCHEMA)
             conn.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)",
                              [(c,) for c in COUNTERS])
@@ -278,31 +315,68 @@ class Store:
                     stop = True
                     break
                 batch.append(nxt)
-            results: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, bool, Any]] = []
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for fn, loop, fut in batch:
-                    conn.execute("SAVEPOINT op")
-                    try:
-                        res = fn(conn)
-                        conn.execute("RELEASE op")
-                        results.append((loop, fut, True, res))
-                    except BaseException as exc:
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-                        results.append((loop, fut, False, exc))
-                conn.execute("COMMIT")
-                self.commits += 1
-            except BaseException as exc:  # the commit itself failed: everyone hears of it
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                results = [(loop, fut, False, exc) for _, loop, fut in batch]
-            for loop, fut, ok, res in results:
-                loop.call_soon_threadsafe(_settle, fut, ok, res)
+            started, cpu = time.perf_counter(), time.thread_time()
+            results = self._commit(conn, batch)
+            self.busy_seconds += time.perf_counter() - started
+            self.busy_cpu_seconds += time.thread_time() - cpu
+            self.ops += len(batch)
+            # one wake-up per event loop per batch, not one per operation
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
+            for (_, loop, fut), (ok, res) in zip(batch, results, strict=True):
+                by_loop.setdefault(loop, []).append((fut, ok, res))
+            for loop, settled in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle_all, settled)
         conn.close()
 
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Any, Any, Any]]) -> list[tuple[bool, Any]]:
+        """Run a batch of operations in one transaction; (ok, result or exception) each.
+
+        Fast path: the operations run back to back and the counter changes they make are
+        summed and written once, just before COMMIT. If one raises, the transaction is
+        rolled back and the batch runs again with a SAVEPOINT around each operation, so
+        the failing one is undone alone and its neighbours still commit."""
+        for careful in (False, True):
+            results: list[tuple[bool, Any]] = []
+            totals: dict[str, int] = {}
+            _tls.batch = totals
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for fn, _, _ in batch:
+                    _tls.op = deltas = {}
+                    if not careful:
+                        results.append((True, fn(conn)))
+                    else:
+                        conn.execute("SAVEPOINT op")
+                        try:
+                            results.append((True, fn(conn)))
+                            conn.execute("RELEASE op")
+                        except BaseException as exc:
+                            conn.execute("ROLLBACK TO op")
+                            conn.execute("RELEASE op")
+                            results.append((False, exc))
+                            continue
+                    for name, by in deltas.items():
+                        totals[name] = totals.get(name, 0) + by
+                _tls.op = None
+                if totals:
+                    conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
+                                     [(by, name) for name, by in totals.items() if by])
+                conn.execute("COMMIT")
+                self.commits += 1
+                return results
+            except BaseException as exc:
+                _tls.op = None
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if careful or len(results) == len(batch):  # the commit itself failed: all hear of it
+                    return [(False, exc)] * len(batch)
+            finally:
+                _tls.batch = None
+        raise AssertionError("unreachable")
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None:
+        if self._thread is None or self._closing:
             raise StoreClosed("the store is not open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
@@ -313,18 +387,35 @@ class Store:
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, name: str, by: int = 1) -> None:
-        if by:
+        if not by:
+            return
+        deltas = getattr(_tls, "op", None)
+        if deltas is None:  # outside a writer batch
             conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, name))
+        else:  # written once per batch, in the same transaction (see _commit)
+            deltas[name] = deltas.get(name, 0) + by
 
     async def counters(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             out = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            # changes made earlier in this same transaction, not yet written to the table
+            for name, by in (getattr(_tls, "batch", None) or {}).items():
+                out[name] = out.get(name, 0) + by
             out["inbox"] = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
             out["deliveries_queued"] = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+            out["payloads"] = conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0]
             out["dead_letters_open"] = conn.execute(
                 "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL").fetchone()[0]
             return out
         return await self._run(op)
+
+    async def bump_counter(self, name: str, by: int = 1) -> None:
+        """Add to a named counter, created at 0 the first time: ``/metrics`` shows every
+        counter as ``pipeline_<name>``; it survives restarts and is shared by processes."""
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", (name,))
+            Store._bump(conn, name, by)
+        await self._run(op)
 
     # -- inbox --------------------------------------------------------------------------
 
@@ -332,7 +423,7 @@ class Store:
         """Store an accepted message. False if a message with this id is already there, or
         if ``dedup_key`` (e.g. an inbound webhook's id) was seen before, even long routed."""
         now = time.time()
-        values = (message.id, *_msg_values(message))
+        values = (message.id, *_meta_values(message))
 
         def op(conn: sqlite3.Connection) -> bool:
             if dedup_key is not None and not conn.execute(
@@ -340,12 +431,13 @@ class Store:
                     (dedup_key, now)).rowcount:
                 Store._bump(conn, "duplicates")
                 return False
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
-                " metadata, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?)", (*values, now))
-            if cur.rowcount == 0:
+            if conn.execute("SELECT 1 FROM inbox WHERE id = ?", (message.id,)).fetchone():
                 Store._bump(conn, "duplicates")
                 return False
+            pid = _new_payload(conn, message.payload, 1)
+            conn.execute(
+                "INSERT INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
+                " metadata, payload_id, received_at) VALUES (?,?,?,?,?,?,?,?,?)", (*values, pid, now))
             Store._bump(conn, "ingested")
             return True
         return await self._run(op)
@@ -353,8 +445,9 @@ class Store:
     async def fetch_inbox(self, after_seq: int, limit: int = 256) -> list[InboxRow]:
         def op(conn: sqlite3.Connection) -> list[InboxRow]:
             rows = conn.execute(
-                "SELECT seq, id, project_id, device_id, path, content_type, timestamp, metadata, payload"
-                " FROM inbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+                "SELECT i.seq, i.id, i.project_id, i.device_id, i.path, i.content_type, i.timestamp,"
+                " i.metadata, p.data FROM inbox i JOIN payloads p ON p.id = i.payload_id"
+                " WHERE i.seq > ? ORDER BY i.seq LIMIT ?", (after_seq, limit)).fetchall()
             return [InboxRow(r[0], _message_from(r, 1)) for r in rows]
         return await self._run(op)
 
@@ -368,9 +461,16 @@ class Store:
         m = message
 
         def op(conn: sqlite3.Connection) -> None:
-            if outcome.from_inbox and not conn.execute("DELETE FROM inbox WHERE id = ?", (m.id,)).rowcount:
-                return  # already routed by someone else (another engine after a restart)
+            inbox_payload: tuple[bytes, int] | None = None
+            if outcome.from_inbox:
+                r = conn.execute("SELECT payload_id FROM inbox WHERE id = ?", (m.id,)).fetchone()
+                if r is None:
+                    return  # already routed by someone else (another engine after a restart)
+                conn.execute("DELETE FROM inbox WHERE id = ?", (m.id,))
+                inbox_payload = (m.payload, r[0])
             if not outcome.matched:
+                if inbox_payload:
+                    _release_payloads(conn, {inbox_payload[1]: 1})
                 conn.execute(
                     "INSERT INTO unmatched(message_id, project_id, device_id, path, content_type, time)"
                     " VALUES (?,?,?,?,?,?)",
@@ -378,22 +478,52 @@ class Store:
                 Store._bump(conn, "unmatched")
                 return
             Store._bump(conn, "routed", 1 if outcome.from_inbox else 0)
-            Store._insert_deliveries(conn, outcome.deliveries, now)
+            Store._insert_deliveries(conn, outcome.deliveries, now, inbox_payload)
             Store._insert_dead(conn, outcome.dead, now)
             Store._bump(conn, "runs_completed", outcome.runs_completed)
             Store._bump(conn, "runs_dead", outcome.runs_dead)
         await self._run(op)
 
     @staticmethod
-    def _insert_deliveries(conn: sqlite3.Connection, items: Iterable[PendingDelivery], now: float) -> None:
-        rows = [(d.message.id, d.pipeline, d.step, d.step_index, *_msg_values(d.message), now)
-                for d in items]
-        if rows:
-            conn.executemany(
+    def _insert_deliveries(conn: sqlite3.Connection, items: Iterable[PendingDelivery], now: float,
+                           inbox_payload: tuple[bytes, int] | None = None) -> list[int]:
+        """Insert delivery rows; returns their seqs. Deliveries carrying the same bytes share
+        one ``payloads`` row; ``inbox_payload`` (bytes, payload id) is the routed inbox row's,
+        whose reference passes to the deliveries that still carry those bytes."""
+        items = list(items)
+        groups: dict[int, list[int]] = {}  # id(bytes) -> indexes of items carrying them
+        blobs: dict[int, bytes] = {}
+        for i, d in enumerate(items):
+            data = d.message.payload
+            groups.setdefault(id(data), []).append(i)
+            blobs[id(data)] = data
+        pids: list[int] = [0] * len(items)
+        inbox_refs = 0
+        for key, idx in groups.items():
+            data = blobs[key]
+            if inbox_payload is not None and (data is inbox_payload[0] or data == inbox_payload[0]):
+                pid = inbox_payload[1]
+                inbox_refs += len(idx)
+            else:
+                pid = _new_payload(conn, data, len(idx))
+            for i in idx:
+                pids[i] = pid
+        if inbox_payload is not None:
+            if inbox_refs:  # the inbox row's reference goes to the first delivery that shares it
+                conn.execute("UPDATE payloads SET refs = refs + ? WHERE id = ?",
+                             (inbox_refs - 1, inbox_payload[1]))
+            else:
+                _release_payloads(conn, {inbox_payload[1]: 1})
+        seqs = []
+        for d, pid in zip(items, pids, strict=True):
+            seqs.append(conn.execute(
                 "INSERT INTO deliveries(message_id, pipeline, step, step_index, project_id, device_id,"
-                " path, content_type, timestamp, metadata, payload, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            Store._bump(conn, "deliveries_enqueued", len(rows))
+                " path, content_type, timestamp, metadata, payload_id, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (d.message.id, d.pipeline, d.step, d.step_index, *_meta_values(d.message), pid, now)
+            ).lastrowid)
+        Store._bump(conn, "deliveries_enqueued", len(items))
+        return seqs  # type: ignore[return-value]
 
     @staticmethod
     def _insert_dead(conn: sqlite3.Connection, items: Iterable[PendingDeadLetter], now: float) -> None:
@@ -421,9 +551,10 @@ class Store:
             if not seqs:
                 return []
             rows = conn.execute(
-                "SELECT seq, pipeline, step, step_index, attempts, first_attempt_at, message_id,"
-                " project_id, device_id, path, content_type, timestamp, metadata, payload"
-                f" FROM deliveries WHERE seq IN ({','.join('?' * len(seqs))})", seqs).fetchall()
+                "SELECT d.seq, d.pipeline, d.step, d.step_index, d.attempts, d.first_attempt_at,"
+                " d.message_id, d.project_id, d.device_id, d.path, d.content_type, d.timestamp,"
+                " d.metadata, p.data FROM deliveries d JOIN payloads p ON p.id = d.payload_id"
+                f" WHERE d.seq IN ({','.join('?' * len(seqs))})", seqs).fetchall()
             by_seq = {r[0]: r for r in rows}
             return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6))
                     for r in (by_seq[s] for s in seqs if s in by_seq)]
@@ -447,19 +578,27 @@ class Store:
         return await self._run(op)
 
     async def delivery_done(self, seq: int) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            if conn.execute("DELETE FROM deliveries WHERE seq = ?", (seq,)).rowcount:
-                Store._bump(conn, "deliveries_delivered")
-        await self._run(op)
+        await self.deliveries_done([seq])
+
+    @staticmethod
+    def _remove_deliveries(conn: sqlite3.Connection, seqs: list[int]) -> int:
+        """Delete delivery rows and release their payloads; returns how many were there."""
+        n = 0
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            counts: dict[int, int] = {}
+            for (pid,) in conn.execute(f"SELECT payload_id FROM deliveries WHERE seq IN ({marks})", chunk):
+                counts[pid] = counts.get(pid, 0) + 1
+            if counts:
+                n += conn.execute(f"DELETE FROM deliveries WHERE seq IN ({marks})", chunk).rowcount
+                _release_payloads(conn, counts)
+        return n
 
     async def deliveries_done(self, seqs: list[int]) -> int:
         """Several deliveries succeeded: one write for all of them. Returns rows removed."""
         def op(conn: sqlite3.Connection) -> int:
-            n = 0
-            for i in range(0, len(seqs), 500):
-                chunk = seqs[i:i + 500]
-                n += conn.execute(f"DELETE FROM deliveries WHERE seq IN ({','.join('?' * len(chunk))})",
-                                  chunk).rowcount
+            n = Store._remove_deliveries(conn, seqs)
             Store._bump(conn, "deliveries_delivered", n)
             return n
         return await self._run(op)
@@ -481,7 +620,7 @@ class Store:
                                error, attempts, status, response_excerpt)
 
         def op(conn: sqlite3.Connection) -> None:
-            if conn.execute("DELETE FROM deliveries WHERE seq = ?", (row.seq,)).rowcount:
+            if Store._remove_deliveries(conn, [row.seq]):
                 Store._insert_dead(conn, [dl], now)
                 Store._bump(conn, "deliveries_dead")
         await self._run(op)
@@ -690,13 +829,18 @@ class Store:
             (webhook_id, now)).rowcount == 1)
 
 
-def _settle(fut: asyncio.Future, ok: bool, res: Any) -> None:
-    if fut.done():
-        return
-    if ok:
-        fut.set_result(res)
-    else:
-        fut.set_exception(res)
+def _settle_all(settled: list[tuple[asyncio.Future, bool, Any]]) -> None:
+    for fut, ok, res in settled:
+        if fut.done():  # the caller was cancelled
+            continue
+        if ok:
+            fut.set_result(res)
+        else:
+            fut.set_exception(res)
+
+
+# the writer thread's bookkeeping of counter changes (see Store._commit)
+_tls = threading.local()
 
 
 @dataclass

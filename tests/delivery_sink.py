@@ -90,6 +90,8 @@ class Sink(_Recorder):
     def __init__(self, port: int | None = None) -> None:
         super().__init__()
         self.port = port or free_port()
+        self.in_flight = 0  # requests being answered now, and the most there ever were
+        self.max_in_flight = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -97,8 +99,13 @@ class Sink(_Recorder):
             got = Got(request.url.path, {k.lower(): v for k, v in request.headers.items()},
                       await request.body(), time.monotonic())
             ans = self.record(got)
-            if ans.delay:
-                await asyncio.sleep(ans.delay)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                if ans.delay:
+                    await asyncio.sleep(ans.delay)
+            finally:
+                self.in_flight -= 1
             return Response(ans.body, status_code=ans.status, headers=ans.headers)
 
         self.app = Starlette(routes=[Route("/{path:path}", endpoint, methods=["POST"])])

@@ -235,3 +235,32 @@ async def test_unacked_messages_come_back_after_ingest_stops(tmp_path: Path) -> 
             await wait_for(lambda: again.stats["accepted"] >= 25, what="all 25 redelivered")
             books = await router.store.counters()
             assert books["ingested"] == 25
+
+
+async def test_overloaded_router_holds_the_ack_until_stored(tmp_path: Path) -> None:
+    """While the target answers Overloaded the message is retried, not acknowledged, and not
+    lost; the broker stops sending once Receive Maximum messages are unacknowledged."""
+    from pipelines.ingest import Overloaded
+
+    class BusyThenFine:  # an IngestTarget that is full for a while
+        def __init__(self) -> None:
+            self.busy = True
+            self.stored: list[bytes] = []
+
+        async def accept(self, message) -> None:
+            if self.busy:
+                raise Overloaded("inbox full (test)", retry_after=0.01)
+            self.stored.append(message.payload)
+
+    with Mosquitto(tmp_path / "broker") as broker:
+        target = BusyThenFine()
+        async with MqttIngest(target, MqttSettings(port=broker.port, max_inflight=4)) as ingest:
+            await ingest.wait_subscribed()
+            async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as dev:
+                for i in range(10):
+                    await dev.publish("demo/cam-1/stream/data", f"o{i}".encode(), qos=1)
+            await wait_for(lambda: ingest.stats["overloaded"] >= 8, what="retries while overloaded")
+            assert len(ingest._inflight) == 4  # only the Receive Maximum window came in
+            target.busy = False
+            await wait_for(lambda: len(target.stored) == 10, what="all ten stored")
+            assert sorted(target.stored) == sorted(f"o{i}".encode() for i in range(10))

@@ -17,23 +17,24 @@ import time
 from pathlib import Path
 
 import aiomqtt
+import httpx
 
 from tests.http_recorder import HTTPRecorder
-from tests.mqtt_broker import Mosquitto
+from tests.mqtt_broker import Mosquitto, free_port
 from tests.test_mqtt_ingest import pipeline_file, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 class Worker:
-    def __init__(self, tmp_path: Path, name: str, port: int, pipelines: Path) -> None:
+    def __init__(self, tmp_path: Path, name: str, port: int, pipelines: Path, *extra: str) -> None:
         self.name = name
         self.store = tmp_path / f"{name}.db"
         self.log = tmp_path / f"{name}.log"
         self.cmd = [sys.executable, "-m", "pipelines.cli", "mqtt-worker",
                     "--broker", f"mqtt://127.0.0.1:{port}", "--pipelines", str(pipelines),
                     "--store", str(self.store), "--group", "workers", "--client-id", name,
-                    "--max-inflight", "20"]
+                    "--max-inflight", "20", *extra]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -69,7 +70,8 @@ async def test_two_workers_share_the_load_and_survive_sigkill(tmp_path: Path) ->
     with Mosquitto(tmp_path / "broker") as broker, HTTPRecorder() as hook:
         pipes = pipeline_file(tmp_path, hook.url("/hook"))
         a = Worker(tmp_path, "worker-a", broker.port, pipes)
-        b = Worker(tmp_path, "worker-b", broker.port, pipes)
+        http_port = free_port()
+        b = Worker(tmp_path, "worker-b", broker.port, pipes, "--http", f"127.0.0.1:{http_port}")
         try:
             a.start()
             b.start()
@@ -98,6 +100,9 @@ async def test_two_workers_share_the_load_and_survive_sigkill(tmp_path: Path) ->
             # both took a share (shared subscription), each into its own store
             assert a.ingested() > 0 and b.ingested() > 0
             assert a.ingested() + b.ingested() >= n
+            # the worker's HTTP face shows its own books
+            metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+            assert f"pipeline_ingested_total {float(b.ingested())}" in metrics
         finally:
             a.stop()
             b.stop()

@@ -117,6 +117,48 @@ async def test_queues_order_exclude_retry_and_batch_done(tmp_path: Path) -> None
         assert balanced(books)
 
 
+async def test_payloads_are_written_once_and_released_with_their_last_row(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s.db") as store:
+        m = msg(7)
+        await store.add_inbox(m)
+        [row] = await store.fetch_inbox(0)
+        routed = row.message
+        relabelled = routed.evolve(content_type="text/plain")  # same bytes, other label
+        changed = routed.evolve(payload=b"other bytes")
+        await store.finish_message(routed, RoutingOutcome(True, [
+            PendingDelivery(routed, "p", "a", 0), PendingDelivery(relabelled, "p", "b", 1),
+            PendingDelivery(changed, "p", "c", 2), PendingDelivery(changed, "q", "d", 0)], [], 2))
+        books = await store.counters()
+        assert books["payloads"] == 2 and books["deliveries_queued"] == 4  # frame once, new bytes once
+        got = {}
+        for step in "abcd":
+            [r] = await store.due_deliveries("q" if step == "d" else "p", step, time.time(), 5, set())
+            got[step] = r
+        assert got["a"].message.payload == got["b"].message.payload == m.payload
+        assert got["b"].message.content_type == "text/plain"
+        assert got["c"].message.payload == got["d"].message.payload == b"other bytes"
+        await store.deliveries_done([got["a"].seq, got["c"].seq])
+        assert (await store.counters())["payloads"] == 2  # each still has one holder
+        await store.delivery_dead(got["b"], attempts=1, status=400, error="permanent", response_excerpt=None)
+        await store.deliveries_done([got["d"].seq])
+        books = await store.counters()
+        assert books["payloads"] == 0 and balanced(books)
+        [letter] = await store.dead_letters()
+        assert letter.message.payload == m.payload  # the dead letter kept its own copy
+        await store.add_inbox(msg(8))
+        [row] = await store.fetch_inbox(0)
+        await store.finish_message(row.message, RoutingOutcome(False, [], []))
+        assert (await store.counters())["payloads"] == 0  # unmatched: the bytes go too
+
+
+async def test_a_store_from_the_old_layout_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE inbox(seq INTEGER PRIMARY KEY, id TEXT, payload BLOB)")
+    with pytest.raises(RuntimeError, match="older version"):
+        await Store(path).open()
+
+
 async def test_dead_letters_filter_requeue_and_purge_keep_the_books(tmp_path: Path) -> None:
     async with Store(tmp_path / "s.db") as store:
         ms = [msg(i, device_id=dev) for i, dev in enumerate(["a", "b", "a"])]
@@ -172,6 +214,15 @@ async def test_an_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
         rows = await store.fetch_inbox(0)
         assert [(r.message.id, r.message.payload) for r in rows] == [("acked-1", b"kept")]
         assert balanced(await store.counters())
+
+
+async def test_named_counters_count_and_show_in_the_books(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s.db") as store:
+        await asyncio.gather(*(store.bump_counter("mqtt_reconnects") for _ in range(5)),
+                             store.bump_counter("mqtt_reconnects", 2))
+        assert (await store.counters())["mqtt_reconnects"] == 7
+    async with Store(tmp_path / "s.db") as store:
+        assert (await store.counters())["mqtt_reconnects"] == 7
 
 
 async def test_memory_store_and_closed_store(tmp_path: Path) -> None:

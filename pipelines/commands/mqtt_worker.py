@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,13 @@ def add_parser(subparsers: Any) -> None:
                    help="seconds the broker keeps this worker's session while it is away")
     p.add_argument("--registry", help="device registry file: unknown devices are rejected")
     p.add_argument("--secrets", help="secrets file (NAME: value YAML or .env lines)")
-    p.add_argument("--http", metavar="HOST:PORT", help="serve /metrics, /healthz, /readyz here")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the HTTP face here (/metrics, /healthz, /readyz, prediction callbacks)")
+    p.add_argument("--public-url", help="base URL at which the predictions API reaches this HTTP face")
+    p.add_argument("--webhook-secret", default=os.environ.get("PREDICTIONS_WEBHOOK_SECRET"),
+                   help="verifies prediction callbacks (default: $PREDICTIONS_WEBHOOK_SECRET)")
+    p.add_argument("--override", action="append", default=[], metavar="FROM=TO",
+                   help="send requests for base URL FROM to TO instead")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
 
@@ -60,44 +67,44 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     from destinations.mqtt import BrokerURL, MqttPublisher
-    from pipelines.ingest.mqtt import MqttIngest, MqttSettings
-    from pipelines.router import Router, RouterSettings
+    from pipelines.commands.send import parse_overrides
+    from pipelines.ingest.mqtt import MqttSettings
+    from pipelines.router import RouterSettings
+    from pipelines.service import RouterService, ServiceSettings
 
     broker = BrokerURL(args.broker)
     if broker.tls:
         raise ValueError("mqtt-worker speaks plain mqtt:// for now (use a TLS terminator or mqtt://)")
     registry = DeviceRegistry.load(args.registry) if args.registry else None
     publisher = MqttPublisher(broker, client_id=f"{args.client_id}-pub" if args.client_id else None)
-    settings = RouterSettings(
+    router_settings = RouterSettings(
         pipelines=args.pipelines or ["pipeline.yaml"], store_path=Path(args.store),
-        secrets_file=args.secrets, extra={"mqtt_publish": publisher.publish})
+        secrets_file=args.secrets, url_overrides=parse_overrides(args.override),
+        extra={"mqtt_publish": publisher.publish})
     ingest_settings = MqttSettings(
         host=broker.host, port=broker.port, username=broker.username, password=broker.password,
         topic_filter=args.topic_filter, shared_group=args.group, qos=args.qos,
         default_content_type=args.content_type, max_payload=args.max_payload, registry=registry,
         client_id=args.client_id, session_expiry=args.session_expiry, max_inflight=args.max_inflight)
+    http_host, http_port = "127.0.0.1", None
+    if args.http:
+        host, _, port = args.http.rpartition(":")
+        http_host, http_port = host or "127.0.0.1", int(port)
+    settings = ServiceSettings(router=router_settings, http_host=http_host, http_port=http_port,
+                               mqtt=ingest_settings, webhook_secret=args.webhook_secret,
+                               public_url=args.public_url)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-
-    async with Router(settings) as router:
-        server = None
-        if args.http:
-            from pipelines.http_face import create_app, start_http, stop_http
-            host, _, port = args.http.rpartition(":")
-            server = await start_http(create_app(router), host or "127.0.0.1", int(port))
-        ingest = MqttIngest(router, ingest_settings)
-        await ingest.start()
-        logging.getLogger("pipelines.mqtt_worker").info(
-            "worker %s: %s → store %s", ingest.client_id, ingest.filter, args.store)
-        try:
+    try:
+        async with RouterService(settings) as service:
+            logging.getLogger("pipelines.mqtt_worker").info(
+                "worker %s: %s -> store %s%s", service.mqtt.client_id, service.mqtt.filter, args.store,
+                f", HTTP face {service.http_url}" if service.http_url else "")
             await stop.wait()
-        finally:
-            await ingest.stop()
-            await publisher.close()
-            if server is not None:
-                await stop_http(server)
+    finally:
+        await publisher.close()
     return 0

@@ -19,10 +19,11 @@ Delivery promise: QoS 1 messages are acknowledged (PUBACK) only after ``target.a
 returned, i.e. after the message is committed to the store. aiomqtt 2.x (installed: 2.5.1)
 acknowledges on receipt, so this module switches the underlying paho-mqtt 2.x client to
 ``manual_ack`` (``client._client.manual_ack_set(True)``) and calls paho's ``ack(mid, qos)``
-itself, in the order the PUBLISH packets arrived (MQTT 3.1.1 §4.6). The session is
-persistent (stable client id, ``clean_start=False``, ``session_expiry`` seconds): if this
+itself, in the order the PUBLISH packets arrived (MQTT 3.1.1 §4.6). With a ``client_id``
+the session is persistent (``clean_start=False``, ``session_expiry`` seconds): if this
 process dies, the broker keeps its unacknowledged messages and hands them out again when a
-worker with the same ``client_id`` comes back. Duplicates are possible (a crash between
+worker with the same ``client_id`` comes back. Without one the session is not kept (nobody
+could resume it) and messages in flight at a crash are lost. Duplicates are possible (a crash between
 commit and PUBACK), losses of acknowledged messages are not. QoS 2 subscriptions are
 downgraded to QoS 1 (paho answers PUBREC before the application sees a QoS 2 message).
 
@@ -39,12 +40,18 @@ registry), a payload over ``max_payload`` (``too_large``). Nothing of it stops t
 
 The connection is re-established with exponential backoff (``reconnect_min`` ..
 ``reconnect_max``, with jitter) for as long as the ingest runs.
+
+A message carrying the MQTT v5 user property ``message-id`` (a UUID) keeps that id: that is
+how :class:`MqttGateway` (below), an ``IngestTarget`` that forwards CoAP uploads into the
+broker instead of a store, lets the device's 2.04 (which carries the id) match the results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import random
 import re
@@ -60,7 +67,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipelines.devices import DeviceRegistry
 from pipelines.ingest import IngestTarget, Overloaded
-from pipelines.message import Message
+from pipelines.message import Message, dumps
+from pipelines.state_doc import deep_merge, get_at, set_at
 
 log = logging.getLogger("pipelines.ingest.mqtt")
 
@@ -68,6 +76,7 @@ OCTET_STREAM = "application/octet-stream"
 STREAM_FILTER = "+/+/stream/#"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 REJECT_REASONS = ("topic", "unknown_device", "too_large")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -82,7 +91,7 @@ class MqttSettings:
     registry: DeviceRegistry | None = None  # None: any <project>/<device> is accepted
     registry_refresh: float = 2.0         # seconds between re-reads of the registry file
     # the broker keeps this worker's session (and its unacked share) under this id
-    client_id: str | None = None          # None: "pipelines-<group or ingest>-<random>"
+    client_id: str | None = None          # None: "pipelines-<group or ingest>-<random>", no session kept
     session_expiry: int = 3600            # seconds the broker keeps the session while we are away
     max_inflight: int = 256               # MQTT v5 Receive Maximum: unacked QoS 1 messages
     keepalive: int = 30
@@ -130,6 +139,15 @@ def content_type_of(message: aiomqtt.Message, default: str) -> str:
     return ct.strip() if isinstance(ct, str) and ct.strip() else default
 
 
+def message_id_of(message: aiomqtt.Message) -> str | None:
+    """The ``message-id`` user property an ingest gateway sets (a UUID), else None."""
+    user_properties = getattr(message.properties, "UserProperty", None) or []
+    for name, value in user_properties:
+        if name == "message-id" and _UUID_RE.match(value):
+            return value
+    return None
+
+
 class MqttIngest:
     """Subscribes, stores, acknowledges; see the module docstring."""
 
@@ -161,6 +179,9 @@ class MqttIngest:
 
     async def start(self) -> None:
         self._stopping = False
+        if not self.settings.client_id and self.settings.qos >= 1:
+            log.warning("MQTT ingest without a client id: its session is not kept, so QoS 1 messages "
+                        "in flight when this process dies are lost; give each worker a stable client id")
         self._task = asyncio.create_task(self._run(), name=f"mqtt-ingest {self.client_id}")
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
@@ -173,7 +194,9 @@ class MqttIngest:
                 await self._task
             self._task = None
         if self._inflight:
-            await asyncio.wait(list(self._inflight), timeout=drain_timeout)
+            _, late = await asyncio.wait(list(self._inflight), timeout=drain_timeout)
+            for task in late:  # e.g. waiting out an overloaded router: the broker keeps them
+                task.cancel()
         self.connected.clear()
 
     async def wait_subscribed(self, timeout: float = 10.0) -> None:
@@ -181,15 +204,22 @@ class MqttIngest:
 
     # -- connection loop ------------------------------------------------------------------
 
+    @property
+    def session_expiry(self) -> int:
+        """A session only a process with the same client id can resume: without a configured
+        id nobody ever comes back for it, and the broker would park this worker's share of
+        a shared subscription in it until it expires, so it is not kept at all."""
+        return max(0, int(self.settings.session_expiry)) if self.settings.client_id else 0
+
     def _client(self) -> aiomqtt.Client:
         s = self.settings
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = max(0, int(s.session_expiry))
+        props.SessionExpiryInterval = self.session_expiry
         props.ReceiveMaximum = max(1, min(65535, int(s.max_inflight)))
         client = aiomqtt.Client(
             s.host, s.port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
             username=s.username, password=s.password, keepalive=s.keepalive,
-            clean_start=s.session_expiry <= 0, properties=props, timeout=10,
+            clean_start=self.session_expiry <= 0, properties=props, timeout=10,
         )
         # Acknowledge after the store commit, not on receipt (see the module docstring).
         client._client.manual_ack_set(True)
@@ -222,46 +252,46 @@ class MqttIngest:
         log.info("MQTT ingest %s subscribed to %s at %s:%s", self.client_id, self.filter,
                  self.settings.host, self.settings.port)
         # Acks go out in arrival order, and only on the connection the message came on:
-        # packet ids belong to one connection.
-        pending: deque[tuple[aiomqtt.Message, asyncio.Task]] = deque()
-        wakeup = asyncio.Event()
-        acker = asyncio.create_task(self._ack_in_order(client, pending, wakeup))
+        # packet ids belong to one connection. Each entry is [mid, qos, ok], ok None = not
+        # stored yet; a done-callback acks the finished run at the head of the queue.
+        pending: deque[list[Any]] = deque()
+        paho = client._client
+        live = [True]
+
+        def settle(entry: list[Any], task: asyncio.Task) -> None:
+            if task.cancelled():
+                entry[2] = False
+            elif task.exception() is not None:
+                # not acknowledged: the broker sends it again on the next session
+                log.error("MQTT message %s could not be ingested: %r", entry[0], task.exception())
+                entry[2] = False
+            else:
+                entry[2] = task.result()
+            while pending and pending[0][2] is not None:
+                mid, qos, ok = pending.popleft()
+                if ok and live[0]:
+                    paho.ack(mid, qos)
+
+        messages = client.messages
+        queue = client._queue  # read what is already there without a task per message
         try:
-            async for m in client.messages:
-                if m.qos == 0 and len(pending) >= self.settings.max_inflight * 4:
+            while True:
+                try:
+                    m = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    m = await anext(messages)  # waits; raises MqttError on disconnect
+                if m.qos == 0 and len(self._inflight) >= self.settings.max_inflight * 4:
                     self._count("dropped_qos0")
                     continue
                 task = asyncio.create_task(self._ingest(m))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
                 if m.qos >= 1:
-                    pending.append((m, task))
-                    wakeup.set()
+                    entry = [m.mid, m.qos, None]
+                    pending.append(entry)
+                    task.add_done_callback(functools.partial(settle, entry))
         finally:
-            acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await acker
-
-    async def _ack_in_order(self, client: aiomqtt.Client,
-                            pending: deque[tuple[aiomqtt.Message, asyncio.Task]],
-                            wakeup: asyncio.Event) -> None:
-        while True:
-            while not pending:
-                wakeup.clear()
-                await wakeup.wait()
-            m, task = pending[0]
-            # shield: cancelling the acker (disconnect) must not cancel the store write
-            try:
-                ok = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # not acknowledged: the broker sends it again on the next session
-                log.exception("MQTT message %s on %s could not be ingested", m.mid, m.topic.value)
-                ok = False
-            pending.popleft()
-            if ok:
-                client._client.ack(m.mid, m.qos)
+            live[0] = False
 
     # -- one message ----------------------------------------------------------------------
 
@@ -285,7 +315,7 @@ class MqttIngest:
         message = Message.new(
             project_id=st.project_id, device_id=st.device_id, path=st.path,
             content_type=content_type_of(m, self.settings.default_content_type),
-            payload=bytes(payload), metadata={"mqtt_topic": topic},
+            payload=bytes(payload), metadata={"mqtt_topic": topic}, id=message_id_of(m),
         )
         delay = 0.05
         while True:
@@ -352,3 +382,174 @@ async def serve_mqtt(target: IngestTarget, settings: MqttSettings) -> None:
     """Run an ingest until cancelled."""
     async with MqttIngest(target, settings):
         await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------------------------------
+# Ingest gateway: an IngestTarget that forwards into the broker instead of a store.
+
+
+@dataclass
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    client_id: str | None = None
+    timeout: float = 10.0
+
+
+class MqttGateway:
+    """Lets any ingest server (CoAP) feed pipeline workers through the broker.
+
+    Usage::
+
+        async with MqttGateway(GatewaySettings(port=1883)) as gateway:
+            async with CoapIngest(gateway, coap_settings):   # devices talk CoAP to this process
+                ...
+
+    ``accept(message)`` publishes the message (QoS 1, MQTT v5 content type, user property
+    ``message-id``) to ``<project>/<device>/stream/<path>`` and returns once the broker
+    acknowledged it, so a CoAP 2.04 still means "durably taken" (with broker persistence on).
+    The worker that takes it keeps the message id. Device state (``/.d/``) lives in the
+    retained state topics ``<project>/<device>/state/<path>``: the gateway subscribes to
+    them, answers reads from what it has seen, tells observers when they change, and writes
+    by publishing retained JSON (an empty retained payload deletes).
+    """
+
+    def __init__(self, settings: GatewaySettings | None = None) -> None:
+        self.settings = settings or GatewaySettings()
+        s = self.settings
+        self.client_id = s.client_id or f"pipelines-gateway-{uuid.uuid4().hex[:8]}"
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task | None = None
+        # (project, device) -> {state sub-path ("" = root): value}
+        self._state: dict[tuple[str, str], dict[str, Any]] = {}
+        self._watchers: dict[tuple[str, str], list[Any]] = {}
+        self.stats: dict[str, int] = {"forwarded": 0, "state_updates": 0}
+        self.ready = asyncio.Event()
+
+    async def __aenter__(self) -> MqttGateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._run(), name="mqtt-gateway")
+        await asyncio.wait_for(self.ready.wait(), self.settings.timeout)
+
+    async def stop(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+
+    async def _run(self) -> None:
+        s = self.settings
+        delay = 0.2
+        while True:
+            client = aiomqtt.Client(s.host, s.port, identifier=self.client_id, username=s.username,
+                                    password=s.password, protocol=aiomqtt.ProtocolVersion.V5,
+                                    timeout=s.timeout)
+            client.pending_calls_threshold = 1 << 20
+            try:
+                async with client:
+                    await client.subscribe("+/+/state/#", qos=1)
+                    self._client = client
+                    self.ready.set()
+                    delay = 0.2
+                    async for m in client.messages:
+                        self._state_message(m)
+            except aiomqtt.MqttError as exc:
+                log.warning("MQTT gateway connection lost (%s); retrying in %.1f s", exc, delay)
+            finally:
+                self._client = None
+            await asyncio.sleep(delay)
+            delay = min(10.0, delay * 2)
+
+    def _state_message(self, m: aiomqtt.Message) -> None:
+        parts = m.topic.value.split("/", 3)
+        if len(parts) < 3 or parts[2] != "state":
+            return
+        key = (parts[0], parts[1])
+        sub = parts[3] if len(parts) == 4 else ""
+        doc = self._state.setdefault(key, {})
+        payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload).encode()
+        if not payload:
+            doc.pop(sub, None)
+        else:
+            try:
+                doc[sub] = json.loads(payload)
+            except ValueError:
+                doc[sub] = payload.decode("utf-8", "replace")
+        self.stats["state_updates"] += 1
+        for cb in list(self._watchers.get(key, [])):
+            try:
+                cb()
+            except Exception:
+                log.exception("state watcher failed")
+
+    async def _publish(self, topic: str, payload: bytes, *, retain: bool,
+                       props: Properties | None = None) -> None:
+        client = self._client
+        if client is None:
+            raise Overloaded("the MQTT broker is not reachable", 2.0)
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        except aiomqtt.MqttError as exc:
+            raise Overloaded(f"publishing to the MQTT broker failed: {exc}", 2.0) from None
+
+    # -- IngestTarget -------------------------------------------------------------------
+
+    async def accept(self, message: Message) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = message.content_type
+        props.UserProperty = [("message-id", message.id)]
+        topic = f"{message.project_id}/{message.device_id}/stream/{message.path.strip('/')}"
+        await self._publish(topic, message.payload, retain=False, props=props)
+        self.stats["forwarded"] += 1
+
+    def _doc(self, project_id: str, device_id: str) -> Any:
+        parts = self._state.get((project_id, device_id), {})
+        doc: Any = parts.get("", {})
+        if not isinstance(doc, dict):
+            doc = {}
+        for sub in sorted((k for k in parts if k), key=lambda k: k.count("/")):
+            doc = set_at(doc, "/" + sub, parts[sub])
+        return doc
+
+    async def get_state(self, project_id: str, device_id: str, path: str = "/") -> Any:
+        return get_at(self._doc(project_id, device_id), path)
+
+    async def set_state(self, project_id: str, device_id: str, path: str, value: Any,
+                        merge: bool = False) -> None:
+        key = path.strip("/")
+        if merge:
+            value = deep_merge(get_at(self._doc(project_id, device_id), path), value)
+        await self._clear_below(project_id, device_id, key)
+        await self._publish(f"{project_id}/{device_id}/state/{key}", dumps(value), retain=True)
+        self._state.setdefault((project_id, device_id), {})[key] = value
+
+    async def delete_state(self, project_id: str, device_id: str, path: str) -> None:
+        key = path.strip("/")
+        await self._clear_below(project_id, device_id, key)
+        await self._publish(f"{project_id}/{device_id}/state/{key}", b"", retain=True)
+        self._state.get((project_id, device_id), {}).pop(key, None)
+
+    async def _clear_below(self, project_id: str, device_id: str, key: str) -> None:
+        parts = self._state.get((project_id, device_id), {})
+        for sub in [k for k in parts if k and (not key or k.startswith(key + "/"))]:
+            await self._publish(f"{project_id}/{device_id}/state/{sub}", b"", retain=True)
+            parts.pop(sub, None)
+
+    def watch_state(self, project_id: str, device_id: str, callback: Any) -> Any:
+        key = (project_id, device_id)
+        self._watchers.setdefault(key, []).append(callback)
+
+        def unwatch() -> None:
+            lst = self._watchers.get(key, [])
+            if callback in lst:
+                lst.remove(callback)
+        return unwatch
