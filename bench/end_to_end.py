@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile

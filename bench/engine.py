@@ -98,10 +98,10 @@ async def engine_bytes_run(pngs: list[bytes], seconds: float) -> tuple[int, floa
     secrets = SecretSource({"REPLICATE_TOKEN": "Bearer r8_bench"})
     loaded = load_pipelines([ROOT / "pipeline.yaml"], secrets)
     engine = Engine(build_pipelines(loaded.pipelines, lambda pc, sc: ComponentContext()))
-    user_headers = {(p.name, s.name): s.destination.params.headers
-                    for p in engine.pipelines for s in p.steps if s.destination is not None and s.destination.type == "webhook"}
-    urls = {(p.name, s.name): s.destination.params.url
-            for p in engine.pipelines for s in p.steps if s.destination is not None and s.destination.type == "webhook"}
+    webhooks = [(p.name, s) for p in engine.pipelines for s in p.steps
+                if s.destination is not None and s.destination.type == "webhook"]
+    user_headers = {(p, s.name): s.destination.params.headers for p, s in webhooks}
+    urls = {(p, s.name): s.destination.params.url for p, s in webhooks}
     answer = InProcessAnswer()
     n, start = 0, time.perf_counter()
     deadline = start + seconds
@@ -183,7 +183,8 @@ async def main() -> None:
           f" (median {statistics.median(sizes) / 1024:.0f} KB); one process, one core; median of"
           f" {args.rounds} alternating rounds of {args.seconds:g} s; machine: {os.cpu_count()} cpus")
     print()
-    print(f"| {'measurement':<40} | {'engine f/s':>10} | {'hand f/s':>9} | {'engine µs':>9} | {'hand µs':>8} | {'ratio':>5} |")
+    print(f"| {'measurement':<40} | {'engine f/s':>10} | {'hand f/s':>9} | {'engine µs':>9} |"
+          f" {'hand µs':>8} | {'ratio':>5} |")
     print(f"|{'-' * 42}|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 7}|")
     for title, e, h in rows:
         print(f"| {title:<40} | {e:>10.0f} | {h:>9.0f} | {1e6 / e:>9.0f} | {1e6 / h:>8.0f} | {h / e:>5.2f} |")

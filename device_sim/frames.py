@@ -115,10 +115,9 @@ class FrameSource:
         # Sensor noise plus a slow exposure drift, seeded per frame for reproducibility.
         rng = np.random.default_rng([self.seed, index])
         gain = 1.0 + 0.04 * math.sin(index / 7.0 + self.seed)
+        pixels = pixels * gain
         if self.noise_sigma:
-            pixels = pixels * gain + rng.normal(0.0, self.noise_sigma, pixels.shape)
-        else:
-            pixels = pixels * gain
+            pixels = pixels + rng.normal(0.0, self.noise_sigma, pixels.shape)
         frame = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
         buffer = io.BytesIO()
         if self.image_format == "png" and self.png_palette:

@@ -136,7 +136,7 @@ class Component:
         self.params = params
         self.context = context
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release resources (called when the router stops)."""
 
 

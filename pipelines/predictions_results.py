@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipelines.predictions")
 
-PREDICTIONS_PATH = re.compile(r"^/v1/(predictions|models/[^/]+/[^/]+/predictions|deployments/[^/]+/[^/]+/predictions)/?$")
+PREDICTIONS_PATH = re.compile(
+    r"^/v1/(predictions|models/[^/]+/[^/]+/predictions|deployments/[^/]+/[^/]+/predictions)/?$")
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
 HOOK_PATH = "/v1/hooks/predictions"
 

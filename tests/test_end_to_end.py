@@ -16,7 +16,6 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -113,16 +112,15 @@ async def test_two_cameras_over_dtls_frames_arrive_byte_identical_and_answers_co
     identities = fleet_identities(2, seed=7, project_id="demo")
     registry = write_registry(tmp_path / "devices.yaml", identities)
     target = Target()
-    async with target as target_url:
-        async with RouterService(service_settings(tmp_path, target_url, registry)) as service:
-            fleet = Fleet(identities, CameraConfig(host="127.0.0.1", port=service.coap_dtls_port,
-                                                   interval=0.3, max_frames=4), seed=7)
-            sent = record_frames(fleet)
-            events = []
-            fleet.on_event = events.append
-            async with fleet:
-                await wait_until(lambda: fleet.totals()["frames_answered"] >= 8, 60, "8 answers")
-            totals = fleet.totals()
+    async with target as target_url, RouterService(service_settings(tmp_path, target_url, registry)) as service:
+        fleet = Fleet(identities, CameraConfig(host="127.0.0.1", port=service.coap_dtls_port,
+                                               interval=0.3, max_frames=4), seed=7)
+        sent = record_frames(fleet)
+        events = []
+        fleet.on_event = events.append
+        async with fleet:
+            await wait_until(lambda: fleet.totals()["frames_answered"] >= 8, 60, "8 answers")
+        totals = fleet.totals()
     assert totals["frames_sent"] == 8 and totals["frames_acked"] == 8
     assert totals["frames_rejected"] == 0
     # every frame reached the target with exactly the bytes the camera rendered

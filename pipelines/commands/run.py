@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--devices", type=int, default=3, help="simulated cameras (default: 3)")
     p.add_argument("--no-sim", action="store_true", help="start no simulated cameras")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between a camera's frames (default: 2)")
-    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="stop after this many seconds (default: run until Ctrl-C)")
     p.add_argument("--drain", type=float, default=15.0, help="seconds to wait for outstanding answers at stop")
     p.add_argument("--seed", type=int, default=1, help="seed for camera identities and scenes")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -119,8 +120,9 @@ async def _run(args: argparse.Namespace) -> int:
                 print("pipeline run: --replicate needs --public-url: api.replicate.com must reach this "
                       "router to deliver results", file=sys.stderr)
                 return 2
-            from pipelines.predictions_results import fetch_webhook_secret
             import httpx
+
+            from pipelines.predictions_results import fetch_webhook_secret
             async with httpx.AsyncClient() as client:
                 webhook_secret = await fetch_webhook_secret(client, REPLICATE_BASE, token)
             predictions_desc = REPLICATE_BASE
