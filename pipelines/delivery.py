@@ -236,6 +236,7 @@ class QueueWorker:
                                             first_attempt_at=first, status=err.status, error=reason)
             return
         why = "permanent" if not self.policy.is_retryable(err) else "retries exhausted"
+        reason = reason.removesuffix(" (permanent)")  # said once, in front
         self.stats.dead += 1
         dead_key = f"{why}:{status_key}"
         self.stats.dead_by_reason[dead_key] = self.stats.dead_by_reason.get(dead_key, 0) + 1

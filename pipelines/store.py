@@ -244,6 +244,7 @@ class Store:
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
         self._closing = False
+        self._wal_restart = False  # set by the checkpointer when the WAL grew too long
         self.commits = 0  # group commits done (for benchmarks)
         self.ops = 0  # operations in them
         self.busy_seconds = 0.0  # time the writer spent in transactions
@@ -285,6 +286,20 @@ class Store:
         conn.execute("PRAGMA foreign_keys=OFF")
         return conn
 
+    def _checkpointer(self, stop: threading.Event) -> None:
+        """Copy the WAL back into the database file beside the writer, not in its way: with
+        SQLite's automatic checkpoints the writer itself would stop for the copy and its fsync."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            while not stop.wait(CHECKPOINT_EVERY):
+                with contextlib.suppress(sqlite3.Error):  # busy now: the next round will do it
+                    _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    # a writer that never pauses keeps the WAL from starting over: ask it to
+                    # restart the WAL itself between two batches (the copying is mostly done)
+                    self._wal_restart = wal_frames > WAL_RESTART_FRAMES
+        finally:
+            conn.close()
+
     def _writer(self) -> None:
         try:
             conn = self._connect()
@@ -299,9 +314,23 @@ class Store:
             self._open_error = exc
             self._ready.set()
             return
+        stop_checkpoints = threading.Event()
+        checkpointer = None
+        if self.path != ":memory:":
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            checkpointer = threading.Thread(target=self._checkpointer, args=(stop_checkpoints,),
+                                            name="store-checkpoint", daemon=True)
+            checkpointer.start()
         self._ready.set()
         stop = False
         while not stop:
+            if self._wal_restart:
+                self._wal_restart = False
+                # wait briefly at most: a reader in another process must not stall the writer
+                conn.execute("PRAGMA busy_timeout=100")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.execute("PRAGMA busy_timeout=30000")
             item = self._ops.get()
             if item is None:
                 break
@@ -327,7 +356,10 @@ class Store:
             for loop, settled in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                     loop.call_soon_threadsafe(_settle_all, settled)
-        conn.close()
+        if checkpointer is not None:
+            stop_checkpoints.set()
+            checkpointer.join()
+        conn.close()  # the last connection to close checkpoints and removes the WAL itself
 
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Any, Any, Any]]) -> list[tuple[bool, Any]]:
         """Run a batch of operations in one transaction; (ok, result or exception) each.
@@ -431,13 +463,14 @@ class Store:
                     (dedup_key, now)).rowcount:
                 Store._bump(conn, "duplicates")
                 return False
-            if conn.execute("SELECT 1 FROM inbox WHERE id = ?", (message.id,)).fetchone():
+            pid = _new_payload(conn, message.payload, 1)
+            if not conn.execute(
+                    "INSERT OR IGNORE INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
+                    " metadata, payload_id, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (*values, pid, now)).rowcount:
+                conn.execute("DELETE FROM payloads WHERE id = ?", (pid,))  # a duplicate (rare)
                 Store._bump(conn, "duplicates")
                 return False
-            pid = _new_payload(conn, message.payload, 1)
-            conn.execute(
-                "INSERT INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
-                " metadata, payload_id, received_at) VALUES (?,?,?,?,?,?,?,?,?)", (*values, pid, now))
             Store._bump(conn, "ingested")
             return True
         return await self._run(op)
@@ -463,10 +496,9 @@ class Store:
         def op(conn: sqlite3.Connection) -> None:
             inbox_payload: tuple[bytes, int] | None = None
             if outcome.from_inbox:
-                r = conn.execute("SELECT payload_id FROM inbox WHERE id = ?", (m.id,)).fetchone()
+                r = conn.execute("DELETE FROM inbox WHERE id = ? RETURNING payload_id", (m.id,)).fetchone()
                 if r is None:
                     return  # already routed by someone else (another engine after a restart)
-                conn.execute("DELETE FROM inbox WHERE id = ?", (m.id,))
                 inbox_payload = (m.payload, r[0])
             if not outcome.matched:
                 if inbox_payload:
@@ -509,10 +541,10 @@ class Store:
             for i in idx:
                 pids[i] = pid
         if inbox_payload is not None:
-            if inbox_refs:  # the inbox row's reference goes to the first delivery that shares it
+            if inbox_refs > 1:  # the inbox row's reference goes to the first delivery sharing it
                 conn.execute("UPDATE payloads SET refs = refs + ? WHERE id = ?",
                              (inbox_refs - 1, inbox_payload[1]))
-            else:
+            elif not inbox_refs:
                 _release_payloads(conn, {inbox_payload[1]: 1})
         seqs = []
         for d, pid in zip(items, pids, strict=True):
@@ -588,11 +620,11 @@ class Store:
             chunk = seqs[i:i + 500]
             marks = ",".join("?" * len(chunk))
             counts: dict[int, int] = {}
-            for (pid,) in conn.execute(f"SELECT payload_id FROM deliveries WHERE seq IN ({marks})", chunk):
+            for (pid,) in conn.execute(f"DELETE FROM deliveries WHERE seq IN ({marks}) RETURNING payload_id",
+                                       chunk).fetchall():
                 counts[pid] = counts.get(pid, 0) + 1
-            if counts:
-                n += conn.execute(f"DELETE FROM deliveries WHERE seq IN ({marks})", chunk).rowcount
-                _release_payloads(conn, counts)
+                n += 1
+            _release_payloads(conn, counts)
         return n
 
     async def deliveries_done(self, seqs: list[int]) -> int:
@@ -838,6 +870,9 @@ def _settle_all(settled: list[tuple[asyncio.Future, bool, Any]]) -> None:
         else:
             fut.set_exception(res)
 
+
+CHECKPOINT_EVERY = 0.05  # seconds between WAL checkpoints (file stores)
+WAL_RESTART_FRAMES = 4096  # pages in the WAL (16 MB of 4 KB pages) before it is made to start over
 
 # the writer thread's bookkeeping of counter changes (see Store._commit)
 _tls = threading.local()

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from delivery_sink import Answer, Sink
@@ -187,6 +188,36 @@ async def test_replay_after_fix_delivers_everything_and_purge(
         books = await st.counters()
     assert books["dead_letters_purged"] == 0  # they had left the books when replayed
     assert not any(books_gaps(books).values()), books
+
+
+async def test_a_running_router_delivers_what_the_cli_replays(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], broken_then_fixed) -> None:
+    from test_delivery_crash import RouterProcess
+    sink, state = broken_then_fixed
+    pf = tmp_path / "log.yaml"
+    pf.write_text(yaml.safe_dump({"pipelines": {"log": {"steps": [
+        {"name": "hook", "destination": {"type": "webhook", "parameters": {"url": sink.url("/log")}}}]}}}))
+    router = RouterProcess(tmp_path, pf)
+    await router.start()
+    try:
+        async with httpx.AsyncClient(base_url=router.url) as http:
+            r = await http.post("/v1/ingest/demo/cam-9/x", content=b"late", headers={"Message-Id": "m-1"})
+            assert r.status_code == 202
+
+            def letters() -> int:
+                _, out, _ = cli(capsys, "dlq", "list", "--store", str(tmp_path / "store.db"), "--json")
+                return len(out.splitlines())
+            await wait_for(lambda: asyncio.to_thread(letters), 10, "the dead letter")
+            state["fixed"] = True
+            code, out, _ = await asyncio.to_thread(cli, capsys, "dlq", "replay", "--store",
+                                                   str(tmp_path / "store.db"), "--pipelines", str(pf),
+                                                   "--device", "cam-9")
+            assert code == 0 and "1 of 1 replayed" in out
+            await wait_for(lambda: len(sink.got("/log")) == 2, 10, "the running router to deliver it")
+            assert [g.ce_id for g in sink.got("/log")] == ["m-1", "m-1"]
+            assert sink.got("/log")[1].body == b"late"
+    finally:
+        assert await router.terminate() == 0
 
 
 def test_parse_time_forms() -> None:

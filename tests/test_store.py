@@ -216,6 +216,31 @@ async def test_an_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
         assert balanced(await store.counters())
 
 
+async def test_the_wal_stays_bounded_under_a_writer_that_never_pauses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.store as store_module
+    monkeypatch.setattr(store_module, "WAL_RESTART_FRAMES", 256)  # 1 MB of 4 KB pages
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 0.01)
+    path = tmp_path / "s.db"
+    wal = Path(str(path) + "-wal")
+    peak = 0
+    blob = bytes(range(256)) * 400  # 100 KB
+
+    async def producer(store: Store, n: int) -> None:
+        nonlocal peak
+        for _ in range(n):  # back to back: the writer always has the next batch waiting
+            m = Message.new(device_id="d", path="/p", content_type="x", payload=blob)
+            await store.add_inbox(m)
+            await store.finish_message(m, RoutingOutcome(False, [], []))
+            peak = max(peak, wal.stat().st_size if wal.exists() else 0)
+
+    async with Store(path) as store:
+        await asyncio.gather(*(producer(store, 40) for _ in range(8)))  # 32 MB in all
+        assert (await store.counters())["unmatched"] == 320
+    assert peak < 24 << 20, f"the WAL grew to {peak / 1e6:.1f} MB"
+    assert not wal.exists() or wal.stat().st_size == 0  # truncated at close
+
+
 async def test_named_counters_count_and_show_in_the_books(tmp_path: Path) -> None:
     async with Store(tmp_path / "s.db") as store:
         await asyncio.gather(*(store.bump_counter("mqtt_reconnects") for _ in range(5)),
