@@ -3,6 +3,7 @@
     pipeline serve --pipelines pipeline.yaml --store data/store.db --http-port 8080
     pipeline serve --pipelines p.yaml --store s.db --http-port 0 --http-ingest   # any free port
     pipeline serve --pipelines p.yaml --coap-dtls-port 5684 --registry devices.yaml
+    pipeline serve --coap-dtls-port 5684 --registry devices.yaml --workers 2   # SO_REUSEPORT
 
 Once everything listens it prints one line, ``ready http://HOST:PORT`` (then the CoAP
 ports if any), so scripts and tests can wait for it. The store is the durable SQLite file
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -52,6 +54,10 @@ def add_parser(subparsers: Any) -> None:
                    help="whsec_... secret that prediction callbacks are signed with "
                         "(or PREDICTIONS_WEBHOOK_SECRET); unset: callbacks are not verified")
     p.add_argument("--public-url", help="base URL at which the predictions API reaches this HTTP face")
+    p.add_argument("--workers", type=int, default=1,
+                   help="CoAP ingest processes sharing the CoAP ports with SO_REUSEPORT (default: 1); "
+                        "the kernel keeps each device on one process, this one also runs the engine")
+    p.add_argument("--ingest-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="WARNING", help="log level (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -73,7 +79,11 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
         coap = CoapSettings(host=args.coap_host, registry_path=args.registry,
                             dtls_enabled=args.coap_dtls_port is not None,
                             dtls_port=args.coap_dtls_port or 0,
-                            plain_enabled=args.coap_port is not None, port=args.coap_port or 0)
+                            plain_enabled=args.coap_port is not None, port=args.coap_port or 0,
+                            reuse_port=args.workers > 1 or args.ingest_only)
+    if args.ingest_only:  # a --workers child: CoAP into the shared store, no engine, no HTTP
+        router.run_engine = False
+        return ServiceSettings(router=router, http_port=None, coap=coap)
     return ServiceSettings(router=router, http_host=args.http_host, http_port=args.http_port, coap=coap,
                            webhook_secret=args.webhook_secret, public_url=args.public_url)
 
@@ -81,21 +91,65 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings_from(args)))
+    if args.workers < 1:
+        raise ValueError("--workers must be 1 or more")
+    if args.workers > 1 and args.coap_dtls_port is None and args.coap_port is None:
+        raise ValueError("--workers spreads CoAP ingest: give --coap-dtls-port and/or --coap-port")
+    return asyncio.run(serve(settings_from(args), args))
 
 
-async def serve(settings: ServiceSettings) -> int:
+def _worker_command(args: argparse.Namespace, dtls_port: int | None, plain_port: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--ingest-only", "--store", str(args.store),
+           "--coap-host", args.coap_host, "--log-level", args.log_level]
+    for p in args.pipelines or ["pipeline.yaml"]:
+        cmd += ["--pipelines", str(p)]
+    for item, flag in ((args.secrets, "--secrets"), (args.registry, "--registry"),
+                       (dtls_port, "--coap-dtls-port"), (plain_port, "--coap-port")):
+        if item is not None:
+            cmd += [flag, str(item)]
+    return cmd
+
+
+async def _start_workers(args: argparse.Namespace, service: RouterService) -> list[subprocess.Popen]:
+    """The other ingest processes, on the ports this one bound (so port 0 works too)."""
+    procs = []
+    for _ in range(args.workers - 1):
+        proc = subprocess.Popen(_worker_command(args, service.coap_dtls_port, service.coap_port),
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+    for proc in procs:
+        line = await asyncio.to_thread(proc.stdout.readline)  # type: ignore[union-attr]
+        if not line.startswith("ready"):
+            for p in procs:
+                p.terminate()
+            raise RuntimeError(f"an ingest worker did not start (exit {proc.poll()}); see its log above")
+    return procs
+
+
+async def serve(settings: ServiceSettings, args: argparse.Namespace | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     async with RouterService(settings) as service:
-        parts = [f"ready {service.http_url or '(no http)'}"]
-        if service.coap_dtls_port:
-            parts.append(f"coaps://{settings.coap.host}:{service.coap_dtls_port}")
-        if service.coap_port:
-            parts.append(f"coap://{settings.coap.host}:{service.coap_port}")
-        print(" ".join(parts), flush=True)
-        await stop.wait()
+        workers = await _start_workers(args, service) if args is not None and args.workers > 1 else []
+        try:
+            parts = [f"ready {service.http_url or '(no http)'}"]
+            if service.coap_dtls_port:
+                parts.append(f"coaps://{settings.coap.host}:{service.coap_dtls_port}")
+            if service.coap_port:
+                parts.append(f"coap://{settings.coap.host}:{service.coap_port}")
+            if workers:
+                parts.append(f"ingest processes {1 + len(workers)}")
+            print(" ".join(parts), flush=True)
+            await stop.wait()
+        finally:
+            for proc in workers:
+                proc.terminate()
+            for proc in workers:
+                try:
+                    await asyncio.to_thread(proc.wait, 10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     return 0
