@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,17 +28,14 @@ from predictions_service.runner import PredictionRunner
 
 
 def frame(photo: str, size: tuple[int, int]) -> bytes:
-    try:
-        import skimage.data as skdata
+    """A camera frame as the simulator sends it: the scene photo, panned, stamped, with sensor
+    noise, as a 256-colour PNG (20-60 KB at 320x240)."""
+    from datetime import UTC, datetime
 
-        img = Image.fromarray(getattr(skdata, photo)()).convert("RGB")
-    except ImportError:  # no scikit-image: a synthetic gradient frame
-        y, x = np.mgrid[0 : size[1], 0 : size[0]]
-        img = Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8))
-    img = img.resize(size)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
+    from device_sim.frames import FrameSource
+
+    return FrameSource(photo, seed=1, label="bench", width=size[0], height=size[1]).render(
+        0, datetime.now(UTC)).payload
 
 
 def pct(values: list[float], q: float) -> float:
