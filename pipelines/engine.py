@@ -92,8 +92,7 @@ class Engine:
     def __init__(self, pipelines: list[RuntimePipeline]) -> None:
         self.pipelines = pipelines
         self.by_name = {p.name: p for p in pipelines}
-        # per (pipeline, step): transformer successes / failures, for metrics
-        self.transform_ok: dict[tuple[str, str], int] = {}
+        # per (pipeline, step): transformer failures, for metrics
         self.transform_failed: dict[tuple[str, str], int] = {}
 
     def matching(self, message: Message) -> list[RuntimePipeline]:
@@ -144,8 +143,6 @@ class Engine:
                     dead = PendingDeadLetter(current, pipeline.name, step.name, step.index,
                                              "transform", reason)
                     return deliveries, [dead], traces
-                self.transform_ok[(pipeline.name, step.name)] = \
-                    self.transform_ok.get((pipeline.name, step.name), 0) + 1
                 if trace:
                     traces.append(StepTrace(pipeline.name, step.name, "transformed", out.content_type,
                                             len(out.payload), preview=out.payload[:300],

@@ -39,9 +39,14 @@ def is_json_type(content_type: str) -> bool:
     return base == JSON_TYPE or (base.startswith("application/") and base.endswith("+json"))
 
 
+# one encoder for the process: json.dumps() with non-default separators builds a new one per call
+_ENCODER = _json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_encode_str = _json.encoder.encode_basestring  # the C escaper for one string
+
+
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON, the one serialisation used everywhere."""
-    return _json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 _UNSAFE_CHARS = frozenset('"\\') | frozenset(chr(c) for c in range(0x20)) | {chr(0x7F)}
@@ -61,7 +66,7 @@ def _dumps_parts(value: Any, out: list[bytes], safe: set[int]) -> None:
         for i, (k, v) in enumerate(value.items()):
             if i:
                 out.append(b",")
-            out.append(dumps(k if isinstance(k, str) else str(k)))
+            out.append(_encode_str(k if type(k) is str else dumps(k).decode().strip('"')).encode())
             out.append(b":")
             _dumps_parts(v, out, safe)
         out.append(b"}")
