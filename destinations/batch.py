@@ -9,7 +9,8 @@ from __future__ import annotations
 import uuid
 
 from destinations.registry import register
-from pipelines.components import ComponentError, Destination
+from pipelines.components import ComponentError, DeliveryError, Destination
+from pipelines.ingest import Overloaded
 from pipelines.message import JSON_TYPE, Message, NotJSONError, dumps
 
 
@@ -30,13 +31,19 @@ class Batch(Destination):
         if self.context.reinject is None:
             raise ComponentError("no re-entry into pipeline matching in this context")
         for i, item in enumerate(items):
-            # ids derive from the parent so a retried batch re-injects the same ids (deduplicated)
+            # ids derive from the parent, and each child is stored under a dedup key: a batch
+            # retried after a partial failure never ingests a child twice, routed or not
             child_id = str(uuid.uuid5(uuid.UUID(message.id) if _is_uuid(message.id) else uuid.NAMESPACE_URL,
                                       f"{message.id}/{i}"))
-            await self.context.reinject(Message(
+            child = Message(
                 id=child_id, project_id=message.project_id, device_id=message.device_id,
                 path=message.path, content_type=JSON_TYPE, timestamp=message.timestamp,
-                payload=dumps(item), metadata={**message.metadata, "batch_parent": message.id}))
+                payload=dumps(item), metadata={**message.metadata, "batch_parent": message.id})
+            try:
+                await self.context.reinject(child, dedup_key=f"batch:{child_id}")
+            except Overloaded as exc:
+                raise DeliveryError(f"router is full: {exc}", retryable=True,
+                                    retry_after=exc.retry_after) from None
 
 
 def _is_uuid(text: str) -> bool:

@@ -112,8 +112,9 @@ class ComponentContext:
     state: StateStore | None = None
     stream: StreamStore | None = None
     logs: LogStore | None = None
-    # re-enters pipeline matching (batch): awaits until the new message is in the inbox
-    reinject: Callable[[Message], Awaitable[None]] | None = None
+    # re-enters pipeline matching (batch): ``await reinject(message, dedup_key=None)`` returns
+    # once the message is in the inbox; raises pipelines.ingest.Overloaded when full
+    reinject: Callable[..., Awaitable[Any]] | None = None
     # publishes to the MQTT broker the router is connected to (mqtt destination)
     mqtt_publish: Callable[..., Awaitable[None]] | None = None
     # the pipeline and step this instance serves, for messages and logs

@@ -261,3 +261,43 @@ async def test_the_loop_over_coap_frame_id_traceable_end_to_end(tmp_path):
                                      headers={"Authorization": f"Bearer {TOKEN}"})
             assert r.status_code == 200
             assert r.json()["output"] == doc["output"] == cam.stats.last_answer
+
+
+async def test_without_a_webhook_secret_only_the_routers_own_callback_token_is_accepted(tmp_path):
+    (tmp_path / "secrets.yaml").write_text("REPLICATE_TOKEN: Bearer test\n")
+    settings = ServiceSettings(
+        router=RouterSettings(pipelines=[ROOT / "pipeline.yaml"], store_path=tmp_path / "store.db",
+                              secrets_file=tmp_path / "secrets.yaml"),
+        http_port=0, webhook_secret=None)
+    async with RouterService(settings) as service:
+        router = service.router
+        frame = Message.new(device_id="cam-5", project_id="demo", path="/images",
+                            content_type="image/png", payload=b"x")
+        await router.store.remember_prediction("p9", frame)  # known id, but no signature to trust
+        body = _prediction("p9")
+        async with httpx.AsyncClient() as client:
+            r = await client.post(service.http_url + HOOK_PATH, content=body)
+            assert r.status_code == 401
+            with_token = service.results.add_callback(
+                frame.evolve(json={"version": "v", "input": {}}), "https://api.replicate.com/v1/predictions")
+            hook = with_token.json()["webhook"]
+            r = await client.post(hook, content=body)
+            assert r.status_code == 200, r.text
+        assert (await router.store.counters())["ingested"] == 1
+
+
+def test_the_callback_is_spliced_into_the_body_byte_for_byte():
+    from pipelines.predictions_results import PredictionResults
+
+    results = PredictionResults.__new__(PredictionResults)
+    results.callback_url, results.webhook_secret = "http://r/v1/hooks/predictions", "whsec_x"
+    import os as _os
+    results._fallback_key = _os.urandom(32)
+    for body in ({"version": "v", "input": {"image": "data:image/png;base64,AAAA"}}, {}):
+        msg = Message.new(device_id="d", path="/images", content_type="application/json",
+                          payload=json.dumps(body).encode())
+        out = results.add_callback(msg, "https://api.replicate.com/v1/predictions")
+        doc = json.loads(out.payload)
+        assert {k: v for k, v in doc.items() if not k.startswith("webhook")} == body
+        assert doc["webhook_events_filter"] == ["completed"]
+        assert results.read_token(doc["webhook"].split("?c=")[1])["message_id"] == msg.id

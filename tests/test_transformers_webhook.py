@@ -155,3 +155,15 @@ def test_bad_retry_policy_in_context_is_a_validation_error():
     with pytest.raises(pydantic.ValidationError):
         from transformers.webhook import retry_policy
         retry_policy({"retry": {"max_attempts": 0}})
+
+
+async def test_without_a_step_policy_a_dead_endpoint_costs_three_bounded_attempts(server, client):
+    """A transformer call holds its pipeline run: by default it gives up after 3 attempts."""
+    from transformers.webhook import TRANSFORMER_RETRY
+
+    server.default = Reply(503, body=b"down")
+    t = make({"url": server.url("/x")}, ComponentContext(http=client))
+    with pytest.raises(TransformError, match="after 3 attempts"):
+        await t.transform(msg())
+    assert len(server.requests) == 3
+    assert TRANSFORMER_RETRY.max_elapsed <= 30

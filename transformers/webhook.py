@@ -13,7 +13,7 @@ Pipeline step::
 The request is the one the webhook destination sends (``pipelines.outbound_http``:
 CloudEvents headers, the message's Content-Type, then the user's headers). A non-2xx answer
 is retried per the step's retry policy (``context.extra["retry"]``: a ``RetryPolicy`` or its
-fields as a dict; default ``RetryPolicy()``), then is a failure. With ``embed: true`` and
+fields as a dict; default ``TRANSFORMER_RETRY``: 3 attempts within 30 s), then is a failure. With ``embed: true`` and
 JSON both in and out the result is ``{"input": <message>, "output": <response>}``;
 otherwise the response as it came. JSON content types lose their parameters
 (``application/json; charset=utf-8`` → ``application/json``) so filters and JSON steps match.
@@ -37,11 +37,16 @@ from pipelines.retry import RetryPolicy, call_with_retry
 from transformers.base import base_type
 from transformers.registry import register
 
+# A transformer call holds up its message's pipeline run (and an engine slot) while it waits,
+# unlike a destination, whose queue retries in the background: so a short default budget;
+# what still fails becomes a dead letter that `pipeline dlq replay` re-runs from this step.
+TRANSFORMER_RETRY = RetryPolicy(max_attempts=3, max_elapsed=30.0)
+
 
 def retry_policy(extra: dict[str, Any]) -> RetryPolicy:
     value = extra.get("retry")
     if value is None:
-        return RetryPolicy()
+        return TRANSFORMER_RETRY
     if isinstance(value, RetryPolicy):
         return value
     return RetryPolicy.model_validate(value)
