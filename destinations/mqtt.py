@@ -18,7 +18,9 @@ instance keeps one connection of its own (:class:`MqttPublisher`), opened on fir
 reopened after a failure (at most one attempt per backoff interval, 0.5 s doubling to 30 s).
 
 ``{path}`` is the message path without its leading ``/``. The topic template may use only
-``{project_id}``, ``{device_id}`` and ``{path}``. One attempt per ``deliver()``: a QoS 1
+``{project_id}``, ``{device_id}`` and ``{path}``. A rendered topic that MQTT cannot publish to
+(``+``, ``#`` or NUL from the device's path or id, empty, over 65535 bytes) is a permanent
+``ComponentError``: the message goes to the dead letters at once. One attempt per ``deliver()``: a QoS 1
 or 2 publish counts as delivered when the broker acknowledged it; failures raise
 ``DeliveryError(retryable=True)`` and the delivery queue retries per its policy.
 """
@@ -67,8 +69,28 @@ def check_topic_template(template: str) -> str:
 
 
 def render_topic(template: str, message: Message) -> str:
-    return template.format(project_id=message.project_id, device_id=message.device_id,
-                           path=message.path.lstrip("/"))
+    """The topic for ``message``; ``ComponentError`` when it is not a valid publish topic
+    (the fields come from devices, so they can carry wildcards or a NUL)."""
+    topic = template.format(project_id=message.project_id, device_id=message.device_id,
+                            path=message.path.lstrip("/"))
+    problem = None
+    if not topic:
+        problem = "is empty"
+    elif "+" in topic or "#" in topic:
+        problem = "contains the wildcard '+' or '#'"
+    elif "\x00" in topic:
+        problem = "contains a NUL character"
+    else:
+        try:
+            if len(topic.encode("utf-8")) > 65535:
+                problem = "is longer than 65535 bytes"
+        except UnicodeEncodeError:
+            problem = "is not valid UTF-8"
+    if problem:
+        shown = topic if len(topic) <= 200 else topic[:200] + "…"
+        raise ComponentError(f"MQTT topic {shown!r} {problem}: it cannot be published to "
+                             f"(from the template {template!r})")
+    return topic
 
 
 class BrokerURL:

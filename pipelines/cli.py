@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from pipelines import __version__
 from pipelines.commands import command_modules
-from pipelines.secrets import redact
+from pipelines.secrets import install_log_redaction, redact
 
 PROG = "pipeline"
 
@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    install_log_redaction()  # handlers set up later by a command install it again themselves
 
     func = getattr(args, "func", None)
     if func is None:

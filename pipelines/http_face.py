@@ -43,6 +43,29 @@ if TYPE_CHECKING:
 
 
 MAX_INGEST_BODY = 16 << 20
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000  # rows per answer on the listing endpoints; ?limit= is clamped to 1..MAX_LIMIT
+
+
+class _BadQuery(ValueError):
+    pass
+
+
+def _limit(request: Request) -> int:
+    """``?limit=`` as a whole number clamped to 1..MAX_LIMIT; ``_BadQuery`` if it is not one."""
+    text = request.query_params.get("limit")
+    if text is None:
+        return DEFAULT_LIMIT
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise _BadQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text[:40]!r}") from None
+    return min(max(value, 1), MAX_LIMIT)
+
+
+def _problem(status: int, title: str, detail: str) -> Response:
+    return JSONResponse({"title": title, "status": status, "detail": detail}, status_code=status,
+                        media_type="application/problem+json")
 _MESSAGE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -99,17 +122,20 @@ def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> S
     async def stream(request: Request) -> Response:
         q = request.query_params
         rows = await router.store.query_stream(project_id=q.get("project"), device_id=q.get("device"),
-                                               path=q.get("path"), limit=int(q.get("limit", "100")))
+                                               path=q.get("path"), limit=_limit(request))
         return JSONResponse(rows)
 
     async def dead_letters(request: Request) -> Response:
         q = request.query_params
         rows = await router.store.dead_letters(pipeline=q.get("pipeline"), step=q.get("step"),
-                                               device_id=q.get("device"), limit=int(q.get("limit", "100")))
+                                               device_id=q.get("device"), limit=_limit(request))
         return JSONResponse([r.summary() for r in rows])
 
     async def unmatched(request: Request) -> Response:
-        return JSONResponse(await router.store.unmatched(int(request.query_params.get("limit", "100"))))
+        return JSONResponse(await router.store.unmatched(_limit(request)))
+
+    async def bad_query(_: Request, exc: Exception) -> Response:
+        return _problem(400, "Bad Request", str(exc))
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz),
@@ -122,7 +148,7 @@ def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> S
         *([ingest_route(router)] if router.settings.extra.get("http_ingest") else []),
         *(extra_routes or []),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={_BadQuery: bad_query})
 
 
 async def start_http(app: Starlette, host: str, port: int) -> uvicorn.Server:

@@ -171,6 +171,8 @@ class Message:
                 self._json = _json.loads(self._payload)  # type: ignore[arg-type]
             except (ValueError, UnicodeDecodeError) as exc:
                 raise NotJSONError(f"payload is not valid JSON: {exc}") from None
+            except RecursionError:  # a device's "[[[[..." must not pass for an internal error
+                raise NotJSONError("payload is not usable JSON: nested too deeply") from None
         return self._json
 
     def evolve(

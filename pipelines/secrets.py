@@ -11,6 +11,7 @@ Usage::
     secrets.resolve("costs $$5")                  # "$$" is a literal "$" -> "costs $5"
     secrets.resolve("$NOPE")                      # raises MissingSecret("NOPE")
     redact(f"sent {token}")                       # -> "sent ***" once token was resolved
+    install_log_redaction()                       # after logging.basicConfig: logs redacted too
 
 Sources, in order: the secrets file (YAML ``NAME: value`` or ``.env`` lines ``NAME=value``),
 then the environment. Names are ``[A-Za-z_][A-Za-z0-9_]*`` and looked up case-insensitively.
@@ -25,6 +26,7 @@ shorter ones would blank out ordinary text) is remembered by the module-level
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -38,9 +40,11 @@ __all__ = [
     "MIN_REDACT_LENGTH",
     "REDACTED",
     "MissingSecret",
+    "RedactingFilter",
     "SecretSource",
     "SecretSyntaxError",
     "SecretsFileError",
+    "install_log_redaction",
     "redact",
     "remember",
 ]
@@ -126,6 +130,38 @@ def redact(text: str) -> str:
 def remember(value: str) -> None:
     """Have :func:`redact` hide ``value`` too (for secrets that arrive by other routes)."""
     _process_redactor.add(value)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that passes every record's text, exception traceback and stack
+    through :func:`redact` before any formatter sees it. The message is formatted here
+    (``record.args`` cleared) and the traceback rendered into ``record.exc_text`` (with
+    ``exc_info`` cleared) so no handler can re-render the unredacted originals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # bad %-args: keep the template only, never the raw args
+            message = f"{record.msg} (log arguments could not be formatted)"
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Attach a :class:`RedactingFilter` to every handler of the root logger (once each).
+    Filters on handlers, not loggers, see records from child loggers too. Call it after
+    ``logging.basicConfig`` (or after adding handlers); calling it again is harmless."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 # ---------------------------------------------------------------------------------------

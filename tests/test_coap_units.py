@@ -235,3 +235,28 @@ def test_cli_devices_add_and_list(tmp_path, capsys):
     assert main(["devices", "add", "cam-01", "--registry", str(reg)]) == 1
     assert "listed twice" in capsys.readouterr().err
     assert len(DeviceRegistry.load(reg)) == 3  # the refused add changed nothing
+
+
+def test_keep_alive_filter_reads_the_formatted_message_and_any_msg_type():
+    import logging
+
+    from pipelines.ingest.coap import LOGGER_NAME
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger(LOGGER_NAME)
+    handler = Collect()
+    log.addHandler(handler)
+    try:
+        # the keep-alive text arriving as an argument is still recognised
+        log.warning("%s", "Received a message with code EMPTY and type NON, ignoring")
+        # a msg that is not a str (an exception object) must not crash the logging call
+        log.warning(ValueError("odd"))
+        log.warning("Received a message with code %s", "GET")  # not a keep-alive: kept
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["odd", "Received a message with code GET"]

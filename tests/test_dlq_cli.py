@@ -229,3 +229,78 @@ def test_parse_time_forms() -> None:
     assert parse_time("2023-11-14T22:13:20Z", now) == 1_700_000_000
     assert parse_time("2023-11-14T22:13:20", now) == 1_700_000_000  # no zone: UTC
     assert abs(parse_time("0s") - time.time()) < 5
+
+
+async def test_list_and_show_redact_the_secrets_the_pipelines_refer_to(tmp_path: Path) -> None:
+    """A fresh ``pipeline dlq`` process knows no secrets until it loads the pipelines (here
+    ./pipeline.yaml by default, with --secrets); then nothing it prints shows them."""
+    import base64
+    import os
+    import uuid
+    secret = f"tok-{uuid.uuid4().hex}"  # unknown to this process's redactor
+    with Sink() as sink:
+        sink.answer("/hook", lambda n: Answer(404, body=f"key {secret} rejected".encode()))
+        routed = tmp_path / "routed.yaml"
+        routed.write_text(yaml.safe_dump({"pipelines": {"log": {"steps": [
+            {"name": "hook", "destination": {"type": "webhook", "parameters": {"url": sink.url("/hook")}}}]}}}))
+        store = tmp_path / "store.db"
+        payload = f"device sent {secret}".encode()
+        async with Router(RouterSettings(pipelines=[routed], store_path=store)) as router:
+            await router.accept(Message.new(device_id="dev-s", path="/x", content_type="text/plain",
+                                            payload=payload, metadata={"api_key": secret}))
+
+            async def one() -> bool:
+                return (await router.store.counters())["dead_letters_open"] == 1
+            await wait_for(one, 10, "the dead letter")
+    # the pipelines as the operator has them: they refer to the secret by name
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"pipelines": {"log": {"steps": [
+        {"name": "hook", "destination": {"type": "webhook", "parameters": {
+            "url": "http://127.0.0.1:9/hook", "headers": {"Authorization": "Bearer ${TOKEN}"}}}}]}}}))
+    (tmp_path / "secrets.env").write_text(f"TOKEN={secret}\n")
+    env = {k: v for k, v in os.environ.items() if k.upper() != "TOKEN"}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def dlq(*argv: str, extra_env: dict[str, str] | None = None) -> str:
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "dlq", *argv, "--store", str(store)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              env={**env, **(extra_env or {})})
+        assert proc.returncode == 0, proc.stderr
+        assert secret not in proc.stderr
+        return proc.stdout
+
+    # without the secrets the process cannot know them: this is what leaked before
+    assert secret in dlq("list", "--json")
+    row = json.loads(dlq("list", "--json", "--secrets", "secrets.env"))
+    assert secret not in json.dumps(row)
+    assert row["metadata"] == {"api_key": "***"} and row["response_excerpt"] == "key *** rejected"
+    out = dlq("show", "1", "--secrets", "secrets.env", "--payload-out", "exact.bin")
+    assert secret not in out
+    assert "device sent ***" in out and '"api_key": "***"' in out and "key *** rejected" in out
+    assert (tmp_path / "exact.bin").read_bytes() == payload  # --payload-out: the exact bytes
+    shown = json.loads(dlq("show", "1", "--json", "--secrets", "secrets.env"))
+    assert base64.b64decode(shown["payload_base64"]) == b"device sent ***" and shown["payload_redacted"]
+    assert secret not in json.dumps(shown)
+    # the secret from the environment, the pipelines named explicitly from elsewhere
+    os.replace(tmp_path / "pipeline.yaml", tmp_path / "ops.yaml")
+    out = dlq("list", "--pipelines", "ops.yaml", extra_env={"TOKEN": secret})
+    assert secret not in out and "dev-s" in out
+    # pipelines that do not load (or no pipelines at all) do not stop the listing
+    (tmp_path / "broken.yaml").write_text("pipelines: [")
+    assert "1 dead letter" in dlq("list", "--pipelines", "broken.yaml", "--secrets", "nope.env")
+
+
+async def test_replay_with_override_sends_the_transformer_call_elsewhere(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], broken_then_fixed) -> None:
+    sink, _ = broken_then_fixed  # never fixed: only the local stand-in answers well
+    pf, store, _ = await fill_store(tmp_path, sink)
+    with Sink() as local:
+        local.answer("/enrich", lambda n: Answer(200, {"content-type": "application/json"}, b'{"ok": 1}'))
+        code, out, _ = await asyncio.to_thread(
+            cli, capsys, "dlq", "replay", "--store", str(store), "--pipelines", str(pf), "--pipeline", "cam",
+            "--step", "enrich", "--override", f"{sink.url('')}={local.url('')}")
+        assert code == 0 and "3 of 3 replayed" in out, out
+        assert len(local.got("/enrich")) == 3 and len(sink.got("/enrich")) == 3  # none went to the old
+        assert {g.body for g in local.got("/enrich")} == {b"first:x"}
+    code, _, err = await asyncio.to_thread(cli, capsys, "dlq", "replay", "--store", str(store),
+                                           "--pipelines", str(pf), "1", "--override", "no-equals-sign")
+    assert code == 2 and "--override wants FROM=TO" in err

@@ -151,3 +151,47 @@ def test_bad_parameters_name_file_line_and_reason(tmp_path: Path, params: str, w
     text = "\n".join(str(p) for p in result.problems)
     assert why in text
     assert f"{pipes}:" in text
+
+
+@pytest.mark.parametrize(("device_id", "path", "why"), [
+    ("cam-1", "/images/+", "wildcard"),
+    ("cam-1", "/images/#", "wildcard"),
+    ("cam+1", "/images", "wildcard"),
+    ("cam-1", "/im\x00ages", "NUL"),
+])
+async def test_device_controlled_topic_that_mqtt_refuses_is_a_component_error(
+        device_id: str, path: str, why: str) -> None:
+    published: list[str] = []
+
+    async def publish(topic: str, payload: bytes, **kw: object) -> None:
+        published.append(topic)
+    dest = MqttDestination(MqttParams(), ComponentContext(mqtt_publish=publish))
+    msg = Message.new(device_id=device_id, path=path, content_type="text/plain", payload=b"hi")
+    with pytest.raises(ComponentError, match=why) as caught:
+        await dest.deliver(msg)
+    assert not isinstance(caught.value, DeliveryError) and not published
+
+
+async def test_wildcard_in_the_path_is_dead_lettered_at_once(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        p = tmp_path / "pipeline.yaml"
+        p.write_text(f"""
+pipelines:
+  to-device:
+    steps:
+      - name: back
+        retry: {{initial_backoff: 0.05, max_backoff: 0.1, max_attempts: 10}}
+        destination:
+          type: mqtt
+          parameters: {{broker: "mqtt://127.0.0.1:{broker.port}"}}
+""")
+        async with Router(RouterSettings(pipelines=[p], store_path=tmp_path / "s.db")) as router:
+            await router.accept(Message.new(device_id="cam-1", path="/images/+", content_type="text/plain",
+                                            payload=b"x"))
+            for _ in range(500):
+                if (await router.store.counters())["dead_letters_open"] >= 1:
+                    break
+                await asyncio.sleep(0.02)
+            letters = await router.store.dead_letters()
+    assert len(letters) == 1
+    assert letters[0].attempts == 1 and "wildcard" in letters[0].error

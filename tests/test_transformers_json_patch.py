@@ -186,6 +186,12 @@ async def test_empty_patch_is_valid_and_keeps_the_document():
     assert await apply({"a": 1}) == {"a": 1}
 
 
+async def test_deeply_nested_json_is_a_clean_transform_error():
+    m = Message.new(device_id="d", path="/x", content_type="application/json", payload=b"[" * 100_000)
+    with pytest.raises(TransformError, match="json-patch: payload is not usable JSON: nested too deeply"):
+        await patcher({"op": "add", "path": "/a", "value": 1}).transform(m)
+
+
 async def test_json_patch_refuses_non_json_content():
     m = Message.new(device_id="d", path="/x", content_type="application/octet-stream", payload=b"{}")
     with pytest.raises(TransformError, match="json-patch expects application/json input"):

@@ -1,9 +1,10 @@
 """``pipeline dlq``: list, show, replay and purge dead letters in a router's store.
 
     pipeline dlq list   [--store S] [--pipeline P] [--step S] [--device D] [--since T] [--until T]
-                        [--all] [--limit N] [--json]
-    pipeline dlq show   [--store S] ID [--payload-out FILE] [--json]
-    pipeline dlq replay [--store S] [--pipelines PATH] [--secrets FILE] [ID ...] [filters]
+                        [--all] [--limit N] [--json] [--pipelines PATH] [--secrets FILE]
+    pipeline dlq show   [--store S] ID [--payload-out FILE] [--json] [--pipelines PATH] [--secrets FILE]
+    pipeline dlq replay [--store S] [--pipelines PATH] [--secrets FILE] [--override FROM=TO]
+                        [ID ...] [filters]
     pipeline dlq purge  [--store S] [ID ...] [filters] [--yes]
 
 A dead letter keeps the exact bytes, content type, metadata, pipeline, step, attempts, last
@@ -11,10 +12,16 @@ status, an excerpt of the last answer and the error (secrets redacted). ``--sinc
 take an ISO 8601 time (UTC if no zone), Unix seconds, or an age such as ``90s``, ``15m``,
 ``2h``, ``1d``. ``list`` shows open letters only unless ``--all``.
 
+``list`` and ``show`` redact every secret the pipelines refer to (``--pipelines``, default
+``./pipeline.yaml`` if it exists, with ``--secrets`` and the environment) from what they
+print: errors, answers, metadata and payloads (``--json`` included). Only ``--payload-out``
+writes the exact bytes. Pipelines that do not load are ignored here.
+
 ``replay`` re-runs each selected letter from the step that failed, under the same message
 id: a failed delivery goes back into its destination's queue; a failed transformer runs
 again from that step with the message as it was then (this needs the pipelines:
-``--pipelines``, default ``./pipeline.yaml``). A router running on the same store delivers
+``--pipelines``, default ``./pipeline.yaml``). ``--override FROM=TO`` sends requests for the
+base URL FROM to TO instead (e.g. a transformer's service, run locally). A router running on the same store delivers
 the replayed messages within a second or so; otherwise the next ``pipeline serve`` does.
 ``purge`` deletes the selected letters; it only reports what it would delete unless ``--yes``.
 Exit codes: 0 done, 1 nothing matched or some letters could not be replayed, 2 usage errors.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -32,12 +40,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.commands.send import parse_overrides
+from pipelines.config import load_pipelines
 from pipelines.message import is_json_type
 from pipelines.router import Router, RouterSettings
-from pipelines.secrets import redact
+from pipelines.secrets import SecretSource, redact
 from pipelines.store import DeadLetter, Store
 
 DEFAULT_STORE = "pipeline-data/store.db"
+DEFAULT_PIPELINES = "pipeline.yaml"
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -85,10 +96,16 @@ def add_parser(subparsers: Any) -> None:
             sp.add_argument("--until", type=parse_time, help="dead-lettered at or before this time")
             sp.add_argument("--limit", type=int, default=1000, help="at most this many (default: 1000)")
 
+    def secrets_options(sp: argparse.ArgumentParser, why: str) -> None:
+        sp.add_argument("--pipelines", action="append", metavar="PATH",
+                        help=f"pipeline file or directory (repeatable; default: ./pipeline.yaml){why}")
+        sp.add_argument("--secrets", help="secrets file (NAME: value YAML or .env lines)")
+
     sp = sub.add_parser("list", help="dead letters, newest last")
     common(sp, filters=True, ids=False)
     sp.add_argument("--all", action="store_true", help="include letters already replayed")
     sp.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    secrets_options(sp, ": the secrets it refers to are redacted")
     sp.set_defaults(func=run)
 
     sp = sub.add_parser("show", help="one dead letter in full")
@@ -96,13 +113,15 @@ def add_parser(subparsers: Any) -> None:
     sp.add_argument("id", type=_positive_id, metavar="ID")
     sp.add_argument("--payload-out", type=Path, metavar="FILE", help="write the exact payload bytes here")
     sp.add_argument("--json", action="store_true", help="JSON (payload as base64)")
+    secrets_options(sp, ": the secrets it refers to are redacted")
     sp.set_defaults(func=run)
 
     sp = sub.add_parser("replay", help="re-run dead letters from the step that failed")
     common(sp, filters=True, ids=True)
-    sp.add_argument("--pipelines", action="append", metavar="PATH",
-                    help="pipeline file or directory (repeatable; default: ./pipeline.yaml)")
-    sp.add_argument("--secrets", help="secrets file (NAME: value YAML or .env lines)")
+    secrets_options(sp, "")
+    sp.add_argument("--override", action="append", default=[], metavar="FROM=TO",
+                    help="send requests for base URL FROM to TO instead, e.g. "
+                         "https://api.example.com=http://127.0.0.1:5010")
     sp.set_defaults(func=run)
 
     sp = sub.add_parser("purge", help="delete dead letters")
@@ -115,7 +134,42 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.store).is_file():
         print(f"pipeline dlq: no store at {args.store} (give the router's --store)", file=sys.stderr)
         return 2
+    if args.dlq_command in ("list", "show"):
+        _remember_pipeline_secrets(args)
     return asyncio.run(_ACTIONS[args.dlq_command](args))
+
+
+def _remember_pipeline_secrets(args: argparse.Namespace) -> None:
+    """Resolve what the pipelines refer to, so ``redact`` knows those secrets. Best effort:
+    this process only prints, so pipelines with problems are no reason to stop."""
+    paths = args.pipelines or ([DEFAULT_PIPELINES] if Path(DEFAULT_PIPELINES).exists() else [])
+    try:
+        secrets = SecretSource.from_sources(args.secrets)
+    except ValueError as exc:  # an unusable secrets file: still the environment's
+        print(f"pipeline dlq: warning: {redact(str(exc))}; secrets from the environment only",
+              file=sys.stderr)
+        secrets = SecretSource.from_sources(None)
+    if paths:
+        # only for redaction: never in the way of reading the letters
+        with contextlib.suppress(Exception):
+            load_pipelines(paths, secrets)
+
+
+def _redact_tree(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {_redact_tree(k): _redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_tree(v) for v in value]
+    return value
+
+
+def _redact_bytes(payload: bytes) -> bytes:
+    """``payload`` with the secrets in it redacted; other bytes (even invalid UTF-8) kept."""
+    text = payload.decode("utf-8", "surrogateescape")
+    redacted = redact(text)
+    return payload if redacted == text else redacted.encode("utf-8", "surrogateescape")
 
 
 async def _select(store: Store, args: argparse.Namespace, include_replayed: bool = False) -> list[DeadLetter]:
@@ -157,11 +211,7 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 def _summary(dl: DeadLetter) -> dict[str, Any]:
-    out = dl.summary()
-    out["error"] = redact(out["error"])
-    if out.get("response_excerpt"):
-        out["response_excerpt"] = redact(out["response_excerpt"])
-    return out
+    return _redact_tree(dl.summary())
 
 
 async def _show(args: argparse.Namespace) -> int:
@@ -174,9 +224,12 @@ async def _show(args: argparse.Namespace) -> int:
     payload = dl.message.payload
     if args.payload_out:
         args.payload_out.write_bytes(payload)
+    shown = _redact_bytes(payload)
     if args.json:
         import base64
-        print(json.dumps({**_summary(dl), "payload_base64": base64.b64encode(payload).decode()}, indent=2))
+        extra = {"payload_redacted": True} if shown != payload else {}
+        print(json.dumps({**_summary(dl), "payload_base64": base64.b64encode(shown).decode(), **extra},
+                         indent=2))
         return 0
     summary = _summary(dl)
     for key in ("id", "message_id", "pipeline", "step", "stage", "project_id", "device_id", "path",
@@ -189,14 +242,17 @@ async def _show(args: argparse.Namespace) -> int:
     print("payload:")
     text = _as_text(payload, dl.message.content_type)
     if text is not None:
+        text = redact(text)
         print(text[:2000] + ("…" if len(text) > 2000 else ""))
     else:
-        for off in range(0, min(len(payload), 256), 16):
-            chunk = payload[off:off + 16]
+        if shown != payload:
+            print("  (secrets in it shown as ***: --payload-out FILE writes the exact bytes)")
+        for off in range(0, min(len(shown), 256), 16):
+            chunk = shown[off:off + 16]
             printable = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
             print(f"  {off:08x}  {chunk.hex(' '):<47}  {printable}")
-        if len(payload) > 256:
-            print(f"  … {len(payload) - 256} more bytes (--payload-out FILE writes them all)")
+        if len(shown) > 256:
+            print(f"  … {len(shown) - 256} more bytes (--payload-out FILE writes them all)")
     if args.payload_out:
         print(f"payload written to {args.payload_out} ({len(payload)} bytes)")
     return 0
@@ -217,7 +273,8 @@ async def _replay(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     pipelines = args.pipelines or ["pipeline.yaml"]
-    router = Router(RouterSettings(pipelines=pipelines, store_path=args.store, secrets_file=args.secrets))
+    router = Router(RouterSettings(pipelines=pipelines, store_path=args.store, secrets_file=args.secrets,
+                                   url_overrides=parse_overrides(args.override)))
     await router.open_for_replay()
     try:
         letters = await _select(router.store, args)

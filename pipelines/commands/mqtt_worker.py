@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.devices import DeviceRegistry
+from pipelines.secrets import install_log_redaction
 
 
 def add_parser(subparsers: Any) -> None:
@@ -62,6 +63,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     return asyncio.run(_serve(args))
 
 

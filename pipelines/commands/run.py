@@ -38,7 +38,7 @@ from rich.live import Live
 from rich.table import Table
 
 from pipelines.router import ConfigError, RouterSettings
-from pipelines.secrets import SecretSource
+from pipelines.secrets import SecretSource, install_log_redaction
 from pipelines.service import RouterService, ServiceSettings
 
 REPLICATE_BASE = "https://api.replicate.com"
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--devices must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    install_log_redaction()
     for noisy in ("coap-ingest", "coap", "aiocoap", "httpx", "uvicorn", "predictions_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return asyncio.run(_run(args))

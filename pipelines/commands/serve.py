@@ -28,6 +28,7 @@ import sys
 from typing import Any
 
 from pipelines.router import RouterSettings
+from pipelines.secrets import install_log_redaction
 from pipelines.service import RouterService, ServiceSettings
 
 
@@ -91,6 +92,7 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     if args.workers < 1:
         raise ValueError("--workers must be 1 or more")
     if args.workers > 1 and args.coap_dtls_port is None and args.coap_port is None:

@@ -85,8 +85,8 @@ class _KeepAliveFilter(logging.Filter):
     """The Golioth SDK sends an empty NON as keep-alive every 9 s; aiocoap warns about each one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg.startswith("Received a message with code") and "EMPTY" in record.getMessage()
-                    and "NON" in record.getMessage())
+        text = record.getMessage()  # msg need not be a str
+        return not (text.startswith("Received a message with code") and "EMPTY" in text and "NON" in text)
 
 
 logging.getLogger(LOGGER_NAME).addFilter(_KeepAliveFilter())
@@ -295,7 +295,8 @@ class StreamResource(_Base):
                 await server.target.accept(msg)
             except Overloaded as exc:
                 server.count("overloaded")
-                return _error(Code.SERVICE_UNAVAILABLE, f"router is busy: {exc}", max_age=exc.retry_after)
+                # the reason names internal pipelines and queues: not for devices' eyes
+                return _error(Code.SERVICE_UNAVAILABLE, "router busy, retry later", max_age=exc.retry_after)
         finally:
             server.uploads.release(len(body))
         server.count("accepted")
@@ -321,6 +322,8 @@ def _decode_state(payload: bytes, content_format: int | None) -> Any:
             return json.loads(payload)
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid JSON: {exc}")) from None
+        except RecursionError:
+            raise _Refusal(_error(Code.BAD_REQUEST, "payload is not usable JSON: nested too deeply")) from None
     if content_format == CF_CBOR:
         try:
             return cbor2.loads(payload)
