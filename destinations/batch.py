@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import uuid
 
+from destinations.base import read_json
 from destinations.registry import register
 from pipelines.components import ComponentError, DeliveryError, Destination
 from pipelines.ingest import Overloaded
-from pipelines.message import JSON_TYPE, Message, NotJSONError, dumps
+from pipelines.message import JSON_TYPE, Message, dumps
 
 
 @register
@@ -22,10 +23,7 @@ class Batch(Destination):
     accepts = ("json",)
 
     async def deliver(self, message: Message) -> None:
-        try:
-            items = message.json()
-        except NotJSONError as exc:
-            raise ComponentError(str(exc)) from None
+        items = read_json(self, message)
         if not isinstance(items, list):
             raise ComponentError(f"batch takes a JSON array, got {type(items).__name__}")
         if self.context.reinject is None:

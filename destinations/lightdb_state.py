@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from destinations.base import read_json
 from destinations.registry import register
 from pipelines.components import ComponentError, Destination
-from pipelines.message import Message, NotJSONError, is_json_type
+from pipelines.message import Message
 
 
 @register
@@ -27,12 +28,7 @@ class LightDBState(Destination):
                                  examples=["/result", "/latest/stream"])
 
     async def deliver(self, message: Message) -> None:
-        if not is_json_type(message.content_type):
-            raise ComponentError(f"lightdb-state takes application/json, got {message.content_type}")
-        try:
-            value = message.json()
-        except NotJSONError as exc:
-            raise ComponentError(str(exc)) from None
+        value = read_json(self, message)
         if self.context.state is None:
             raise ComponentError("no device state store in this context")
         await self.context.state.merge_state(message.project_id, message.device_id,

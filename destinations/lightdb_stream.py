@@ -5,9 +5,10 @@ Query it with ``pipeline stream`` or ``GET /v1/stream`` on the router's HTTP fac
 
 from __future__ import annotations
 
+from destinations.base import read_json
 from destinations.registry import register
 from pipelines.components import ComponentError, Destination
-from pipelines.message import Message, NotJSONError, is_json_type
+from pipelines.message import Message
 
 
 @register
@@ -18,12 +19,7 @@ class LightDBStream(Destination):
     accepts = ("json",)
 
     async def deliver(self, message: Message) -> None:
-        if not is_json_type(message.content_type):
-            raise ComponentError(f"lightdb-stream takes application/json, got {message.content_type}")
-        try:
-            data = message.json()
-        except NotJSONError as exc:
-            raise ComponentError(str(exc)) from None
+        data = read_json(self, message)
         if self.context.stream is None:
             raise ComponentError("no stream store in this context")
         await self.context.stream.append_stream(message.project_id, message.device_id, message.path,

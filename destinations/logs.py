@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from destinations.base import read_json
 from destinations.registry import register
 from pipelines.components import ComponentError, Destination
-from pipelines.message import Message, NotJSONError
+from pipelines.message import Message
 
 device_log = logging.getLogger("pipelines.device")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -25,10 +26,7 @@ class Logs(Destination):
     accepts = ("json",)
 
     async def deliver(self, message: Message) -> None:
-        try:
-            record = message.json()
-        except NotJSONError as exc:
-            raise ComponentError(str(exc)) from None
+        record = read_json(self, message)
         if not isinstance(record, dict):
             raise ComponentError("logs takes a JSON object with level, module and msg")
         level = str(record.get("level", "info")).lower()
