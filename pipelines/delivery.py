@@ -194,7 +194,9 @@ class QueueWorker:
                 await self.bucket.take()
             try:
                 if self.timeout:
-                    await asyncio.wait_for(self.destination.deliver(row.message), self.timeout)
+                    # asyncio.timeout rather than wait_for: no extra task per delivery
+                    async with asyncio.timeout(self.timeout):
+                        await self.destination.deliver(row.message)
                 else:
                     await self.destination.deliver(row.message)
             except TimeoutError:

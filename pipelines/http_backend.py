@@ -1,0 +1,226 @@
+"""An httpcore network backend on plain asyncio, for the router's outbound HTTP client.
+
+Usage::
+
+    from pipelines.http_backend import AsyncioBackend
+
+    pool = httpcore.AsyncConnectionPool(network_backend=AsyncioBackend())
+    # or, for an httpx client: pipelines.outbound_http.make_client()
+
+httpcore's default backend goes through anyio: every read and write opens a cancel scope
+and a timeout scope, and the connection pool's liveness check (``is_readable``, run for
+every idle connection each time any request starts or ends) rebuilds anyio's
+socket-attribute table and issues ``getpeername`` and a fresh ``poll`` object. On the
+webhook delivery path that was about a quarter of the CPU per POST. This backend does the
+same job with an ``asyncio.Protocol``: reads come from the protocol's buffer, writes go
+straight to the transport (waiting only when asyncio says its buffer is full), timeouts use
+``asyncio.timeout``, and the liveness check looks at the buffer first and then polls the
+socket with one ``poll`` object kept per connection.
+
+The HTTP itself (h11, pooling, keep-alive, TLS via ``ssl``) stays httpcore's and httpx's;
+errors are httpcore's own types (``ConnectError``, ``ReadTimeout``, ...), which httpx maps
+to its usual exceptions, exactly as with the default backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import ssl
+import typing
+
+import httpcore
+
+# pause reading above this much unread data; resume below half of it
+READ_HIGH_WATER = 1 << 20
+
+
+class _Protocol(asyncio.Protocol):
+    """Buffers what arrives; wakes one reader and one writer waiting for the transport."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self.transport: asyncio.Transport | None = None
+        self.read_waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.reading_paused = False
+        self.writing_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._wake_reader()
+        if len(self.buffer) > READ_HIGH_WATER and not self.reading_paused:
+            self.reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake_reader()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake_writer()
+
+    def _wake_reader(self) -> None:
+        waiter = self.read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class AsyncioStream(httpcore.AsyncNetworkStream):
+    def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._poll: select.poll | None = None
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        p = self._protocol
+        if not p.buffer and not p.eof:
+            p.read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await p.read_waiter
+            except TimeoutError:
+                raise httpcore.ReadTimeout("timed out") from None
+            finally:
+                p.read_waiter = None
+        if p.buffer:
+            data = bytes(p.buffer[:max_bytes])
+            del p.buffer[:max_bytes]
+            if p.reading_paused and len(p.buffer) < READ_HIGH_WATER // 2:
+                p.reading_paused = False
+                self._transport.resume_reading()
+            return data
+        if p.error is not None:
+            raise httpcore.ReadError(str(p.error) or type(p.error).__name__)
+        return b""  # the peer closed the connection
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        p = self._protocol
+        if p.error is not None or self._transport.is_closing():
+            raise httpcore.WriteError(str(p.error or "") or "connection closed")
+        self._transport.write(buffer)
+        if not p.writing_paused:
+            return  # asyncio holds whatever the socket did not take yet, within its limit
+        p.drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await p.drain_waiter
+        except TimeoutError:
+            raise httpcore.WriteTimeout("timed out") from None
+        finally:
+            p.drain_waiter = None
+        if p.error is not None or (p.writing_paused and self._transport.is_closing()):
+            raise httpcore.WriteError(str(p.error or "") or "connection closed")
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport = await loop.start_tls(self._transport, self._protocol, ssl_context,
+                                                 server_hostname=server_hostname)
+        except TimeoutError:
+            self._transport.close()
+            raise httpcore.ConnectTimeout("TLS handshake timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            self._transport.close()
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        if transport is None:  # the connection closed during the handshake
+            raise httpcore.ConnectError("connection closed during the TLS handshake")
+        return AsyncioStream(typing.cast(asyncio.Transport, transport), self._protocol)
+
+    def get_extra_info(self, info: str) -> typing.Any:
+        if info == "is_readable":
+            return self._is_readable()
+        if info == "ssl_object":
+            return self._transport.get_extra_info("ssl_object")
+        if info == "client_addr":
+            return self._transport.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._transport.get_extra_info("peername")
+        if info == "socket":
+            return self._transport.get_extra_info("socket")
+        return None
+
+    def _is_readable(self) -> bool:
+        """True if a read would not block: for an idle connection, the server closed it (or
+        sent something unasked), so the pool must not reuse it."""
+        p = self._protocol
+        if p.buffer or p.eof or self._transport.is_closing():
+            return True
+        # the event loop may not have seen the socket since the server's FIN arrived
+        if self._poll is None:
+            sock = self._transport.get_extra_info("socket")
+            fd = -1 if sock is None else sock.fileno()
+            if fd < 0:
+                return True
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
+        return bool(self._poll.poll(0))
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+                          ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, protocol = await loop.create_connection(
+                    _Protocol, host, port,
+                    local_addr=(local_address, 0) if local_address else None)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("timed out") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        sock = transport.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return AsyncioStream(transport, protocol)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+                                  ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, protocol = await loop.create_unix_connection(_Protocol, path)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("timed out") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        sock = transport.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return AsyncioStream(transport, protocol)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
