@@ -215,7 +215,8 @@ class QueueWorker:
             else:
                 held = False  # the flusher lets go of it once the success is committed
                 self.stats.delivered += 1
-                self.latency.observe(time.time() - row.message.timestamp.timestamp())
+                # from the first attempt: the message's own time may be the device's clock
+                self.latency.observe(time.time() - first)
                 self._succeeded(row.seq)
         finally:
             self.stats.in_flight -= 1
@@ -224,6 +225,16 @@ class QueueWorker:
             self._wake.set()
 
     async def _failed(self, row: DeliveryRow, err: DeliveryError, attempts: int, first: float) -> None:
+        try:
+            await self._record_failure(row, err, attempts, first)
+        except Exception:
+            # the outcome could not be written: the row keeps its old schedule, so pause before
+            # the slot is released rather than retrying it in a tight loop
+            log.exception("delivery %s/%s: could not record the outcome of %s; retrying later",
+                          *self.key, row.message.id)
+            await asyncio.sleep(1.0)
+
+    async def _record_failure(self, row: DeliveryRow, err: DeliveryError, attempts: int, first: float) -> None:
         reason = redact(err.reason)
         excerpt = redact(err.response_excerpt) if err.response_excerpt else None
         now = time.time()

@@ -81,7 +81,7 @@ class _Snapshot:
         delivered = CounterMetricFamily("pipeline_delivery_delivered", "deliveries that succeeded",
                                         labels=["pipeline", "step"])
         hist = HistogramMetricFamily("pipeline_delivery_latency_seconds",
-                                     "message time to successful delivery", labels=["pipeline", "step"])
+                                     "first attempt to successful delivery", labels=["pipeline", "step"])
         for (p, s), w in r.delivery.workers.items():
             st = w.stats
             inflight.add_metric([p, s], st.in_flight)

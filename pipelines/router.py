@@ -5,6 +5,7 @@ Usage::
     settings = RouterSettings(pipelines=["pipeline.yaml"], store_path="data/store.db")
     async with Router(settings) as router:       # loads, validates, opens, starts
         await router.accept(message)              # durable when it returns (IngestTarget)
+        await router.accept_many(messages)        # many in one transaction: [added?, ...]
         ...
 
 Stages run in one direction: ``accept`` only writes the inbox; the engine loop reads the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,9 +38,25 @@ from pipelines.ingest import Overloaded
 from pipelines.message import Message
 from pipelines.secrets import SecretSource
 from pipelines.state_doc import delete_at, get_at, merge_at, set_at
-from pipelines.store import RoutingOutcome, Store
+from pipelines.store import InboxRow, RoutingOutcome, Store
 
 log = logging.getLogger("pipelines.router")
+
+
+ENGINE_PAGE = 256  # inbox rows the engine reads at a time
+ENGINE_PAGE_SMALL = 1024  # ... while the backlog holds small messages (on average)
+SMALL_PAYLOAD = 16 << 10  # bytes
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    elif isinstance(error, asyncio.CancelledError):
+        fut.cancel()
+    else:
+        fut.set_exception(error)
 
 
 class ConfigError(Exception):
@@ -81,6 +99,9 @@ class Router:
         self._tasks: list[asyncio.Task] = []
         self._inbox_event = asyncio.Event()
         self._in_progress: set[str] = set()
+        # routing outcomes waiting to be committed, with whom to tell (see _finish_later)
+        self._to_finish: list[tuple[Message, RoutingOutcome, Callable[[BaseException | None], None]]] = []
+        self._finishers: set[asyncio.Task] = set()
         self._last_seq = 0
         self._overload_reason: str | None = None
         self.queue_depths: dict[tuple[str, str], int] = {}
@@ -146,6 +167,9 @@ class Router:
         for t in list(self._routing):
             t.cancel()
         await asyncio.gather(*self._routing, return_exceptions=True)
+        for _, _, tell in self._to_finish:  # never committed: routed again on the next start
+            tell(asyncio.CancelledError())
+        self._to_finish.clear()
         if self.delivery:
             await self.delivery.stop()
         if self.engine:
@@ -188,49 +212,159 @@ class Router:
             self._inbox_event.set()
         return added
 
+    async def accept_many(self, messages: Sequence[Message],
+                          dedup_keys: Sequence[str | None] | None = None) -> list[bool]:
+        """``accept`` for many messages at once: one store operation and one transaction
+        for all. Returns, once they are all committed, one answer per message (False: a
+        duplicate, also of an earlier message of the same batch). Raises ``Overloaded``
+        (nothing stored) when the router pushes back."""
+        if self._overload_reason:
+            raise Overloaded(self._overload_reason, self.settings.overload_retry_after)
+        added = await self.store.add_inbox_many(messages, dedup_keys)
+        n = sum(added)
+        if n:
+            self.inbox_depth += n
+            self._inbox_event.set()
+        return added
+
     # -- the engine loop ----------------------------------------------------------------
 
     async def _engine_loop(self) -> None:
         assert self.engine is not None
         sem = asyncio.Semaphore(self.settings.engine_concurrency)
-        while True:
-            self._inbox_event.clear()
-            try:
-                rows = await self.store.fetch_inbox(self._last_seq, 256)
-            except Exception:
-                log.exception("reading the inbox")
-                await asyncio.sleep(1)
-                continue
-            for row in rows:
-                self._last_seq = max(self._last_seq, row.seq)
-                if row.message.id in self._in_progress:
+        unmatched = asyncio.Semaphore(1024)  # messages no pipeline wants cost no routing
+        ahead: asyncio.Task | None = None
+        page = ENGINE_PAGE
+        try:
+            while True:
+                self._inbox_event.clear()
+                try:
+                    if ahead is None:
+                        page = ENGINE_PAGE
+                        rows = await self.store.fetch_inbox(self._last_seq, page)
+                    else:
+                        rows, ahead = await ahead, None
+                except Exception:
+                    ahead = None
+                    log.exception("reading the inbox")
+                    await asyncio.sleep(1)
                     continue
-                await sem.acquire()
-                self._in_progress.add(row.message.id)
-                t = asyncio.create_task(self._route_one(row.message, sem))
-                self._routing.add(t)
-                t.add_done_callback(self._routing.discard)
-            if len(rows) < 256:
-                # other processes (CoAP workers) write the inbox too: look again soon
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._inbox_event.wait(), 0.05)
+                full = len(rows) == page
+                if full:
+                    # a backlog: read the next page while this one is being routed. Batch
+                    # ingest stores up to ~1000 messages per commit; with one 256-row page
+                    # per commit the engine would fall behind, so small messages come in
+                    # pages of 1024 (large ones stay at 256: they are held in memory)
+                    small = sum(len(r.message.payload) for r in rows) <= len(rows) * SMALL_PAYLOAD
+                    page = ENGINE_PAGE_SMALL if small else ENGINE_PAGE
+                    ahead = asyncio.create_task(self.store.fetch_inbox(rows[-1].seq, page))
+                await self._route_page(rows, sem, unmatched)
+                if not full:
+                    # other processes (CoAP workers) write the inbox too: look again soon
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._inbox_event.wait(), 0.05)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+
+    async def _route_page(self, rows: list[InboxRow], sem: asyncio.Semaphore,
+                          unmatched: asyncio.Semaphore) -> None:
+        assert self.engine is not None
+        for row in rows:
+            self._last_seq = max(self._last_seq, row.seq)
+            message = row.message
+            if message.id in self._in_progress:
+                continue
+            if not self.engine.matching(message):
+                # nothing to run: record it with the others, without a task of its own
+                await unmatched.acquire()
+                self._in_progress.add(message.id)
+                outcome = RoutingOutcome(matched=False, deliveries=[], dead=[])
+                self._finish_later(message, outcome, functools.partial(
+                    self._unmatched_finished, message, outcome, unmatched))
+                continue
+            await sem.acquire()
+            self._in_progress.add(message.id)
+            t = asyncio.create_task(self._route_one(message, sem))
+            self._routing.add(t)
+            t.add_done_callback(self._routing.discard)
 
     async def _route_one(self, message: Message, sem: asyncio.Semaphore) -> None:
         try:
             assert self.engine is not None and self.delivery is not None
             outcome, _ = await self.engine.route(message)
-            await self.store.finish_message(message, outcome)
-            self.inbox_depth = max(0, self.inbox_depth - 1)
-            for d in outcome.deliveries:
-                self.delivery.notify(d.pipeline, d.step)
+            fut = self._finish_later(message, outcome)
+            assert fut is not None
+            await fut
+            self._finished(message, outcome, None)
         except asyncio.CancelledError:
+            self._in_progress.discard(message.id)
             raise
         except Exception:
             # the message stays in the inbox and is routed again on the next start
             log.exception("routing message %s failed; it stays in the inbox", message.id)
-        finally:
             self._in_progress.discard(message.id)
+        finally:
             sem.release()
+
+    def _unmatched_finished(self, message: Message, outcome: RoutingOutcome, sem: asyncio.Semaphore,
+                            error: BaseException | None) -> None:
+        sem.release()
+        self._finished(message, outcome, error)
+
+    def _finished(self, message: Message, outcome: RoutingOutcome, error: BaseException | None) -> None:
+        """``message`` is routed (or, after ``error``, stays in the inbox for the next start)."""
+        self._in_progress.discard(message.id)
+        if error is not None:
+            if not isinstance(error, asyncio.CancelledError):
+                log.error("recording the routing of message %s failed; it stays in the inbox: %r",
+                          message.id, error)
+            return
+        self.inbox_depth = max(0, self.inbox_depth - 1)
+        assert self.delivery is not None
+        for d in outcome.deliveries:
+            self.delivery.notify(d.pipeline, d.step)
+
+    def _finish_later(self, message: Message, outcome: RoutingOutcome,
+                      done: Callable[[BaseException | None], None] | None = None) -> asyncio.Future | None:
+        """Commit a routing outcome together with the others that are ready: one store
+        operation for all that finished while earlier batches were being committed (no
+        timer: a lone one goes at once). Then ``done(None)``, or ``done(error)``; without
+        ``done`` a future is returned instead, done once this one is committed."""
+        fut = None
+        if done is None:
+            fut = asyncio.get_running_loop().create_future()
+            done = functools.partial(_settle, fut)
+        self._to_finish.append((message, outcome, done))
+        # two batches at once: one is being committed while the next one fills
+        if len(self._finishers) < 2:
+            task = asyncio.create_task(self._finish_loop(), name="finish")
+            for group in (self._finishers, self._routing):
+                group.add(task)
+                task.add_done_callback(group.discard)
+        return fut
+
+    async def _finish_loop(self) -> None:
+        batch: list[tuple[Message, RoutingOutcome, Callable[[BaseException | None], None]]] = []
+        try:
+            while self._to_finish:
+                batch, self._to_finish = self._to_finish[:1024], self._to_finish[1024:]
+                errors: list[BaseException | None] = [None] * len(batch)
+                try:
+                    await self.store.finish_messages([(m, o) for m, o, _ in batch])
+                except Exception:
+                    # one message that cannot be recorded must not hold back the others
+                    for i, (m, o, _) in enumerate(batch):
+                        try:
+                            await self.store.finish_message(m, o)
+                        except Exception as exc:
+                            errors[i] = exc
+                done, batch = batch, []
+                for (_, _, tell), exc in zip(done, errors, strict=True):
+                    tell(exc)
+        finally:  # cancelled (stop): these stay in the inbox and are routed on the next start
+            for _, _, tell in batch:
+                tell(asyncio.CancelledError())
 
     async def send(self, message: Message) -> tuple[Any, list[StepTrace]]:
         """Route one message now, with a trace of every step (``pipeline send``). The
@@ -336,6 +470,10 @@ class Router:
                     callback: Callable[[], None]) -> Callable[[], None]:
         key = (project_id, device_id)
         self._watchers.setdefault(key, []).append(callback)
+        # ingest-only processes poll for changes: -1 makes the first poll report one, in case
+        # the document changed between the observer's first read and that poll (observers skip
+        # a notification whose document did not change)
+        self._watched_versions[key] = -1
 
         def unwatch() -> None:
             lst = self._watchers.get(key, [])

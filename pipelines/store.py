@@ -5,6 +5,7 @@ Usage::
     store = Store("data/store.db")          # or Store(":memory:") for tests and benchmarks
     await store.open()
     await store.add_inbox(message)         # returns once the row is committed
+    await store.add_inbox_many(messages)   # many, one operation: [added?, ...]
     rows = await store.fetch_inbox(after_seq=0, limit=100)
     await store.close()
 
@@ -32,7 +33,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,6 +222,15 @@ def _release_payloads(conn: sqlite3.Connection, counts: dict[int, int]) -> None:
                          [(n, pid) for pid, n in counts.items()])
         ids = list(counts)
         conn.execute(f"DELETE FROM payloads WHERE id IN ({','.join('?' * len(ids))}) AND refs <= 0", ids)
+
+
+def _existing(conn: sqlite3.Connection, sql: str, values: list[str]) -> set[str]:
+    """Which of ``values`` the one-column query ``sql`` (with ``IN ({})``) finds."""
+    found: set[str] = set()
+    for i in range(0, len(values), 500):  # under SQLite's limit of bound variables
+        chunk = values[i:i + 500]
+        found.update(r[0] for r in conn.execute(sql.format(",".join("?" * len(chunk))), chunk))
+    return found
 
 
 class StoreClosed(RuntimeError):
@@ -475,6 +485,58 @@ class Store:
             return True
         return await self._run(op)
 
+    async def add_inbox_many(self, messages: Sequence[Message],
+                             dedup_keys: Sequence[str | None] | None = None) -> list[bool]:
+        """``add_inbox`` for many messages in one store operation (one transaction, one
+        thread hand-off): one answer per message, in order, each as ``add_inbox`` would have
+        given it had the messages been added one after the other (a second message with
+        the same id, or the same dedup key, in one batch is a duplicate). All are committed
+        when it returns, or none (it raises)."""
+        messages = list(messages)
+        if not messages:
+            return []
+        keys = list(dedup_keys) if dedup_keys is not None else [None] * len(messages)
+        if len(keys) != len(messages):
+            raise ValueError(f"{len(keys)} dedup keys for {len(messages)} messages")
+        now = time.time()
+        rows = [(m.id, *_meta_values(m)) for m in messages]
+
+        def op(conn: sqlite3.Connection) -> list[bool]:
+            seen_keys = _existing(conn, "SELECT webhook_id FROM webhooks_seen WHERE webhook_id IN ({})",
+                                  [k for k in keys if k is not None])
+            ids = _existing(conn, "SELECT id FROM inbox WHERE id IN ({})", [m.id for m in messages])
+            answers: list[bool] = []
+            new_keys: list[tuple[str, float]] = []
+            taken: list[int] = []  # indexes of the messages that go in
+            for i, (m, key) in enumerate(zip(messages, keys, strict=True)):
+                if key is not None:
+                    if key in seen_keys:
+                        answers.append(False)
+                        continue
+                    seen_keys.add(key)  # kept even if the id turns out a duplicate (as add_inbox)
+                    new_keys.append((key, now))
+                if m.id in ids:
+                    answers.append(False)
+                    continue
+                ids.add(m.id)
+                taken.append(i)
+                answers.append(True)
+            if new_keys:
+                conn.executemany("INSERT INTO webhooks_seen(webhook_id, seen_at) VALUES (?, ?)", new_keys)
+            if taken:
+                # we hold the write lock (BEGIN IMMEDIATE), so the ids after the largest are ours
+                first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM payloads").fetchone()[0]
+                conn.executemany("INSERT INTO payloads(id, refs, data) VALUES (?, 1, ?)",
+                                 [(first + n, messages[i].payload) for n, i in enumerate(taken)])
+                conn.executemany(
+                    "INSERT INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
+                    " metadata, payload_id, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    [(*rows[i], first + n, now) for n, i in enumerate(taken)])
+            Store._bump(conn, "ingested", len(taken))
+            Store._bump(conn, "duplicates", len(messages) - len(taken))
+            return answers
+        return await self._run(op)
+
     async def fetch_inbox(self, after_seq: int, limit: int = 256) -> list[InboxRow]:
         def op(conn: sqlite3.Connection) -> list[InboxRow]:
             rows = conn.execute(
@@ -491,30 +553,71 @@ class Store:
         """Record the routing of one inbox message atomically: its deliveries, dead letters,
         run counts, and its removal from the inbox (or its unmatched record)."""
         now = time.time()
-        m = message
+        await self._run(lambda conn: Store._finish(conn, message, outcome, now))
+
+    async def finish_messages(self, routed: Sequence[tuple[Message, RoutingOutcome]]) -> None:
+        """``finish_message`` for many messages in one store operation (one transaction):
+        all are recorded when it returns, or none (it raises)."""
+        routed = list(routed)
+        if not routed:
+            return
+        now = time.time()
+
+        # messages no pipeline wanted (often most of them) go with a few statements for all
+        plain = [m for m, o in routed if not o.matched and o.from_inbox]
+        rest = [(m, o) for m, o in routed if o.matched or not o.from_inbox]
 
         def op(conn: sqlite3.Connection) -> None:
-            inbox_payload: tuple[bytes, int] | None = None
-            if outcome.from_inbox:
-                r = conn.execute("DELETE FROM inbox WHERE id = ? RETURNING payload_id", (m.id,)).fetchone()
-                if r is None:
-                    return  # already routed by someone else (another engine after a restart)
-                inbox_payload = (m.payload, r[0])
-            if not outcome.matched:
-                if inbox_payload:
-                    _release_payloads(conn, {inbox_payload[1]: 1})
-                conn.execute(
-                    "INSERT INTO unmatched(message_id, project_id, device_id, path, content_type, time)"
-                    " VALUES (?,?,?,?,?,?)",
-                    (m.id, m.project_id, m.device_id, m.path, m.content_type, now))
-                Store._bump(conn, "unmatched")
-                return
-            Store._bump(conn, "routed", 1 if outcome.from_inbox else 0)
-            Store._insert_deliveries(conn, outcome.deliveries, now, inbox_payload)
-            Store._insert_dead(conn, outcome.dead, now)
-            Store._bump(conn, "runs_completed", outcome.runs_completed)
-            Store._bump(conn, "runs_dead", outcome.runs_dead)
+            if plain:
+                Store._finish_unmatched(conn, plain, now)
+            for message, outcome in rest:
+                Store._finish(conn, message, outcome, now)
         await self._run(op)
+
+    @staticmethod
+    def _finish_unmatched(conn: sqlite3.Connection, messages: list[Message], now: float) -> None:
+        """``_finish`` of unmatched inbox messages, for many at once."""
+        routed: dict[str, int] = {}  # message id -> payload id of the inbox rows removed now
+        ids = [m.id for m in messages]
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            routed.update(conn.execute(f"DELETE FROM inbox WHERE id IN ({','.join('?' * len(chunk))})"
+                                       " RETURNING id, payload_id", chunk).fetchall())
+        counts: dict[int, int] = {}
+        for pid in routed.values():
+            counts[pid] = counts.get(pid, 0) + 1
+        for i in range(0, len(counts), 500):
+            _release_payloads(conn, dict(list(counts.items())[i:i + 500]))
+        rows = []
+        for m in messages:  # rows already routed by someone else are skipped, as in _finish
+            if routed.pop(m.id, None) is not None:
+                rows.append((m.id, m.project_id, m.device_id, m.path, m.content_type, now))
+        conn.executemany("INSERT INTO unmatched(message_id, project_id, device_id, path, content_type,"
+                         " time) VALUES (?,?,?,?,?,?)", rows)
+        Store._bump(conn, "unmatched", len(rows))
+
+    @staticmethod
+    def _finish(conn: sqlite3.Connection, m: Message, outcome: RoutingOutcome, now: float) -> None:
+        inbox_payload: tuple[bytes, int] | None = None
+        if outcome.from_inbox:
+            r = conn.execute("DELETE FROM inbox WHERE id = ? RETURNING payload_id", (m.id,)).fetchone()
+            if r is None:
+                return  # already routed by someone else (another engine after a restart)
+            inbox_payload = (m.payload, r[0])
+        if not outcome.matched:
+            if inbox_payload:
+                _release_payloads(conn, {inbox_payload[1]: 1})
+            conn.execute(
+                "INSERT INTO unmatched(message_id, project_id, device_id, path, content_type, time)"
+                " VALUES (?,?,?,?,?,?)",
+                (m.id, m.project_id, m.device_id, m.path, m.content_type, now))
+            Store._bump(conn, "unmatched")
+            return
+        Store._bump(conn, "routed", 1 if outcome.from_inbox else 0)
+        Store._insert_deliveries(conn, outcome.deliveries, now, inbox_payload)
+        Store._insert_dead(conn, outcome.dead, now)
+        Store._bump(conn, "runs_completed", outcome.runs_completed)
+        Store._bump(conn, "runs_dead", outcome.runs_dead)
 
     @staticmethod
     def _insert_deliveries(conn: sqlite3.Connection, items: Iterable[PendingDelivery], now: float,

@@ -264,3 +264,29 @@ async def test_overloaded_router_holds_the_ack_until_stored(tmp_path: Path) -> N
             target.busy = False
             await wait_for(lambda: len(target.stored) == 10, what="all ten stored")
             assert sorted(target.stored) == sorted(f"o{i}".encode() for i in range(10))
+
+
+def test_burst_socket_serves_small_reads_from_one_large_read() -> None:
+    import socket
+
+    from pipelines.ingest.mqtt import _BurstSocket
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        sock = _BurstSocket(b, chunk=8, max_refills=2)
+        with pytest.raises(BlockingIOError):  # nothing there yet
+            sock.recv(1)
+        a.sendall(b"0123456789abcdefXYZ")
+        assert sock.recv(1) == b"0"  # one kernel read of 8 bytes
+        assert sock.pending() == 7
+        assert sock.recv(4) == b"1234"
+        assert sock.recv(10) == b"567"  # what is left of the chunk, never more
+        assert sock.recv(3) == b"89a"  # second kernel read
+        assert sock.recv(5) == b"bcdef"
+        with pytest.raises(BlockingIOError):  # refill limit for this turn: the rest waits
+            sock.recv(1)
+        assert sock.recv(100) == b"XYZ"  # the next turn reads on
+        assert sock.fileno() == b.fileno()  # everything else is the socket's
+        a.close()
+        assert sock.recv(1) == b""  # end of stream passes through

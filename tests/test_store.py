@@ -257,3 +257,27 @@ async def test_memory_store_and_closed_store(tmp_path: Path) -> None:
     async with store:
         assert await store.add_inbox(msg())
         assert (await store.counters())["ingested"] == 1
+
+
+async def test_finish_messages_records_many_as_finish_message_does(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s.db") as store:
+        ms = [msg(i) for i in range(6)]
+        assert await store.add_inbox_many(ms) == [True] * 6
+        unmatched = RoutingOutcome(matched=False, deliveries=[], dead=[])
+        delivered = RoutingOutcome(True, [PendingDelivery(ms[1], "p", "s", 0)], [], runs_completed=1)
+        dead = RoutingOutcome(True, [], [PendingDeadLetter(ms[2], "p", "t", 0, "transform", "bad")],
+                              runs_dead=1)
+        await store.finish_message(ms[3], unmatched)  # routed before: skipped in the batch below
+        before = store.ops
+        await store.finish_messages([(ms[0], unmatched), (ms[1], delivered), (ms[2], dead),
+                                     (ms[3], unmatched), (ms[4], unmatched)])
+        assert store.ops == before + 1
+        await store.finish_messages([])
+        books = await store.counters()
+        assert (books["unmatched"], books["routed"], books["inbox"]) == (3, 2, 1)
+        assert (books["deliveries_queued"], books["dead_letters_open"]) == (1, 1)
+        assert books["payloads"] == 2  # ms[5] in the inbox, ms[1] in its delivery
+        assert balanced(books)
+        assert [u["message_id"] for u in await store.unmatched()] == [ms[4].id, ms[0].id, ms[3].id]
+        [row] = await store.fetch_inbox(0)
+        assert row.message.id == ms[5].id

@@ -15,8 +15,15 @@ Topics (``/work/shared/specs/devices.md``, "MQTT mapping"): a device publishes t
 ``shared_group`` the subscription is ``$share/<group>/+/+/stream/#`` (MQTT v5), so several
 workers split the load.
 
-Delivery promise: QoS 1 messages are acknowledged (PUBACK) only after ``target.accept``
-returned, i.e. after the message is committed to the store. aiomqtt 2.x (installed: 2.5.1)
+Batches: when the target has ``accept_many`` (the Router does), what arrived together is
+stored together: the messages read in one turn of the event loop, and those that arrive
+while earlier batches are being stored (at most ``max_flushers`` at once), go to the store
+in one ``accept_many`` (one transaction), up to ``max_batch``. There is no timer, so a lone
+message is stored at once. Other targets get one ``accept`` per message. Reading itself is
+batched too: paho's many small socket reads are served from one large read (``_BurstSocket``).
+
+Delivery promise: QoS 1 messages are acknowledged (PUBACK) only after ``target.accept`` (or
+``accept_many``) returned, i.e. after the message is committed to the store. aiomqtt 2.x (installed: 2.5.1)
 acknowledges on receipt, so this module switches the underlying paho-mqtt 2.x client to
 ``manual_ack`` (``client._client.manual_ack_set(True)``) and calls paho's ``ack(mid, qos)``
 itself, in the order the PUBLISH packets arrived (MQTT 3.1.1 §4.6). With a ``client_id``
@@ -53,8 +60,10 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import re
+import socket
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -99,6 +108,10 @@ class MqttSettings:
     password: str | None = field(default=None, repr=False)
     reconnect_min: float = 0.2
     reconnect_max: float = 10.0
+    # targets with ``accept_many`` (the Router): messages that arrive while earlier ones are
+    # being stored go in together, up to max_batch, with at most max_flushers batches at once
+    max_batch: int = 512
+    max_flushers: int = 2
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,7 @@ class MqttIngest:
         self._inflight: set[asyncio.Task] = set()
         self._last_refresh = 0.0
         self._stopping = False
+        self._backlog = 0  # batched: messages read and not yet stored (or given up)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -223,6 +237,7 @@ class MqttIngest:
         )
         # Acknowledge after the store commit, not on receipt (see the module docstring).
         client._client.manual_ack_set(True)
+        _read_in_bursts(client)
         return client
 
     async def _run(self) -> None:
@@ -267,10 +282,33 @@ class MqttIngest:
                 entry[2] = False
             else:
                 entry[2] = task.result()
+            ack_ready()
+
+        def ack_ready() -> None:
             while pending and pending[0][2] is not None:
                 mid, qos, ok = pending.popleft()
                 if ok and live[0]:
                     paho.ack(mid, qos)
+
+        batched = callable(getattr(self.target, "accept_many", None))
+        # batched: what arrived while earlier batches were being stored, in arrival order
+        waiting: deque[tuple[aiomqtt.Message, list[Any] | None]] = deque()
+        flushers: set[asyncio.Task] = set()
+
+        async def flush() -> None:
+            while waiting:
+                batch = [waiting.popleft() for _ in range(min(len(waiting), self.settings.max_batch))]
+                oks: list[bool] = [False] * len(batch)
+                try:
+                    oks = await self._ingest_many([m for m, _ in batch])
+                except Exception as exc:  # not acknowledged: the broker sends them again
+                    log.error("%d MQTT messages could not be ingested: %r", len(batch), exc)
+                finally:  # also when cancelled: then nothing of the batch is acknowledged
+                    self._backlog -= len(batch)
+                    for (_, entry), ok in zip(batch, oks, strict=True):
+                        if entry is not None:
+                            entry[2] = ok
+                    ack_ready()
 
         messages = client.messages
         queue = client._queue  # read what is already there without a task per message
@@ -280,64 +318,107 @@ class MqttIngest:
                     m = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     m = await anext(messages)  # waits; raises MqttError on disconnect
-                if m.qos == 0 and len(self._inflight) >= self.settings.max_inflight * 4:
+                backlog = self._backlog if batched else len(self._inflight)
+                if m.qos == 0 and backlog >= self.settings.max_inflight * 4:
                     self._count("dropped_qos0")
+                    continue
+                entry = [m.mid, m.qos, None] if m.qos >= 1 else None
+                if entry is not None:
+                    pending.append(entry)
+                if batched:
+                    # Everything read before this task yields goes into one batch; a batch
+                    # starts at once unless max_flushers batches are being stored, and
+                    # what arrives meanwhile forms the next one (no timer: a lone message
+                    # is never held back).
+                    waiting.append((m, entry))
+                    self._backlog += 1
+                    if len(flushers) < self.settings.max_flushers:
+                        task = asyncio.create_task(flush())
+                        for group in (flushers, self._inflight):
+                            group.add(task)
+                            task.add_done_callback(group.discard)
                     continue
                 task = asyncio.create_task(self._ingest(m))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
-                if m.qos >= 1:
-                    entry = [m.mid, m.qos, None]
-                    pending.append(entry)
+                if entry is not None:
                     task.add_done_callback(functools.partial(settle, entry))
         finally:
             live[0] = False
 
     # -- one message ----------------------------------------------------------------------
 
-    async def _ingest(self, m: aiomqtt.Message) -> bool:
-        """Store the message (or reject it). True when it may be acknowledged."""
+    async def _message_of(self, m: aiomqtt.Message, new_id: str | None = None) -> Message | None:
+        """The message to store, or None when it is rejected (counted and logged)."""
         topic = m.topic.value
         try:
             st = parse_stream_topic(topic)
         except TopicError as exc:
             await self._reject("topic", str(exc))
-            return True
+            return None
         payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload).encode()
         if len(payload) > self.settings.max_payload:
             await self._reject("too_large", f"{st.project_id}/{st.device_id}: payload of {len(payload)} bytes"
                                f" is over the limit of {self.settings.max_payload}")
-            return True
+            return None
         if self.settings.registry is not None and not self._known(st):
             await self._reject("unknown_device",
                                f"device {st.device_id!r} of project {st.project_id!r} is not in the registry")
-            return True
-        message = Message.new(
+            return None
+        return Message.new(
             project_id=st.project_id, device_id=st.device_id, path=st.path,
             content_type=content_type_of(m, self.settings.default_content_type),
-            payload=bytes(payload), metadata={"mqtt_topic": topic}, id=message_id_of(m),
+            payload=bytes(payload), metadata={"mqtt_topic": topic}, id=message_id_of(m) or new_id,
         )
+
+    async def _ingest(self, m: aiomqtt.Message) -> bool:
+        """Store the message (or reject it). True when it may be acknowledged."""
+        message = await self._message_of(m)
+        if message is None:
+            return True
+        if not await self._store(self.target.accept, message, m.topic.value):
+            return False
+        self.stats["accepted"] += 1
+        self.stats["bytes"] += len(message.payload)
+        return True
+
+    async def _ingest_many(self, raw: list[aiomqtt.Message]) -> list[bool]:
+        """Store a batch with one ``accept_many`` (rejects are acknowledged as always): one
+        answer per message, True when it may be acknowledged."""
+        ids = _new_ids(len(raw))
+        messages = [await self._message_of(m, new_id) for m, new_id in zip(raw, ids, strict=True)]
+        good = [msg for msg in messages if msg is not None]
+        if good:
+            where = good[0].metadata["mqtt_topic"] + (f" and {len(good) - 1} more" if len(good) > 1 else "")
+            if not await self._store(self.target.accept_many, good, where):  # type: ignore[attr-defined]
+                return [msg is None for msg in messages]
+            self.stats["accepted"] += len(good)
+            self.stats["bytes"] += sum(len(msg.payload) for msg in good)
+        return [True] * len(raw)
+
+    async def _store(self, accept: Any, what: Any, where: str) -> bool:
+        """``await accept(what)`` until it succeeds (True), retrying while the target is
+        overloaded or failing; False when it failed while the ingest is stopping."""
         delay = 0.05
         while True:
             try:
-                await self.target.accept(message)
-                break
+                await accept(what)
+                return True
             except Overloaded as exc:
-                # hold the ack: the broker stops sending once max_inflight are unacked
+                # hold the ack: the broker stops sending once max_inflight are unacked; look
+                # again soon (the router re-measures its queues every 0.25 s), not only after
+                # retry_after: a worker draining a backlog should not idle
                 self._count("overloaded")
-                await asyncio.sleep(min(exc.retry_after, 1.0))
+                await asyncio.sleep(min(exc.retry_after, 0.25))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._count("store_errors")
                 if self._stopping:
                     return False
-                log.error("storing MQTT message from %s failed (%s); retrying", topic, exc)
+                log.error("storing MQTT message from %s failed (%s); retrying", where, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        self.stats["accepted"] += 1
-        self.stats["bytes"] += len(payload)
-        return True
 
     def _known(self, st: StreamTopic) -> bool:
         reg = self.settings.registry
@@ -367,6 +448,71 @@ class MqttIngest:
         if store is not None:
             with contextlib.suppress(Exception):
                 await bump_store_counter(store, f"mqtt_rejected_{reason}")
+
+
+class _BurstSocket:
+    """The connection's socket as paho sees it, reading what has arrived in large chunks.
+
+    paho reads a PUBLISH with four or more ``recv`` calls (type byte, length bytes one by
+    one, rest) and aiomqtt calls it for one packet per event-loop turn. Through this
+    wrapper one ``recv`` takes up to 64 KiB from the kernel and paho's small reads are
+    served from it; ``pending()`` (which aiomqtt 2.x asks, as it does of TLS sockets)
+    makes aiomqtt's reader go on until the chunk is used up, so everything that arrived
+    together is read in one turn and reaches the ingest as one batch. At most
+    ``max_refills`` chunks are taken per turn, so a flood cannot starve the event loop."""
+
+    def __init__(self, sock: Any, chunk: int = 65536, max_refills: int = 4) -> None:
+        self._sock = sock
+        self._chunk = chunk
+        self._max_refills = max_refills
+        self._refills = 0
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        if self._pos >= len(self._buf):
+            if self._refills >= self._max_refills:
+                self._refills = 0  # the rest next turn: the socket is still readable
+                raise BlockingIOError
+            try:
+                self._buf, self._pos = self._sock.recv(max(n, self._chunk)), 0
+            except BlockingIOError:
+                self._refills = 0
+                raise
+            self._refills += 1
+            if len(self._buf) <= n:
+                data, self._buf = self._buf, b""
+                return data
+        data = self._buf[self._pos:self._pos + n]
+        self._pos += len(data)
+        return data
+
+    def pending(self) -> int:
+        return len(self._buf) - self._pos
+
+    def __getattr__(self, name: str) -> Any:  # send, fileno, close, setblocking, ...
+        return getattr(self._sock, name)
+
+
+def _read_in_bursts(client: aiomqtt.Client) -> None:
+    """Put a :class:`_BurstSocket` between paho and each plain TCP connection it opens."""
+    paho = client._client
+    opened = getattr(paho, "on_socket_open", None)
+    if opened is None or getattr(paho, "_transport", "tcp") != "tcp" or getattr(paho, "_ssl", False):
+        return
+
+    def on_socket_open(c: Any, userdata: Any, sock: Any) -> None:
+        if getattr(c, "_sock", None) is sock and isinstance(sock, socket.socket):
+            c._sock = sock = _BurstSocket(sock)
+        opened(c, userdata, sock)
+
+    paho.on_socket_open = on_socket_open
+
+
+def _new_ids(n: int) -> list[str]:
+    """``n`` random (version 4) UUIDs from one read of the system's random source."""
+    raw = os.urandom(16 * n)
+    return [str(uuid.UUID(bytes=raw[i:i + 16], version=4)) for i in range(0, 16 * n, 16)]
 
 
 async def bump_store_counter(store: Any, name: str, by: int = 1) -> None:
