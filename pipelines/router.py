@@ -36,6 +36,7 @@ from pipelines.delivery import Delivery
 from pipelines.engine import Engine, StepTrace, build_pipelines
 from pipelines.ingest import Overloaded
 from pipelines.message import Message
+from pipelines.outbound_http import make_client
 from pipelines.secrets import SecretSource
 from pipelines.state_doc import delete_at, get_at, merge_at, set_at
 from pipelines.store import InboxRow, RoutingOutcome, Store
@@ -132,20 +133,41 @@ class Router:
     async def start(self) -> None:
         loaded = self.load()
         self.pipeline_configs = loaded.pipelines
-        await self.store.open()
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
-        self.http = httpx.AsyncClient(timeout=self.settings.http_timeout, limits=limits)
-        if self.settings.run_engine:
-            runtime = build_pipelines(self.pipeline_configs, self._context_for)
-            self.engine = Engine(runtime)
-            self.delivery = Delivery(self.store, runtime)
-            await self.delivery.start()
-            self._tasks.append(asyncio.create_task(self._engine_loop(), name="engine"))
-        else:
-            self._tasks.append(asyncio.create_task(self._poll_state_loop(), name="state-poll"))
-        self._tasks.append(asyncio.create_task(self._monitor_loop(), name="monitor"))
-        await self._measure()
+        try:
+            await self.store.open()
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+            self.http = make_client(timeout=self.settings.http_timeout, limits=limits)
+            if self.settings.run_engine:
+                runtime = build_pipelines(self.pipeline_configs, self._context_for)
+                self.engine = Engine(runtime)
+                self.delivery = Delivery(self.store, runtime)
+                await self._dead_letter_orphaned_queues()
+                await self.delivery.start()
+                self._tasks.append(asyncio.create_task(self._engine_loop(), name="engine"))
+            else:
+                self._tasks.append(asyncio.create_task(self._poll_state_loop(), name="state-poll"))
+            self._tasks.append(asyncio.create_task(self._monitor_loop(), name="monitor"))
+            await self._measure()
+        except BaseException:
+            await self.stop()  # no writer thread, client or task left behind
+            raise
         self.ready = True
+
+    async def _dead_letter_orphaned_queues(self) -> None:
+        """Deliveries queued for a step the pipelines no longer have (renamed or removed since
+        they were queued) would wait forever and hold ingest shut: make them dead letters,
+        which ``pipeline dlq replay`` can send on once the step is back."""
+        assert self.delivery is not None
+        for (pipeline, step), n in (await self.store.queue_depths()).items():
+            if (pipeline, step) in self.delivery.workers:
+                continue
+            log.warning("%d deliveries wait for %s/%s, which the pipelines no longer have: "
+                        "moved to dead letters", n, pipeline, step)
+            while rows := await self.store.due_deliveries(pipeline, step, float("inf"), 500, set()):
+                for row in rows:
+                    await self.store.delivery_dead(
+                        row, attempts=row.attempts, status=None, response_excerpt=None,
+                        error=f"step {pipeline}/{step} is no longer in the pipelines")
 
     async def open_for_replay(self) -> None:
         """Store, HTTP client and engine, without the engine loop, delivery workers or
@@ -154,7 +176,7 @@ class Router:
         loaded = self.load()
         self.pipeline_configs = loaded.pipelines
         await self.store.open()
-        self.http = httpx.AsyncClient(timeout=self.settings.http_timeout)
+        self.http = make_client(timeout=self.settings.http_timeout)
         self.engine = Engine(build_pipelines(self.pipeline_configs, self._context_for))
 
     async def stop(self) -> None:
@@ -290,20 +312,26 @@ class Router:
             t.add_done_callback(self._routing.discard)
 
     async def _route_one(self, message: Message, sem: asyncio.Semaphore) -> None:
+        backoff = 0.5
         try:
-            assert self.engine is not None and self.delivery is not None
-            outcome, _ = await self.engine.route(message)
-            fut = self._finish_later(message, outcome)
-            assert fut is not None
-            await fut
-            self._finished(message, outcome, None)
-        except asyncio.CancelledError:
-            self._in_progress.discard(message.id)
-            raise
-        except Exception:
-            # the message stays in the inbox and is routed again on the next start
-            log.exception("routing message %s failed; it stays in the inbox", message.id)
-            self._in_progress.discard(message.id)
+            while True:
+                try:
+                    assert self.engine is not None and self.delivery is not None
+                    outcome, _ = await self.engine.route(message)
+                    fut = self._finish_later(message, outcome)
+                    assert fut is not None
+                    await fut
+                    self._finished(message, outcome, None)
+                    return
+                except asyncio.CancelledError:
+                    self._in_progress.discard(message.id)
+                    raise
+                except Exception:
+                    # the message is still in the inbox (nothing was committed): try again after a
+                    # pause, as a busy or full store may recover; a restart would also pick it up
+                    log.exception("routing message %s failed; trying again in %.1f s", message.id, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
         finally:
             sem.release()
 

@@ -235,9 +235,10 @@ async def test_the_wal_stays_bounded_under_a_writer_that_never_pauses(
             peak = max(peak, wal.stat().st_size if wal.exists() else 0)
 
     async with Store(path) as store:
-        await asyncio.gather(*(producer(store, 40) for _ in range(8)))  # 32 MB in all
-        assert (await store.counters())["unmatched"] == 320
-    assert peak < 24 << 20, f"the WAL grew to {peak / 1e6:.1f} MB"
+        await asyncio.gather(*(producer(store, 80) for _ in range(8)))  # 64 MB in all
+        assert (await store.counters())["unmatched"] == 640
+    # unbounded it would hold all 64 MB; the margin absorbs a checkpointer slowed by a busy machine
+    assert peak < 40 << 20, f"the WAL grew to {peak / 1e6:.1f} MB"
     assert not wal.exists() or wal.stat().st_size == 0  # truncated at close
 
 
