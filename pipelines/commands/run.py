@@ -232,6 +232,8 @@ async def _run(args: argparse.Namespace) -> int:
 
         # --- stop and account ----------------------------------------------------------
         console.print(f"stopping ({stop.reason})…")
+        # the DTLS sessions' close alerts and aiocoap's shutdown order are noise at this point
+        logging.getLogger("coap-ingest").setLevel(logging.ERROR)
         if fleet is not None:
             for cam in fleet.cameras:
                 cam.config.max_frames = cam.stats.frames_sent  # no new frames; answers still come
@@ -242,6 +244,7 @@ async def _run(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.2)
             await fleet.stop()
         books = await router.store.counters()
+        router.queue_depths = await router.store.queue_depths()  # not the last 0.25 s sample
         console.print(await _view(service, fleet, started, final=True))
         ok = _print_summary(console, fleet, books)
         return 0 if ok else 1
