@@ -82,6 +82,9 @@ class RouterSettings:
     http_timeout: float = 30.0
     run_engine: bool = True           # False: an ingest-only process (CoAP workers)
     synchronous: str = "NORMAL"       # SQLite synchronous pragma: NORMAL survives a process crash
+    # how long prediction -> frame correlations and idempotency keys are kept (predictions end
+    # within 30 minutes, webhook retries within minutes)
+    correlation_retention: float = 24 * 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -466,10 +469,14 @@ class Router:
         self._overload_reason = reason
 
     async def _monitor_loop(self) -> None:
+        last_prune = 0.0
         while True:
             await asyncio.sleep(0.25)
             try:
                 await self._measure()
+                if self.settings.run_engine and time.monotonic() - last_prune > 60:
+                    last_prune = time.monotonic()
+                    await self.store.prune_correlations(time.time() - self.settings.correlation_retention)
             except Exception:
                 log.exception("measuring queues")
 

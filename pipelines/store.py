@@ -956,12 +956,14 @@ class Store:
                     "created_at": r[4]}
         return await self._run(op)
 
-    async def first_time_webhook(self, webhook_id: str) -> bool:
-        """True the first time a webhook id is seen (idempotency of inbound webhooks)."""
-        now = time.time()
-        return await self._run(lambda c: c.execute(
-            "INSERT OR IGNORE INTO webhooks_seen(webhook_id, seen_at) VALUES (?, ?)",
-            (webhook_id, now)).rowcount == 1)
+    async def prune_correlations(self, older_than: float) -> int:
+        """Forget prediction correlations and idempotency keys recorded before ``older_than``
+        (Unix time): both are only needed while a prediction or a retry can still arrive.
+        Returns how many rows went."""
+        def op(conn: sqlite3.Connection) -> int:
+            n = conn.execute("DELETE FROM predictions WHERE created_at < ?", (older_than,)).rowcount
+            return n + conn.execute("DELETE FROM webhooks_seen WHERE seen_at < ?", (older_than,)).rowcount
+        return await self._run(op)
 
 
 def _settle_all(settled: list[tuple[asyncio.Future, bool, Any]]) -> None:
