@@ -59,26 +59,38 @@ def handler(request: httpx.Request) -> httpx.Response:
     return httpx.Response(201, content=ANSWER, headers={"Content-Type": "application/json"})
 
 
-async def engine_run(client: httpx.AsyncClient, pngs: list[bytes], seconds: float) -> tuple[int, float]:
-    secrets = SecretSource({"REPLICATE_TOKEN": "Bearer r8_bench"})
-    loaded = load_pipelines([ROOT / "pipeline.yaml"], secrets)
+def load_engine(ctx) -> Engine:
+    """pipeline.yaml as the router loads it, with its secret given."""
+    loaded = load_pipelines([ROOT / "pipeline.yaml"], SecretSource({"REPLICATE_TOKEN": "Bearer r8_bench"}))
     assert not loaded.problems, loaded.problems
+    return Engine(build_pipelines(loaded.pipelines, ctx))
 
-    def ctx(pc, sc) -> ComponentContext:
-        return ComponentContext(http=client, pipeline=pc.name, step=sc.name, extra={"timeout": 30})
-    engine = Engine(build_pipelines(loaded.pipelines, ctx))
-    dest = {(p.name, s.name): s.destination for p in engine.pipelines for s in p.steps if s.destination}
+
+def new_frame(png: bytes) -> Message:
+    return Message.new(device_id="cam-01", project_id="demo", path="/images",
+                       content_type="application/octet-stream", payload=png)
+
+
+async def timed(pngs: list[bytes], seconds: float, per_frame) -> tuple[int, float]:
+    """Frames done by ``await per_frame(png)`` in about ``seconds``, and the time taken."""
     n, start = 0, time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
         for png in pngs:
-            msg = Message.new(device_id="cam-01", project_id="demo", path="/images",
-                              content_type="application/octet-stream", payload=png)
-            outcome, _ = await engine.route(msg)
-            for d in outcome.deliveries:
-                await dest[(d.pipeline, d.step)].deliver(d.message)
+            await per_frame(png)
             n += 1
     return n, time.perf_counter() - start
+
+
+HEAD = b'{"version":"' + VERSION.encode() + b'","input":{"image":"data:image/png;base64,'
+
+
+def handwritten_request(png: bytes) -> tuple[dict[str, str], bytes]:
+    """The same request as the pipeline's, built by hand: CloudEvents headers and concatenation."""
+    headers = cloudevents_headers(new_frame(png))
+    headers["Content-Type"] = "application/json"
+    headers["Authorization"] = "Bearer r8_bench"
+    return headers, HEAD + base64.b64encode(png) + b'"}}'
 
 
 class InProcessAnswer:
@@ -92,66 +104,51 @@ class InProcessAnswer:
         return 201
 
 
+async def engine_run(client: httpx.AsyncClient, pngs: list[bytes], seconds: float) -> tuple[int, float]:
+    engine = load_engine(lambda pc, sc: ComponentContext(http=client, pipeline=pc.name, step=sc.name,
+                                                        extra={"timeout": 30}))
+    dest = {(p.name, s.name): s.destination for p in engine.pipelines for s in p.steps if s.destination}
+
+    async def frame(png: bytes) -> None:
+        outcome, _ = await engine.route(new_frame(png))
+        for d in outcome.deliveries:
+            await dest[(d.pipeline, d.step)].deliver(d.message)
+    return await timed(pngs, seconds, frame)
+
+
 async def engine_bytes_run(pngs: list[bytes], seconds: float) -> tuple[int, float]:
     """Engine.route, then the request the webhook destination would send (its URL rewriting,
     CloudEvents and user headers via pipelines.outbound_http), handed to an in-process answer."""
-    secrets = SecretSource({"REPLICATE_TOKEN": "Bearer r8_bench"})
-    loaded = load_pipelines([ROOT / "pipeline.yaml"], secrets)
-    engine = Engine(build_pipelines(loaded.pipelines, lambda pc, sc: ComponentContext()))
+    engine = load_engine(lambda pc, sc: ComponentContext())
     webhooks = [(p.name, s) for p in engine.pipelines for s in p.steps
                 if s.destination is not None and s.destination.type == "webhook"]
     user_headers = {(p, s.name): s.destination.params.headers for p, s in webhooks}
     urls = {(p, s.name): s.destination.params.url for p, s in webhooks}
     answer = InProcessAnswer()
-    n, start = 0, time.perf_counter()
-    deadline = start + seconds
-    while time.perf_counter() < deadline:
-        for png in pngs:
-            msg = Message.new(device_id="cam-01", project_id="demo", path="/images",
-                              content_type="application/octet-stream", payload=png)
-            outcome, _ = await engine.route(msg)
-            for d in outcome.deliveries:
-                key = (d.pipeline, d.step)
-                answer(rewrite_url(urls[key], {}), build_headers(d.message, user_headers[key]),
-                       d.message.payload)
-            n += 1
-    return n, time.perf_counter() - start
+
+    async def frame(png: bytes) -> None:
+        outcome, _ = await engine.route(new_frame(png))
+        for d in outcome.deliveries:
+            key = (d.pipeline, d.step)
+            answer(rewrite_url(urls[key], {}), build_headers(d.message, user_headers[key]), d.message.payload)
+    return await timed(pngs, seconds, frame)
 
 
 async def handwritten_bytes_run(pngs: list[bytes], seconds: float) -> tuple[int, float]:
-    head = b'{"version":"' + VERSION.encode() + b'","input":{"image":"data:image/png;base64,'
     answer = InProcessAnswer()
-    n, start = 0, time.perf_counter()
-    deadline = start + seconds
-    while time.perf_counter() < deadline:
-        for png in pngs:
-            msg = Message.new(device_id="cam-01", project_id="demo", path="/images",
-                              content_type="application/octet-stream", payload=png)
-            body = head + base64.b64encode(png) + b'"}}'
-            headers = cloudevents_headers(msg)
-            headers["Content-Type"] = "application/json"
-            headers["Authorization"] = "Bearer r8_bench"
-            answer(URL, headers, body)
-            n += 1
-    return n, time.perf_counter() - start
+
+    async def frame(png: bytes) -> None:
+        headers, body = handwritten_request(png)
+        answer(URL, headers, body)
+    return await timed(pngs, seconds, frame)
 
 
 async def handwritten_run(client: httpx.AsyncClient, pngs: list[bytes], seconds: float) -> tuple[int, float]:
-    head = b'{"version":"' + VERSION.encode() + b'","input":{"image":"data:image/png;base64,'
-    n, start = 0, time.perf_counter()
-    deadline = start + seconds
-    while time.perf_counter() < deadline:
-        for png in pngs:
-            msg = Message.new(device_id="cam-01", project_id="demo", path="/images",
-                              content_type="application/octet-stream", payload=png)
-            body = head + base64.b64encode(png) + b'"}}'
-            headers = cloudevents_headers(msg)
-            headers["Content-Type"] = "application/json"
-            headers["Authorization"] = "Bearer r8_bench"
-            r = await client.post(URL, content=body, headers=headers)
-            assert r.status_code == 201
-            n += 1
-    return n, time.perf_counter() - start
+    async def frame(png: bytes) -> None:
+        headers, body = handwritten_request(png)
+        r = await client.post(URL, content=body, headers=headers)
+        assert r.status_code == 201
+    return await timed(pngs, seconds, frame)
 
 
 async def main() -> None:
