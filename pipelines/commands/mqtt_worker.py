@@ -103,6 +103,8 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
     try:
         async with RouterService(settings) as service:
+            from pipelines.gc_tuning import tune_for_serving
+            tune_for_serving()
             logging.getLogger("pipelines.mqtt_worker").info(
                 "worker %s: %s -> store %s%s", service.mqtt.client_id, service.mqtt.filter, args.store,
                 f", HTTP face {service.http_url}" if service.http_url else "")

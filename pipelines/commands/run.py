@@ -37,6 +37,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from pipelines.gc_tuning import tune_for_serving
 from pipelines.router import ConfigError, RouterSettings
 from pipelines.secrets import SecretSource, install_log_redaction
 from pipelines.service import RouterService, ServiceSettings
@@ -202,6 +203,7 @@ async def _run(args: argparse.Namespace) -> int:
             console.print(f"cameras: {', '.join(c.device_id for c in fleet.cameras)} "
                           f"(registry {registry_path})")
 
+        tune_for_serving()
         stop = _Stop()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

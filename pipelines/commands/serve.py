@@ -27,6 +27,7 @@ import subprocess
 import sys
 from typing import Any
 
+from pipelines.gc_tuning import tune_for_serving
 from pipelines.router import RouterSettings
 from pipelines.secrets import install_log_redaction
 from pipelines.service import RouterService, ServiceSettings
@@ -136,6 +137,7 @@ async def serve(settings: ServiceSettings, args: argparse.Namespace | None = Non
             loop.add_signal_handler(sig, stop.set)
     async with RouterService(settings) as service:
         workers = await _start_workers(args, service) if args is not None and args.workers > 1 else []
+        tune_for_serving()
         try:
             parts = [f"ready {service.http_url or '(no http)'}"]
             if service.coap_dtls_port:
