@@ -2,7 +2,7 @@
 
 aiocoap's client does a great deal per request (exchange and token managers, pipes, tasks),
 so on a 2-core machine its devices take the CPU the server under test should have. This one
-keeps per device only a UDP socket, a message id and a token, and per block builds the
+keeps per device only a UDP socket and a message id, and per block builds the
 confirmable POST with aiocoap's own ``Message.encode`` and reads the answer with
 ``Message.decode``; a lost datagram is retransmitted after ACK_TIMEOUT with backoff (RFC 7252
 4.2). It does what a camera does on the wire, one frame at a time, and nothing else::
@@ -20,10 +20,11 @@ import asyncio
 import os
 
 import aiocoap
-from aiocoap import CON, Code
+from aiocoap import ACK, CON, EMPTY, NON, Code
 
 ACK_TIMEOUT = 2.0
 MAX_RETRANSMIT = 4
+SEPARATE_TIMEOUT = 30.0
 
 
 class UploadFailed(Exception):
@@ -32,14 +33,24 @@ class UploadFailed(Exception):
 
 class _Endpoint(asyncio.DatagramProtocol):
     def __init__(self) -> None:
-        self.waiting: dict[int, asyncio.Future[aiocoap.Message]] = {}
+        self.waiting: dict[int, asyncio.Future[aiocoap.Message]] = {}  # by message id: the ACK
+        self.separate: dict[bytes, asyncio.Future[aiocoap.Message]] = {}  # by token, after an empty ACK
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # asyncio's datagram transport
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         try:
             msg = aiocoap.Message.decode(data)
         except Exception:
-            return
-        fut = self.waiting.pop(msg.mid, None)
+            return  # a load generator ignores what it cannot parse
+        if msg.mtype in (CON, NON) and msg.code.is_response():  # a separate response (RFC 7252 5.2.2)
+            if msg.mtype == CON and self.transport is not None:
+                self.transport.sendto(aiocoap.Message(mtype=ACK, mid=msg.mid, code=EMPTY).encode())
+            fut = self.separate.pop(msg.token, None)
+        else:
+            fut = self.waiting.pop(msg.mid, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
@@ -52,7 +63,6 @@ class LeanDevice:
         self.endpoint = endpoint
         self.device_id = device_id
         self.mid = int.from_bytes(os.urandom(2), "big")
-        self.token = os.urandom(4)
         self.retransmissions = 0
 
     @classmethod
@@ -67,20 +77,35 @@ class LeanDevice:
     async def _exchange(self, msg: aiocoap.Message) -> aiocoap.Message:
         self.mid = (self.mid + 1) & 0xFFFF
         msg.mid = self.mid
+        msg.token = os.urandom(4)  # a late answer to an earlier request can never match this one
         data = msg.encode()
         loop = asyncio.get_running_loop()
-        timeout = ACK_TIMEOUT
-        for attempt in range(MAX_RETRANSMIT + 1):
-            fut: asyncio.Future[aiocoap.Message] = loop.create_future()
-            self.endpoint.waiting[msg.mid] = fut
-            self.transport.sendto(data)
-            try:
-                return await asyncio.wait_for(fut, timeout)
-            except TimeoutError:
-                self.retransmissions += attempt < MAX_RETRANSMIT
-                timeout *= 2
-            finally:
-                self.endpoint.waiting.pop(msg.mid, None)
+        # a separate response (after an empty ACK) may arrive in the same read as the ACK
+        later: asyncio.Future[aiocoap.Message] = loop.create_future()
+        self.endpoint.separate[msg.token] = later
+        try:
+            timeout = ACK_TIMEOUT
+            for attempt in range(MAX_RETRANSMIT + 1):
+                fut: asyncio.Future[aiocoap.Message] = loop.create_future()
+                self.endpoint.waiting[msg.mid] = fut
+                self.transport.sendto(data)
+                try:
+                    answer = await asyncio.wait_for(fut, timeout)
+                except TimeoutError:
+                    self.retransmissions += attempt < MAX_RETRANSMIT
+                    timeout *= 2
+                    continue
+                finally:
+                    self.endpoint.waiting.pop(msg.mid, None)
+                if answer.code != EMPTY:
+                    return answer
+                # empty ACK: the server answers separately once it has kept the frame
+                try:
+                    return await asyncio.wait_for(later, SEPARATE_TIMEOUT)
+                except TimeoutError:
+                    raise UploadFailed(f"{self.device_id}: no separate response after an empty ACK") from None
+        finally:
+            self.endpoint.separate.pop(msg.token, None)
         raise UploadFailed(f"{self.device_id}: no answer after {MAX_RETRANSMIT} retransmissions")
 
     async def upload(self, path: str, payload: bytes, content_format: int, szx: int = 6) -> tuple[Code, bytes]:
@@ -92,7 +117,7 @@ class LeanDevice:
         while True:
             chunk = payload[num * size:(num + 1) * size]
             more = (num + 1) * size < len(payload)
-            msg = aiocoap.Message(mtype=CON, code=Code.POST, token=self.token, uri_path=segments,
+            msg = aiocoap.Message(mtype=CON, code=Code.POST, uri_path=segments,
                                   uri_query=(f"d={self.device_id}",), content_format=content_format,
                                   payload=chunk)
             msg.opt.block1 = aiocoap.optiontypes.BlockOption.BlockwiseTuple(num, more, szx)

@@ -556,6 +556,45 @@ async def test_retransmitted_request_is_answered_from_cache_not_ingested_twice(s
         raw.close()
 
 
+async def test_repeated_block_is_answered_again_and_the_upload_goes_on(server, client, hook):
+    """A block sent again with a new message id (the exchange cache cannot recognise it) is
+    answered as before, and the upload carries on whole."""
+    a, b, c = b"a" * 1024, b"b" * 1024, b"c" * 10
+    assert (await send_block(client, server.port, 0, True, 6, a)).code == Code.CONTINUE
+    assert (await send_block(client, server.port, 1, True, 6, b)).code == Code.CONTINUE
+    again = await send_block(client, server.port, 0, True, 6, a)
+    assert again.code == Code.CONTINUE and again.opt.block1 == (0, True, 6)
+    assert (await send_block(client, server.port, 1, True, 6, b)).code == Code.CONTINUE
+    different = await send_block(client, server.port, 1, True, 6, b"x" * 1024)  # not a repeat
+    assert different.code == Code.REQUEST_ENTITY_INCOMPLETE
+    assert (await send_block(client, server.port, 0, True, 6, a)).code == Code.CONTINUE
+    assert (await send_block(client, server.port, 1, True, 6, b)).code == Code.CONTINUE
+    done = await send_block(client, server.port, 2, False, 6, c)
+    await expect_delivered(hook, done, a + b + c)
+    assert server.stats["accepted"] == 1
+
+
+async def test_duplicate_detection_table_is_capped_newest_kept(router, registry_path, hook):
+    async with CoapIngest(router, coap_settings(registry_path, max_recent_exchanges=40)) as srv:
+        raw = RawClient(srv.port)
+        try:
+            datagrams = [raw_request(1000 + i, i.to_bytes(4, "big"), [".s", "images"], ["d=cam-01"],
+                                     f"m{i}".encode(), content_format=0) for i in range(100)]
+            answers = []
+            for d in datagrams:
+                raw.send(d)
+                answers.append(await raw.receive())
+            assert all(a.code == Code.CHANGED for a in answers)
+            assert srv.stats["recent_exchanges"] <= 40
+            assert srv.stats["exchanges_evicted"] >= 60
+            raw.send(datagrams[-1])  # the newest is still recognised: answered from the cache
+            again = await raw.receive()
+            assert again.code == Code.CHANGED and again.payload == answers[-1].payload
+            assert srv.stats["accepted"] == 100
+        finally:
+            raw.close()
+
+
 async def test_garbage_and_oversized_tokens_do_not_hurt_others(server, client, hook):
     raw = RawClient(server.port)
     try:

@@ -60,6 +60,7 @@ from pipelines.devices import DeviceRegistry, Resolver
 from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
 from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport, device_from_claims
+from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
 from pipelines.ingest.rate_limit import RateLimiter
 from pipelines.message import Message
 
@@ -119,6 +120,7 @@ class CoapSettings:
     busy_retry_after: float = 2.0    # Max-Age on 5.03 from the memory cap
     reuse_port: bool = False         # SO_REUSEPORT, for --workers N on one port
     max_dtls_sessions: int = 4096
+    max_recent_exchanges: int = 30_000  # duplicate-detection entries kept (3-4 KB each), newest first
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -498,6 +500,7 @@ class CoapIngest:
         self.port: int | None = None
         self.dtls_port: int | None = None
         self._housekeeping: asyncio.Task | None = None
+        self.exchange_tables: list[RecentExchanges] = []
 
     @property
     def registry(self) -> DeviceRegistry:
@@ -505,7 +508,10 @@ class CoapIngest:
 
     @property
     def stats(self) -> dict[str, int]:
-        return self.server.stats
+        out = dict(self.server.stats)
+        out["recent_exchanges"] = sum(len(t) for t in self.exchange_tables)
+        out["exchanges_evicted"] = sum(t.evicted for t in self.exchange_tables)
+        return out
 
     async def start(self) -> CoapIngest:
         s = self.settings
@@ -536,6 +542,7 @@ class CoapIngest:
             await ctx.shutdown()
             self.context = None
             raise
+        self.exchange_tables = cap_recent_exchanges(ctx, s.max_recent_exchanges)
         self._housekeeping = loop.create_task(self._housekeep(), name="coap-ingest housekeeping")
         log.info("CoAP ingest listening: plain=%s dtls=%s on %s", self.port, self.dtls_port, s.host)
         return self

@@ -134,6 +134,11 @@ class Block1Assembler:
 
         now = self._clock()
         tr = self._transfers.get(key)
+        if tr is not None and more and len(payload) == size and tr.buf[num * size:(num + 1) * size] == payload:
+            # a block already received, sent again with a new message id (a duplicate older than
+            # the exchange cache, or a restart with the same bytes): answer as before, go on
+            tr.last_seen = now
+            return Continue(num, min(szx, self.max_szx))
         if num == 0:
             if tr is not None:
                 # Same token (a device restarting its upload) or a stale transfer: start over.
