@@ -237,16 +237,18 @@ def run_clients(port: int, dtls: bool, lean: bool, devices: list[str], frames: i
         from coap_load import LeanDevice
 
         links = {d: await LeanDevice.open(("127.0.0.1", port), d) for d in devices}
+        prepared = {d: [links[d].prepare("images", frame, content_format=23, szx=BLOCK_SZX) for frame in plan[d]]
+                    for d in devices}
         latencies: list[float] = []
         failures: dict[str, int] = {}
         blocks = nbytes = 0
 
         async def device(d: str) -> None:
             nonlocal blocks, nbytes
-            for frame in plan[d]:
+            for frame, upload in zip(plan[d], prepared[d], strict=True):
                 t0 = time.perf_counter()
                 try:
-                    code, _ = await links[d].upload("images", frame, content_format=23, szx=BLOCK_SZX)
+                    code, _ = await links[d].upload(upload)
                     code_text = str(code)
                 except Exception as exc:
                     code_text = type(exc).__name__
