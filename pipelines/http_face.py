@@ -160,7 +160,9 @@ async def start_http(app: Starlette, host: str, port: int) -> uvicorn.Server:
                          socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    # log_config=None: uvicorn's loggers propagate to the root handlers and their redaction
+    # filter, instead of uvicorn's own stderr handlers that would print a secret as it is
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, log_config=None)
     server = uvicorn.Server(config)
     server._bound_socket = sock  # type: ignore[attr-defined]
     server._task = asyncio.create_task(server.serve(sockets=[sock]))  # type: ignore[attr-defined]

@@ -56,3 +56,40 @@ def test_cli_main_installs_the_filter_on_root_handlers() -> None:
         assert any(isinstance(f, RedactingFilter) for f in handler.filters)
     finally:
         root.removeHandler(handler)
+
+
+HTTP_SCRIPT = textwrap.dedent(f"""
+    import asyncio, logging, sys
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from pipelines.http_face import start_http, stop_http
+    from pipelines.secrets import SecretSource, install_log_redaction
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    install_log_redaction()
+    token = SecretSource({{"TOKEN": "{SECRET}"}}).resolve("$TOKEN")
+
+    async def fails(request):
+        raise RuntimeError(f"upstream refused Bearer {{token}}")
+
+    async def main():
+        server = await start_http(Starlette(routes=[Route("/x", fails)]), "127.0.0.1", 0)
+        port = server._bound_socket.getsockname()[1]
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"http://127.0.0.1:{{port}}/x")
+        print(r.status_code)
+        await stop_http(server)
+
+    asyncio.run(main())
+""")
+
+
+def test_the_http_face_server_logs_pass_through_redaction() -> None:
+    """uvicorn logs an unhandled exception with its traceback: through the root handlers' filter."""
+    proc = subprocess.run([sys.executable, "-c", HTTP_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "500"
+    assert "Exception in ASGI application" in proc.stderr
+    assert "RuntimeError: upstream refused Bearer ***" in proc.stderr
+    assert SECRET not in proc.stderr
