@@ -85,6 +85,11 @@ class RouterSettings:
     # how long prediction -> frame correlations and idempotency keys are kept (predictions end
     # within 30 minutes, webhook retries within minutes)
     correlation_retention: float = 24 * 3600.0
+    # the newest rows kept of each record table (None: keep all); older ones are deleted
+    keep_stream_rows: int | None = 1_000_000   # lightdb-stream
+    keep_log_rows: int | None = 100_000        # the logs destination
+    keep_unmatched_rows: int | None = 10_000   # messages no pipeline matched
+    housekeeping_interval: float = 60.0        # seconds between the pruning rounds
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -474,9 +479,14 @@ class Router:
             await asyncio.sleep(0.25)
             try:
                 await self._measure()
-                if self.settings.run_engine and time.monotonic() - last_prune > 60:
+                if self.settings.run_engine and time.monotonic() - last_prune > self.settings.housekeeping_interval:
                     last_prune = time.monotonic()
                     await self.store.prune_correlations(time.time() - self.settings.correlation_retention)
+                    s = self.settings
+                    gone = await self.store.prune_records({"stream": s.keep_stream_rows, "logs": s.keep_log_rows,
+                                                           "unmatched": s.keep_unmatched_rows})
+                    if any(gone.values()):
+                        log.info("retention: deleted %s", ", ".join(f"{n} {t}" for t, n in gone.items() if n))
             except Exception:
                 log.exception("measuring queues")
 

@@ -965,6 +965,29 @@ class Store:
             return n + conn.execute("DELETE FROM webhooks_seen WHERE seen_at < ?", (older_than,)).rowcount
         return await self._run(op)
 
+    async def prune_records(self, keep: dict[str, int | None]) -> dict[str, int]:
+        """Keep only the newest rows of the record tables: ``keep`` maps ``stream``, ``logs``
+        or ``unmatched`` to how many rows to keep (None: all). By arrival order, not by the
+        device's timestamps, which may be old (backfill). Returns how many rows went, per table."""
+        bad = set(keep) - set(RECORD_TABLES)
+        if bad:
+            raise ValueError(f"not a record table: {', '.join(sorted(bad))}")
+
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            gone: dict[str, int] = {}
+            for table, rows in keep.items():
+                if rows is None:
+                    continue
+                # seq is the table's INTEGER PRIMARY KEY: this is a range delete on the rowid
+                gone[table] = conn.execute(
+                    f"DELETE FROM {table} WHERE seq <= (SELECT MAX(seq) FROM {table}) - ?",
+                    (max(0, rows),)).rowcount
+            return gone
+        return await self._run(op)
+
+
+RECORD_TABLES = ("stream", "logs", "unmatched")
+
 
 def _settle_all(settled: list[tuple[asyncio.Future, bool, Any]]) -> None:
     for fut, ok, res in settled:

@@ -49,6 +49,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--registry", help="device registry file (PSK identities) for CoAP over DTLS")
     p.add_argument("--max-queue", type=int, help="deliveries per destination queue before pushing back")
     p.add_argument("--max-inbox", type=int, help="unrouted messages before pushing back")
+    for table, what, default in (("stream", "lightdb-stream records", "1000000"),
+                                 ("log", "logs destination records", "100000"),
+                                 ("unmatched", "unmatched-message records", "10000")):
+        p.add_argument(f"--keep-{table}-rows", type=_rows, metavar="N|all",
+                       help=f"newest {what} kept, older ones deleted (default {default})")
     p.add_argument("--override", action="append", default=[], metavar="FROM=TO",
                    help="send requests for base URL FROM to TO, e.g. "
                         "https://api.replicate.com=http://127.0.0.1:8008 (repeatable)")
@@ -64,6 +69,18 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _rows(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows (0 or more) or 'all'")
+    return n
+
+
 def settings_from(args: argparse.Namespace) -> ServiceSettings:
     from pipelines.commands.send import parse_overrides
 
@@ -73,6 +90,10 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
         router.max_queue = args.max_queue
     if args.max_inbox:
         router.max_inbox = args.max_inbox
+    for table in ("stream", "log", "unmatched"):
+        rows = getattr(args, f"keep_{table}_rows", None)
+        if rows is not None:
+            setattr(router, f"keep_{table}_rows", None if rows == "all" else rows)
     if args.http_ingest:
         router.extra["http_ingest"] = True
     coap = None
