@@ -62,7 +62,8 @@ async def setup(tmp_path: Path):
                                   store_path=tmp_path / "worker.db",
                                   extra={"mqtt_publish": publisher.publish})
         async with Router(settings) as router, \
-                MqttIngest(router, MqttSettings(port=broker.port, shared_group="workers")) as worker, \
+                MqttIngest(router, MqttSettings(port=broker.port, shared_group="workers",
+                                                trust_message_id=True)) as worker, \
                 MqttGateway(GatewaySettings(port=broker.port)) as gateway, \
                 CoapIngest(gateway, CoapSettings(port=0, dtls_enabled=False, plain_enabled=True,
                                                  rate_limit=0)) as server:

@@ -117,6 +117,34 @@ async def test_devices_reach_webhook_byte_identical(tmp_path: Path) -> None:
             assert books["ingested"] == 4
 
 
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_a_message_id_property_is_kept_only_when_trusted(tmp_path: Path, trusted: bool) -> None:
+    claimed = "0b7e2a4c-3f5d-4e6a-9b1c-2d3e4f5a6b7c"
+    with Mosquitto(tmp_path / "broker") as broker, HTTPRecorder() as hook:
+        settings = RouterSettings(pipelines=[pipeline_file(tmp_path, hook.url("/hook"))],
+                                  store_path=tmp_path / "s.db")
+        ms = MqttSettings(port=broker.port, trust_message_id=trusted)
+        async with Router(settings) as router, MqttIngest(router, ms) as ingest:
+            await ingest.wait_subscribed()
+            props = v5_props("text/plain")
+            props.UserProperty = [("message-id", claimed)]
+            async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as dev:
+                await dev.publish("demo/cam-1/stream/data/a", b"first", qos=1, properties=props)
+                await dev.publish("demo/cam-1/stream/data/b", b"second, same claimed id", qos=1,
+                                  properties=props)
+            await wait_for(lambda: ingest.stats["accepted"] >= 2, what="both messages taken")
+            books = await router.store.counters()
+            if trusted:  # the gateway's promise: one id, one message; the second is a duplicate
+                await wait_for(lambda: len(hook.requests) >= 1, what="the webhook post")
+                assert [r.headers["Ce-Id"] for r in hook.requests] == [claimed]
+                assert books["ingested"] == 1
+            else:  # a device cannot choose ids: each message gets its own
+                await wait_for(lambda: len(hook.requests) >= 2, what="2 webhook posts")
+                ids = {r.headers["Ce-Id"] for r in hook.requests}
+                assert len(ids) == 2 and claimed not in ids
+                assert books["ingested"] == 2
+
+
 async def test_bad_input_is_counted_and_never_stops_ingest(tmp_path: Path, caplog) -> None:
     registry_file = tmp_path / "devices.yaml"
     registry_file.write_text("project_id: demo\ndevices:\n  - id: cam-1\n    psk: k1\n")

@@ -48,6 +48,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--session-expiry", type=int, default=3600,
                    help="seconds the broker keeps this worker's session while it is away")
     p.add_argument("--registry", help="device registry file: unknown devices are rejected")
+    p.add_argument("--trust-message-id", action="store_true",
+                   help="keep the id in a message's 'message-id' user property (set by the CoAP gateway); "
+                        "only when the broker lets nothing else publish to device topics")
     p.add_argument("--secrets", help="secrets file (NAME: value YAML or .env lines)")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="serve the HTTP face here (/metrics, /healthz, /readyz, prediction callbacks)")
@@ -87,7 +90,8 @@ async def _serve(args: argparse.Namespace) -> int:
         host=broker.host, port=broker.port, username=broker.username, password=broker.password,
         topic_filter=args.topic_filter, shared_group=args.group, qos=args.qos,
         default_content_type=args.content_type, max_payload=args.max_payload, registry=registry,
-        client_id=args.client_id, session_expiry=args.session_expiry, max_inflight=args.max_inflight)
+        client_id=args.client_id, session_expiry=args.session_expiry, max_inflight=args.max_inflight,
+        trust_message_id=args.trust_message_id)
     http_host, http_port = "127.0.0.1", None
     if args.http:
         host, _, port = args.http.rpartition(":")

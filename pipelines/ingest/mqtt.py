@@ -48,9 +48,12 @@ registry), a payload over ``max_payload`` (``too_large``). Nothing of it stops t
 The connection is re-established with exponential backoff (``reconnect_min`` ..
 ``reconnect_max``, with jitter) for as long as the ingest runs.
 
-A message carrying the MQTT v5 user property ``message-id`` (a UUID) keeps that id: that is
-how :class:`MqttGateway` (below), an ``IngestTarget`` that forwards CoAP uploads into the
-broker instead of a store, lets the device's 2.04 (which carries the id) match the results.
+With ``trust_message_id``, a message carrying the MQTT v5 user property ``message-id`` (a UUID)
+keeps that id: that is how :class:`MqttGateway` (below), an ``IngestTarget`` that forwards CoAP
+uploads into the broker instead of a store, lets the device's 2.04 (which carries the id) match
+the results. Turn it on only where the broker lets no one but the gateway publish to the device
+topics (an ACL): an id chosen by a device could collide on purpose with another message's and
+have it counted as a duplicate. Off (the default), every message gets a new id.
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ class MqttSettings:
     # being stored go in together, up to max_batch, with at most max_flushers batches at once
     max_batch: int = 512
     max_flushers: int = 2
+    # keep the id in a "message-id" user property (MqttGateway's); only behind a broker ACL
+    trust_message_id: bool = False
 
 
 @dataclass(frozen=True)
@@ -368,7 +373,8 @@ class MqttIngest:
         return Message.new(
             project_id=st.project_id, device_id=st.device_id, path=st.path,
             content_type=content_type_of(m, self.settings.default_content_type),
-            payload=bytes(payload), metadata={"mqtt_topic": topic}, id=message_id_of(m) or new_id,
+            payload=bytes(payload), metadata={"mqtt_topic": topic},
+            id=(self.settings.trust_message_id and message_id_of(m)) or new_id,
         )
 
     async def _ingest(self, m: aiomqtt.Message) -> bool:
