@@ -574,6 +574,7 @@ class MqttGateway:
         self.client_id = s.client_id or f"pipelines-gateway-{uuid.uuid4().hex[:8]}"
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task | None = None
+        self.last_error: str | None = None  # the last connection failure, for the start-up error
         # (project, device) -> {state sub-path ("" = root): value}
         self._state: dict[tuple[str, str], dict[str, Any]] = {}
         self._watchers: dict[tuple[str, str], list[Any]] = {}
@@ -588,8 +589,15 @@ class MqttGateway:
         await self.stop()
 
     async def start(self) -> None:
+        """Connect; raises ConnectionError (saying why) if the broker is not reached in time."""
         self._reader = asyncio.create_task(self._run(), name="mqtt-gateway")
-        await asyncio.wait_for(self.ready.wait(), self.settings.timeout)
+        try:
+            await asyncio.wait_for(self.ready.wait(), self.settings.timeout)
+        except TimeoutError:
+            await self.stop()
+            why = f": {self.last_error}" if self.last_error else ""
+            raise ConnectionError(f"MQTT broker {self.settings.host}:{self.settings.port} not reached "
+                                  f"within {self.settings.timeout:g} s{why}") from None
 
     async def stop(self) -> None:
         if self._reader:
@@ -615,6 +623,7 @@ class MqttGateway:
                     async for m in client.messages:
                         self._state_message(m)
             except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
                 log.warning("MQTT gateway connection lost (%s); retrying in %.1f s", exc, delay)
             finally:
                 self._client = None
