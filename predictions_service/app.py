@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.util
 import json
 import logging
 import random
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from urllib.parse import urlencode
 
@@ -52,7 +53,8 @@ MAX_WAIT = 60
 
 
 def _json(data: object, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(json.dumps(data), status_code=status, media_type="application/json", headers=headers)
+    text = data if isinstance(data, str) else json.dumps(data)  # a str is JSON text already
+    return Response(text, status_code=status, media_type="application/json", headers=headers)
 
 
 def parse_prefer_wait(header: str | None) -> int | None:
@@ -103,6 +105,7 @@ class Service:
         self.other_limits = RateLimiter(settings.other_rate_per_minute)
         self.rng = random.Random(settings.fault_seed)
         self._tokens = [t.encode() for t in settings.tokens]
+        self._base_urls: dict[tuple, str] = {}
 
     # -- guards ---------------------------------------------------------------------------------
     def _authenticate(self, request: Request) -> str:
@@ -153,9 +156,19 @@ class Service:
     def _base_url(self, request: Request) -> str:
         if self.settings.public_base_url:
             return self.settings.public_base_url.rstrip("/")
-        return f"{request.url.scheme}://{request.url.netloc}"
+        # Building request.url parses the whole URL; scheme, Host and server alone decide the base.
+        scope = request.scope
+        key = (scope.get("scheme"), request.headers.get("host"), scope.get("server"))
+        base = self._base_urls.get(key)
+        if base is None:
+            base = f"{request.url.scheme}://{request.url.netloc}"
+            if len(self._base_urls) < 64:  # Host is the client's to choose: keep the cache small
+                self._base_urls[key] = base
+        return base
 
-    async def _body(self, request: Request) -> dict:
+    async def _body(self, request: Request) -> tuple[dict, bool]:
+        """The JSON object sent, and whether it was ASCII without a backslash (so none of its
+        strings needs escaping when it is echoed back: see ``Prediction.input_plain``)."""
         declared = request.headers.get("content-length")
         too_big = ApiProblem(
             413,
@@ -169,12 +182,14 @@ class Service:
         if len(raw) > self.settings.max_body_bytes:
             raise too_big
         try:
-            body = json.loads(raw) if raw.strip() else None
+            body = json.loads(raw) if raw and not raw.isspace() else None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiProblem(400, f"The request body is not valid JSON: {exc}", title="Bad Request") from exc
         if not isinstance(body, dict):
             raise InputInvalid([("(root)", "invalid_type", "Invalid type. Expected: object")])
-        return body
+        # json.loads refuses raw control characters in strings, so an ASCII body without a backslash
+        # decodes to strings that json.dumps would write back unchanged, between quotes.
+        return body, raw.isascii() and b"\\" not in raw
 
     # -- creating -------------------------------------------------------------------------------
     def _resolve_version(self, version: str) -> tuple[str, str]:
@@ -226,7 +241,7 @@ class Service:
         headers = await self.guard(request, creates=True)
         if route_model is not None and not deployment and route_model != blip.MODEL:
             raise ApiProblem(404, NOT_FOUND, headers=headers)
-        body = await self._body(request)
+        body, plain = await self._body(request)
         problems = self._validate(body, with_version=route_model is None)
         if problems:
             raise InputInvalid(problems)
@@ -246,17 +261,23 @@ class Service:
             base_url=self._base_url(request),
             webhook=body.get("webhook"),
             events=frozenset(events if events is not None else ALL_EVENTS),
+            input_plain=plain,
         )
         if deadline is not None:
             pred.deadline = pred.created_at + deadline
         self.runner.submit(pred)
-        status = None
+        headers["location"] = pred.url
         if wait is not None:
             headers["preference-applied"] = f"wait={wait}"
+            status = None
             if not await self.runner.wait(pred, wait):
                 status = "starting"  # the official client 1.0.7 treats anything else as final
-        headers["location"] = pred.as_json()["urls"]["get"]
-        return _json(pred.as_json(status=status), 201, headers)
+            return _json(pred.to_json(status=status), 201, headers)
+        # Answer with the prediction as created, but let its run reach the model thread first: the
+        # answer (which echoes the input, ~56 KB for a frame) is then encoded and sent meanwhile.
+        snapshot = pred.as_json()
+        await asyncio.sleep(0)
+        return _json(pred.encode(snapshot), 201, headers)
 
     # -- routes ---------------------------------------------------------------------------------
     async def create_by_version(self, request: Request) -> Response:
@@ -278,13 +299,13 @@ class Service:
 
     async def get_prediction(self, request: Request) -> Response:
         headers = await self.guard(request, creates=False)
-        return _json(self._find(request, headers).as_json(), headers=headers)
+        return _json(self._find(request, headers).to_json(), headers=headers)
 
     async def cancel_prediction(self, request: Request) -> Response:
         headers = await self.guard(request, creates=False)
         pred = self._find(request, headers)
         self.runner.cancel(pred)
-        return _json(pred.as_json(), headers=headers)
+        return _json(pred.to_json(), headers=headers)
 
     async def list_predictions(self, request: Request) -> Response:
         headers = await self.guard(request, creates=False)
@@ -307,7 +328,9 @@ class Service:
         if cursor:
             kept = {k: q[k] for k in ("created_after", "created_before") if q.get(k)}
             nxt = f"{self._base_url(request)}/v1/predictions?" + urlencode({**kept, "cursor": cursor})
-        return _json({"previous": None, "next": nxt, "results": [p.as_json() for p in page]}, headers=headers)
+        envelope = json.dumps({"previous": None, "next": nxt, "results": []})
+        results = ", ".join(p.to_json() for p in page)  # each prediction's cheap encoding, spliced in
+        return _json(f"{envelope[:-2]}{results}]}}", headers=headers)
 
     async def get_version(self, request: Request) -> Response:
         headers = await self.guard(request, creates=False)
@@ -394,9 +417,23 @@ def _server(settings: Settings, runner: PredictionRunner | None = None) -> uvico
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",
+        http="auto",  # httptools (a dependency) when installed: its C parser costs far less than h11
         timeout_graceful_shutdown=5,
     )
     return uvicorn.Server(config)
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (a dependency), else None (asyncio's default).
+
+    ``serve()`` runs in the caller's loop, so whoever owns the process picks the loop:
+    ``asyncio.Runner(loop_factory=loop_factory())``, as the CLI does.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 class StartupError(RuntimeError):
@@ -418,7 +455,13 @@ async def serve(settings: Settings) -> None:
     runner = PredictionRunner(settings)
     sock = _bind(settings)
     host, port = sock.getsockname()[:2]
-    log.info("predictions service (salesforce/blip stand-in) on http://%s:%s", host, port)
+    log.info(
+        "predictions service (salesforce/blip stand-in) on http://%s:%s (event loop: %s, HTTP parser: %s)",
+        host,
+        port,
+        type(asyncio.get_running_loop()).__module__.partition(".")[0],  # "uvloop" or "asyncio"
+        "httptools" if importlib.util.find_spec("httptools") else "h11",  # what http="auto" picks
+    )
     try:
         await _serve_guarded(_server(settings, runner), sock, runner)
     finally:

@@ -81,7 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .app import StartupError, serve
+    from .app import StartupError, loop_factory, serve
 
     try:
         settings = settings_from_args(args)
@@ -92,8 +92,8 @@ def run_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(settings))
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve(settings))
     except (StartupError, OSError) as exc:
         print(f"predictions serve: {exc}", file=sys.stderr)
         return 1

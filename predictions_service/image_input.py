@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from urllib.parse import unquote_to_bytes
 
 import httpx
@@ -23,6 +24,10 @@ def decode_data_url(url: str) -> bytes:
     if not sep or not head.lower().startswith("data:"):
         raise PredictionFailed("image: malformed data URL (expected data:<type>;base64,<data>)")
     if head.lower().endswith(";base64"):
+        with contextlib.suppress(binascii.Error, ValueError):
+            # The common case first, in one C pass; what it refuses (whitespace, sloppy padding)
+            # gets the tolerant decoding below and its error message.
+            return binascii.a2b_base64(payload, strict_mode=True)
         try:
             return base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -83,8 +83,10 @@ class PredictionRunner:
         return pred
 
     async def wait(self, pred: Prediction, timeout: float) -> bool:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the awaitable in a new task.
         try:
-            await asyncio.wait_for(pred.done.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await pred.done.wait()
         except TimeoutError:
             return False
         return True
@@ -119,7 +121,8 @@ class PredictionRunner:
     async def _run_inner(self, pred: Prediction) -> None:
         until_deadline = None if pred.deadline is None else pred.deadline - time.time()
         try:
-            await asyncio.wait_for(self.slots.acquire(), until_deadline)
+            async with asyncio.timeout(until_deadline):
+                await self.slots.acquire()
         except TimeoutError:
             self._finish(pred, "aborted", ABORTED_ERROR)
             return
@@ -137,7 +140,8 @@ class PredictionRunner:
             if pred.deadline is not None and pred.deadline - time.time() < budget:
                 budget, hit_deadline = max(0.0, pred.deadline - time.time()), True
             try:
-                await asyncio.wait_for(self._predict(pred), budget)
+                async with asyncio.timeout(budget):
+                    await self._predict(pred)
             except TimeoutError:
                 if hit_deadline:
                     self._finish(

@@ -14,7 +14,6 @@ each attempt). Sends for one prediction go out in order. Redirects are not follo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
@@ -87,7 +86,7 @@ class WebhookSender:
         self._queue(pred, st, terminal=False)
 
     def _queue(self, pred: Prediction, st: _PerPrediction, terminal: bool) -> None:
-        body = json.dumps(pred.as_json()).encode()  # snapshot now: later changes get their own event
+        body = pred.to_json().encode()  # snapshot now: later changes get their own event
         task = asyncio.create_task(self._deliver(st.lock, pred.id, pred.webhook or "", body, terminal))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
