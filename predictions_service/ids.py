@@ -31,4 +31,5 @@ def new_message_id() -> str:
 def rfc3339(unix_seconds: float | None) -> str | None:
     if unix_seconds is None:
         return None
-    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime("...%fZ"): the same text, without the C library's strftime
+    return datetime.fromtimestamp(unix_seconds, UTC).isoformat(timespec="microseconds")[:-6] + "Z"

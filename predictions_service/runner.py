@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from . import blip
-from .image_input import fetch_input_file
+from .image_input import decode_data_url, fetch_input_file
 from .model import Classifier, load_classifier
 from .records import Prediction, PredictionStore
 from .settings import Settings
@@ -159,11 +159,18 @@ class PredictionRunner:
         ignored = sorted(set(inp) - set(blip.INPUT_KEYS))
         task = inp.get("task") or "image_captioning"
         assert self.fetch_client is not None and self.classifier is not None
-        image = await fetch_input_file(inp["image"], self.fetch_client, self.settings.max_image_bytes)
+        value = inp["image"]
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(
-            self.executor, blip.answer, self.classifier, image, task, inp.get("question"), inp.get("caption")
-        )
+        if value[:5].lower() == "data:":
+            # decoded in the model's thread: the event loop meanwhile answers the create call
+            answer = await loop.run_in_executor(
+                self.executor, _answer_data_url, self.classifier, value, task, inp.get("question"),
+                inp.get("caption"))
+        else:
+            image = await fetch_input_file(value, self.fetch_client, self.settings.max_image_bytes)
+            answer = await loop.run_in_executor(
+                self.executor, blip.answer, self.classifier, image, task, inp.get("question"), inp.get("caption")
+            )
         if pred.terminal:  # canceled while the thread ran: drop the result
             return
         note = f"ignored unknown input keys: {', '.join(ignored)}\n" if ignored else ""
@@ -172,3 +179,8 @@ class PredictionRunner:
         assert self.webhooks is not None
         self.webhooks.notify(pred, "output", "logs")
         self._finish(pred, "succeeded")
+
+
+def _answer_data_url(classifier: Classifier, url: str, task: str, question: str | None,
+                     caption: str | None) -> blip.Answer:
+    return blip.answer(classifier, decode_data_url(url), task, question, caption)

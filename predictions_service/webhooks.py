@@ -1,6 +1,6 @@
 """Webhook delivery as Replicate does it: signed, filtered, throttled, the terminal one retried.
 
-    sender = WebhookSender(secret, httpx.AsyncClient(), retry_delays=(1, 2, 4, 8, 15, 30))
+    sender = WebhookSender(secret, httpx.AsyncClient(), retry_delays=(1, 2, 4, 8, 15, 30))  # httpx: https://
     sender.notify(pred, "start")                 # sent now if "start" is in the prediction's filter
     sender.notify(pred, "output", "logs")        # at most once per 500 ms per prediction
     sender.notify(pred, "completed")             # retried on connection errors and 4xx/5xx
@@ -8,7 +8,9 @@
 
 Each POST body is the prediction object at send time, signed with the Standard Webhooks scheme
 (``webhook-id`` stays the same across retries of one message; ``webhook-timestamp`` is the time of
-each attempt). Sends for one prediction go out in order. Redirects are not followed.
+each attempt). Sends for one prediction go out in order. Redirects are not followed. Plain
+``http://`` receivers are posted to over our own keep-alive connections (``webhook_http``), the
+rest through the httpx client given.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import httpx
 from .ids import new_message_id
 from .records import Prediction
 from .signing import signed_headers
+from .webhook_http import WebhookPoster, WebhookSendError
 
 log = logging.getLogger("predictions_service.webhooks")
 
@@ -45,6 +48,8 @@ class WebhookSender:
     ) -> None:
         self.secret = secret
         self.client = client
+        timeout = client.timeout.read if client.timeout.read is not None else 10.0
+        self.poster = WebhookPoster(https_client=client, timeout=timeout)
         self.retry_delays = retry_delays
         self.throttle = throttle_seconds
         self.state: dict[str, _PerPrediction] = {}
@@ -100,17 +105,17 @@ class WebhookSender:
                 headers["content-type"] = "application/json"
                 headers["user-agent"] = "iot-pipelines-predictions/0.1"
                 try:
-                    response = await self.client.post(url, content=body, headers=headers)
-                    if response.status_code < 300:
+                    status = await self.poster.post(url, body, headers)
+                    if status < 300:
                         self.delivered += 1
                         return
-                    problem = f"HTTP {response.status_code}"
-                    if response.status_code < 400:
+                    problem = f"HTTP {status}"
+                    if status < 400:
                         self.failed += 1  # redirects are not followed, and not worth a retry
                         log.warning("webhook %s for %s answered %s; not following", msg_id, pred_id, problem)
                         return
-                except httpx.HTTPError as exc:
-                    problem = type(exc).__name__
+                except WebhookSendError as exc:
+                    problem = str(exc)
                 if attempt < len(delays):
                     log.info(
                         "webhook %s for %s failed (%s); retry in %.1fs",
@@ -136,3 +141,4 @@ class WebhookSender:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.poster.close()
