@@ -53,6 +53,8 @@ class Prediction:
     # body that was ASCII without a backslash): then ``to_json`` quotes them instead of re-scanning
     # the ~56 KB data URL of a frame for each answer and webhook.
     input_plain: bool = field(default=False, repr=False)
+    _head: str | None = field(default=None, repr=False)
+    _head_of: dict | None = field(default=None, repr=False)  # the input _head was built from
 
     @property
     def terminal(self) -> bool:
@@ -73,16 +75,32 @@ class Prediction:
         With ``input_plain`` the input's strings are quoted as they are instead of re-scanned:
         for a frame that is a ~56 KB data URL, for every answer and webhook.
         """
-        inp = obj["input"]
-        if not (self.input_plain and all(type(v) is str for v in inp.values())):
+        head = self.json_head()
+        if head is None:
             return json.dumps(obj)
-        head = json.dumps({"id": obj["id"], "model": obj["model"], "version": obj["version"]})
-        tail = json.dumps({k: v for k, v in obj.items() if k not in _HEAD_KEYS})
-        parts = [head[:-1], ', "input": {']
-        for i, (k, v) in enumerate(inp.items()):
-            parts += [", \"" if i else '"', k, '": "', v, '"']
-        parts += ["}, ", tail[1:]]
-        return "".join(parts)  # one copy of the big strings, not one per f-string
+        return head + self.json_tail(obj)
+
+    def json_head(self) -> str | None:
+        """The text every encoding of this prediction starts with, through its input
+        (``{"id": ..., "model": ..., "version": ..., "input": {...}, ``): these never change.
+        None when the input is not plain (then ``encode`` is ``json.dumps``). Built once per
+        input (the retention sweep replaces it)."""
+        if self._head is None or self._head_of is not self.input:
+            self._head, self._head_of = None, self.input
+            if not (self.input_plain and all(type(v) is str for v in self.input.values())):
+                return None
+            head = json.dumps({"id": self.id, "model": self.model, "version": self.version})
+            parts = [head[:-1], ', "input": {']
+            for i, (k, v) in enumerate(self.input.items()):
+                parts += [", \"" if i else '"', k, '": "', v, '"']
+            parts.append("}, ")
+            self._head = "".join(parts)  # one copy of the big strings, not one per f-string
+        return self._head
+
+    @staticmethod
+    def json_tail(obj: dict) -> str:
+        """The rest of ``json.dumps(obj)`` after ``json_head()``."""
+        return json.dumps({k: v for k, v in obj.items() if k not in _HEAD_KEYS})[1:]
 
     def as_json(self, status: str | None = None) -> dict:
         url = self.url

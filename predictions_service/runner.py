@@ -163,9 +163,12 @@ class PredictionRunner:
         loop = asyncio.get_running_loop()
         if value[:5].lower() == "data:":
             # decoded in the model's thread: the event loop meanwhile answers the create call
-            answer = await loop.run_in_executor(
+            running = loop.run_in_executor(
                 self.executor, _answer_data_url, self.classifier, value, task, inp.get("question"),
                 inp.get("caption"))
+            assert self.webhooks is not None
+            self.webhooks.prepare(pred)  # meanwhile, on this otherwise idle thread
+            answer = await running
         else:
             image = await fetch_input_file(value, self.fetch_client, self.settings.max_image_bytes)
             answer = await loop.run_in_executor(

@@ -15,16 +15,27 @@ import hashlib
 import hmac
 
 
-def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+def start_signature(secret: str, msg_id: str, timestamp: int) -> hmac.HMAC:
+    """A signature to feed the body to (``update``), in as many pieces as it comes in."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode(), hashlib.sha256)
-    mac.update(body)  # not concatenated: the body of a frame's prediction is ~56 KB
+    return hmac.new(key, f"{msg_id}.{timestamp}.".encode(), hashlib.sha256)
+
+
+def finish_signature(mac: hmac.HMAC) -> str:
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
-def signed_headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = start_signature(secret, msg_id, timestamp)
+    mac.update(body)  # not concatenated: the body of a frame's prediction is ~56 KB
+    return finish_signature(mac)
+
+
+def signed_headers(secret: str, msg_id: str, timestamp: int, body: bytes,
+                   precomputed: str | None = None) -> dict[str, str]:
+    """The three headers; ``precomputed``: the signature, already made for this id, time and body."""
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": signature(secret, msg_id, timestamp, body),
+        "webhook-signature": precomputed or signature(secret, msg_id, timestamp, body),
     }
