@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -127,26 +126,28 @@ def serve_bare(port: int, dtls: bool, registry: str, shortcuts: bool, cpu_out, r
     asyncio.run(main())
 
 
-class _Sink(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    received = 0
-
-    def do_POST(self) -> None:  # http.server's naming
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        _Sink.received += 1
-        self.send_response(204)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def _run_sink(port_out) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    server.daemon_threads = True
-    port_out.put(server.server_address[1])
-    server.serve_forever()
+    """A keep-alive HTTP/1.1 receiver that reads each POST (Content-Length) and answers 204."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port_out.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(main())
 
 
 def start_sink() -> tuple[object, str]:

@@ -73,6 +73,11 @@ class _Endpoint(asyncio.DatagramProtocol):
             fut.set_result(data)
 
 
+def _expire(fut: asyncio.Future, expired: list[bool]) -> None:
+    expired.append(True)
+    fut.cancel()
+
+
 class LeanDevice:
     """One simulated device: its own UDP endpoint, one request in flight."""
 
@@ -120,13 +125,19 @@ class LeanDevice:
                 fut: asyncio.Future[bytes] = loop.create_future()
                 self.endpoint.waiting[self.mid] = fut
                 self.transport.sendto(data)
+                # a timer that cancels the wait: cheaper than wait_for's wrapping per block
+                expired: list[bool] = []
+                timer = loop.call_later(timeout, _expire, fut, expired)
                 try:
-                    answer = await asyncio.wait_for(fut, timeout)
-                except TimeoutError:
+                    answer = await fut
+                except asyncio.CancelledError:
+                    if not expired:
+                        raise  # the upload itself was cancelled
                     self.retransmissions += attempt < MAX_RETRANSMIT
                     timeout *= 2
                     continue
                 finally:
+                    timer.cancel()
                     self.endpoint.waiting.pop(self.mid, None)
                 if answer[1] != 0:  # not an empty ACK
                     return answer
