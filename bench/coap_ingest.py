@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from http_sink import start_sink
+
 BLOCK_SZX = 6  # 1024-byte blocks
 
 
@@ -126,40 +128,6 @@ def serve_bare(port: int, dtls: bool, registry: str, shortcuts: bool, cpu_out, r
     asyncio.run(main())
 
 
-def _run_sink(port_out) -> None:
-    """A keep-alive HTTP/1.1 receiver that reads each POST (Content-Length) and answers 204."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port_out.put(server.sockets[0].getsockname()[1])
-        await server.serve_forever()
-
-    asyncio.run(main())
-
-
-def start_sink() -> tuple[object, str]:
-    """The webhook destination, answered locally in a process of its own (as a real receiver
-    would be): its threads must not compete with the router for the router's GIL."""
-    ctx = mp.get_context("spawn")
-    port_out = ctx.Queue()
-    proc = ctx.Process(target=_run_sink, args=(port_out,), daemon=True)
-    proc.start()
-    return proc, f"http://127.0.0.1:{port_out.get(timeout=30)}/sink"
-
-
 def write_pipelines(path: Path, sink_url: str) -> None:
     path.write_text(f"""\
 pipelines:
@@ -182,8 +150,9 @@ def serve_router(port: int, dtls: bool, registry: str, workdir: str, run_engine:
 
         pipelines = Path(workdir) / "pipelines.yaml"
         if run_engine:
-            _sink, url = start_sink()
-            write_pipelines(pipelines, url)
+            sink, url = start_sink()
+            sinks.append(sink)
+            write_pipelines(pipelines, url + "/sink")
         else:
             while not pipelines.exists():  # the engine process writes it
                 await asyncio.sleep(0.05)
@@ -209,7 +178,12 @@ def serve_router(port: int, dtls: bool, registry: str, workdir: str, run_engine:
             if coap is not None:
                 await coap.stop()
 
-    asyncio.run(main())
+    sinks: list = []
+    try:
+        asyncio.run(main())
+    finally:
+        for sink in sinks:
+            sink.kill()
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -223,6 +197,36 @@ class ClientResult:
     start: float
     end: float
     cpu: float = 0.0  # the client process's CPU seconds while uploading
+
+
+async def _drive(devices: list[str], plan: dict[str, list[bytes]], send, ready, go) -> ClientResult:
+    """Each device uploads its frames one after another, from the go signal; ``send(d, i)``
+    uploads frame i of device d and returns the answer's code (or the exception's name)."""
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    blocks = nbytes = 0
+
+    async def device(d: str) -> None:
+        nonlocal blocks, nbytes
+        for i, frame in enumerate(plan[d]):
+            t0 = time.perf_counter()
+            try:
+                code = await send(d, i)
+            except Exception as exc:
+                code = type(exc).__name__
+            if code.startswith("2.04"):
+                latencies.append(time.perf_counter() - t0)
+                blocks += -(-len(frame) // 1024)
+                nbytes += len(frame)
+            else:
+                failures[code] = failures.get(code, 0) + 1
+
+    ready.release()  # frames rendered, endpoints open: ready for the clock
+    await asyncio.get_running_loop().run_in_executor(None, go.wait)
+    start, cpu0 = time.time(), time.process_time()
+    await asyncio.gather(*(device(d) for d in devices))
+    end, cpu = time.time(), time.process_time() - cpu0
+    return ClientResult(latencies, blocks, nbytes, failures, start, end, cpu)
 
 
 def run_clients(port: int, dtls: bool, lean: bool, devices: list[str], frames: int, seed: int,
@@ -240,43 +244,20 @@ def run_clients(port: int, dtls: bool, lean: bool, devices: list[str], frames: i
         links = {d: await LeanDevice.open(("127.0.0.1", port), d) for d in devices}
         prepared = {d: [links[d].prepare("images", frame, content_format=23, szx=BLOCK_SZX) for frame in plan[d]]
                     for d in devices}
-        latencies: list[float] = []
-        failures: dict[str, int] = {}
-        blocks = nbytes = 0
 
-        async def device(d: str) -> None:
-            nonlocal blocks, nbytes
-            for frame, upload in zip(plan[d], prepared[d], strict=True):
-                t0 = time.perf_counter()
-                try:
-                    code, _ = await links[d].upload(upload)
-                    code_text = str(code)
-                except Exception as exc:
-                    code_text = type(exc).__name__
-                if code_text.startswith("2.04"):
-                    latencies.append(time.perf_counter() - t0)
-                    blocks += -(-len(frame) // 1024)
-                    nbytes += len(frame)
-                else:
-                    failures[code_text] = failures.get(code_text, 0) + 1
+        async def send(d: str, i: int) -> str:
+            code, _ = await links[d].upload(prepared[d][i])
+            return str(code)
 
-        ready.release()
-        await asyncio.get_running_loop().run_in_executor(None, go.wait)
-        start, cpu0 = time.time(), time.process_time()
-        await asyncio.gather(*(device(d) for d in devices))
-        end, cpu = time.time(), time.process_time() - cpu0
+        result = await _drive(devices, plan, send, ready, go)
         retransmissions = sum(link.retransmissions for link in links.values())
         if retransmissions:
-            failures["retransmissions (not failures)"] = retransmissions
+            result.failures["retransmissions (not failures)"] = retransmissions
         for link in links.values():
             link.close()
-        return ClientResult(latencies, blocks, nbytes, failures, start, end, cpu)
+        return result
 
-    if lean:
-        out.put(asyncio.run(main_lean()))
-        return
-
-    async def main() -> ClientResult:
+    async def main_aiocoap() -> ClientResult:
         import warnings
 
         import aiocoap
@@ -290,42 +271,22 @@ def run_clients(port: int, dtls: bool, lean: bool, devices: list[str], frames: i
                 ctx.client_credentials.load_from_dict({f"coaps://127.0.0.1:{port}/*": {"dtls": {
                     "psk": {"ascii": psk_for(d)}, "client-identity": {"ascii": f"{d}@bench"}}}})
             contexts[d] = ctx
-        latencies: list[float] = []
-        failures: dict[str, int] = {}
-        blocks = nbytes = 0
 
-        async def device(d: str) -> None:
-            nonlocal blocks, nbytes
+        async def send(d: str, i: int) -> str:
             query = "" if dtls else f"?d={d}"
-            for frame in plan[d]:
-                msg = aiocoap.Message(code=aiocoap.POST, uri=f"{scheme}://127.0.0.1:{port}/.s/images{query}",
-                                      payload=frame, content_format=23)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    msg.opt.block1 = BlockOption.BlockwiseTuple(0, False, BLOCK_SZX)
-                t0 = time.perf_counter()
-                try:
-                    r = await contexts[d].request(msg).response
-                    code = str(r.code)
-                except Exception as exc:
-                    code = type(exc).__name__
-                if code.startswith("2.04"):
-                    latencies.append(time.perf_counter() - t0)
-                    blocks += -(-len(frame) // 1024)
-                    nbytes += len(frame)
-                else:
-                    failures[code] = failures.get(code, 0) + 1
+            msg = aiocoap.Message(code=aiocoap.POST, uri=f"{scheme}://127.0.0.1:{port}/.s/images{query}",
+                                  payload=plan[d][i], content_format=23)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                msg.opt.block1 = BlockOption.BlockwiseTuple(0, False, BLOCK_SZX)
+            return str((await contexts[d].request(msg).response).code)
 
-        ready.release()  # frames rendered, endpoints open: ready for the clock
-        await asyncio.get_running_loop().run_in_executor(None, go.wait)
-        start, cpu0 = time.time(), time.process_time()
-        await asyncio.gather(*(device(d) for d in devices))
-        end, cpu = time.time(), time.process_time() - cpu0
+        result = await _drive(devices, plan, send, ready, go)
         for ctx in contexts.values():
             await ctx.shutdown()
-        return ClientResult(latencies, blocks, nbytes, failures, start, end, cpu)
+        return result
 
-    out.put(asyncio.run(main()))
+    out.put(asyncio.run(main_lean() if lean else main_aiocoap()))
 
 
 def measure(name: str, port: int, args, devices: list[str]) -> dict:

@@ -32,8 +32,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,63 +41,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from http_sink import start_sink
+
 from pipelines.message import Message
 from pipelines.outbound_http import make_client
 from pipelines.router import Router, RouterSettings
-
-# The sink: a minimal HTTP/1.1 server (keep-alive, Content-Length bodies) on asyncio, in its
-# own process. It is deliberately cheap so that on a small machine the CPU goes to the router,
-# not to the receiver; GET answers "<requests> <bytes>" for checking.
-SINK = r"""
-import asyncio, sys
-count = 0
-byte_count = 0
-async def handle(reader, writer):
-    global count, byte_count
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-            if head.startswith(b"POST"):
-                count += 1
-                byte_count += length
-                body = b""
-            else:
-                body = f"{count} {byte_count}".encode()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        writer.close()
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=4096)
-    await server.serve_forever()
-asyncio.run(main())
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_sink() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SINK, str(port)])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            httpx.get(url + "/count", timeout=0.5)
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the sink did not start")
 
 
 def make_frames(n: int, seed: int = 7) -> list[bytes]:

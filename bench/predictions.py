@@ -342,6 +342,14 @@ class WebhookReceiver:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
 
+async def create(conn: Conn, request: bytes) -> str:
+    """Send a prepared create request without Prefer: wait; the new prediction's Location."""
+    status, headers, answer = await conn.exchange(request)
+    if status != 201:
+        raise RuntimeError(f"HTTP {status}: {answer[:300]!r}")
+    return headers["location"]
+
+
 async def async_webhook(host: str, port: int, body: dict, concurrency: int, run) -> Result:
     receiver = WebhookReceiver()
     hook_port = await receiver.start()
@@ -351,10 +359,8 @@ async def async_webhook(host: str, port: int, body: dict, concurrency: int, run)
 
     async def one(i: int) -> tuple[float, str]:
         t = time.perf_counter()
-        status, headers, answer = await conns[i].exchange(request)
-        if status != 201:
-            raise RuntimeError(f"HTTP {status}: {answer[:300]!r}")
-        pred_id = headers["location"].rsplit("/", 1)[1]  # no need to decode the 56 KB answer for it
+        location = await create(conns[i], request)
+        pred_id = location.rsplit("/", 1)[1]  # no need to decode the 56 KB answer for it
         arrived, hook_body = await receiver.wait(pred_id)
         return arrived - t, succeeded(hook_body)
 
@@ -375,10 +381,7 @@ async def async_poll(host: str, port: int, body: dict, concurrency: int, run) ->
 
     async def one(i: int) -> tuple[float, str]:
         t = time.perf_counter()
-        status, headers, answer = await conns[i].exchange(request)
-        if status != 201:
-            raise RuntimeError(f"HTTP {status}: {answer[:300]!r}")
-        path = headers["location"].split("/", 3)[3]
+        path = (await create(conns[i], request)).split("/", 3)[3]
         get = f"GET /{path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
         while True:
             await asyncio.sleep(POLL_INTERVAL)
