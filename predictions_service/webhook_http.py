@@ -8,8 +8,8 @@ A webhook is one POST whose answer matters only by its status, so for ``http://`
 goes out as one write on a kept-alive connection and the answer is read up to the end of its
 body (Content-Length, chunked, or until the connection closes) and discarded. On the async
 predictions path this is on the critical path of every result: httpx took ~0.5 ms per 56 KB
-POST here, this takes ~0.06 ms (``bench/predictions.py``). ``https://`` and anything else go
-through the httpx client given (TLS, certificates).
+POST here, this takes ~0.06 ms (``bench/predictions.py``). ``https://``, URLs with credentials
+(``http://user:pass@host/``: basic auth) and anything else go through the httpx client given.
 
 Failures raise :class:`WebhookSendError` (refused, reset, timed out, malformed answer). A
 kept-alive connection the receiver closed meanwhile is retried once on a new one, as HTTP
@@ -54,7 +54,7 @@ class WebhookPoster:
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
         """POST ``body``; the answer's status code, or WebhookSendError."""
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
+        if parts.scheme != "http" or not parts.hostname or "@" in parts.netloc:  # TLS, or credentials
             try:
                 response = await self.https_client.post(url, content=body, headers=headers)
             except httpx.HTTPError as exc:
@@ -66,8 +66,7 @@ class WebhookPoster:
             raise WebhookSendError("invalid port in the webhook URL") from exc
         host = parts.hostname
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        netloc = parts.netloc.rpartition("@")[2]
-        head = [f"POST {target} HTTP/1.1", f"host: {netloc}", f"content-length: {len(body)}"]
+        head = [f"POST {target} HTTP/1.1", f"host: {parts.netloc}", f"content-length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("host", "content-length")]
         request = (("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), body)  # written as two, not copied
         key = (host, port)

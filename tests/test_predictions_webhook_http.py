@@ -115,6 +115,13 @@ async def test_a_kept_alive_connection_the_receiver_closed_is_retried_on_a_new_o
     assert srv.connections == 2 and [r[2] for r in srv.requests] == [b"1", b"2"]
 
 
+async def test_credentials_in_the_url_become_basic_auth(server, poster) -> None:
+    srv, url = server
+    assert await poster.post(url.replace("http://", "http://hook:s3cret@") + "/plain", b"{}", {}) == 204
+    head = srv.requests[0][1]
+    assert b"Basic aG9vazpzM2NyZXQ=" in head and b"s3cret" not in head
+
+
 async def test_a_redirect_is_returned_not_followed(server, poster) -> None:
     srv, url = server
     assert await poster.post(url + "/redirect", b"{}", {}) == 307
