@@ -38,7 +38,7 @@ from pipelines.components import ComponentContext  # noqa: E402
 from pipelines.config import load_pipelines  # noqa: E402
 from pipelines.engine import Engine, build_pipelines  # noqa: E402
 from pipelines.message import Message  # noqa: E402
-from pipelines.outbound_http import build_headers, cloudevents_headers, rewrite_url  # noqa: E402
+from pipelines.outbound_http import cloudevents_headers, request_headers, rewrite_url  # noqa: E402
 from pipelines.secrets import SecretSource  # noqa: E402
 
 VERSION = "2e1dddc8621f72155f24cf2e0adbde548458d3cab9f00c0139eea840d0ac4746"
@@ -117,8 +117,8 @@ async def engine_run(client: httpx.AsyncClient, pngs: list[bytes], seconds: floa
 
 
 async def engine_bytes_run(pngs: list[bytes], seconds: float) -> tuple[int, float]:
-    """Engine.route, then the request the webhook destination would send (its URL rewriting,
-    CloudEvents and user headers via pipelines.outbound_http), handed to an in-process answer."""
+    """Engine.route, then the request the webhook destination sends (its URL rewriting, and the
+    CloudEvents and user headers as ``post_message`` builds them), handed to an in-process answer."""
     engine = load_engine(lambda pc, sc: ComponentContext())
     webhooks = [(p.name, s) for p in engine.pipelines for s in p.steps
                 if s.destination is not None and s.destination.type == "webhook"]
@@ -130,7 +130,7 @@ async def engine_bytes_run(pngs: list[bytes], seconds: float) -> tuple[int, floa
         outcome, _ = await engine.route(new_frame(png))
         for d in outcome.deliveries:
             key = (d.pipeline, d.step)
-            answer(rewrite_url(urls[key], {}), build_headers(d.message, user_headers[key]), d.message.payload)
+            answer(rewrite_url(urls[key], {}), request_headers(d.message, user_headers[key]), d.message.payload)
     return await timed(pngs, seconds, frame)
 
 

@@ -204,6 +204,12 @@ def _raw_headers(message: Message, user: dict[bytes, tuple[bytes, bytes]]) -> li
     return out
 
 
+def request_headers(message: Message, user_headers: Mapping[str, str] | None = None) -> list[tuple[bytes, bytes]]:
+    """The headers ``post_message`` sends for ``message``: what ``build_headers`` gives, as raw
+    pairs, with the user's headers encoded once per distinct set (cached)."""
+    return _raw_headers(message, _user_header_template(tuple(user_headers.items())) if user_headers else {})
+
+
 def _excerpt(response: httpx.Response) -> str:
     return response.content[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
 
@@ -227,8 +233,7 @@ async def post_message(
     target_url, target = _resolve(url, tuple(overrides.items()) if overrides else ())
     timeout = float(extra.get("timeout") or DEFAULT_TIMEOUT)
     try:
-        raw_headers = _raw_headers(message, _user_header_template(tuple(headers.items()))
-                                   if headers else {})
+        raw_headers = request_headers(message, headers)
         response = await client.post(target_url, content=message.payload, headers=raw_headers,
                                      timeout=_timeout(timeout))
     except httpx.TimeoutException as exc:
