@@ -14,13 +14,13 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
 import uvicorn
+from photos import photo
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from predictions_service import Settings, blip, running
-from predictions_service.model import Classifier, ensure_model
+from predictions_service.model import Classifier
 from predictions_service.runner import PredictionRunner
 
 TOKEN = "r8_contract_suite_token"
@@ -52,18 +52,6 @@ FIELDS = {
     "metrics",
     "urls",
 }
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def photo(name: str) -> np.ndarray:
-    """A real photo: the copy shipped in device_sim/data, else scikit-image's original."""
-    path = ROOT / "device_sim" / "data" / f"{name}.jpg"
-    if path.is_file():
-        return np.asarray(Image.open(path).convert("RGB"))
-    skdata = pytest.importorskip(
-        "skimage.data", reason="test photos come from device_sim/data or scikit-image"
-    )
-    return getattr(skdata, name)()
 
 
 def png(array: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
@@ -81,11 +69,6 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 COFFEE = data_url(png(photo("coffee"), (320, 240)))
 TINY = data_url(png(np.full((8, 8, 3), 200, np.uint8)))
-
-
-@pytest.fixture(scope="session")
-def classifier(tmp_path_factory) -> Classifier:
-    return Classifier(ensure_model(tmp_path_factory.getbasetemp() / "predictions-model"))
 
 
 @contextlib.asynccontextmanager

@@ -13,31 +13,14 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
+from photos import photo
 from PIL import Image
 
 from predictions_service import Settings, StartupError, blip, running
-from predictions_service.model import Classifier, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = blip.VERSION
-
-
-def photo(name: str) -> np.ndarray:
-    """A real photo: the copy shipped in device_sim/data, else scikit-image's original."""
-    path = ROOT / "device_sim" / "data" / f"{name}.jpg"
-    if path.is_file():
-        return np.asarray(Image.open(path).convert("RGB"))
-    skdata = pytest.importorskip(
-        "skimage.data", reason="test photos come from device_sim/data or scikit-image"
-    )
-    return getattr(skdata, name)()
-
-
-@pytest.fixture(scope="session")
-def classifier(tmp_path_factory) -> Classifier:
-    return Classifier(ensure_model(tmp_path_factory.getbasetemp() / "predictions-model"))
 
 
 def coffee_data_url() -> str:

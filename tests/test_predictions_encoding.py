@@ -26,17 +26,11 @@ from PIL import Image
 
 from predictions_service import Settings, blip, running
 from predictions_service.ids import new_message_id, new_prediction_id
-from predictions_service.model import Classifier, ensure_model
 from predictions_service.records import Prediction
 from predictions_service.runner import PredictionRunner
 
 TOKEN = "r8_encoding_suite"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Classifier:
-    return Classifier(ensure_model(tmp_path_factory.getbasetemp() / "predictions-model"))
 
 
 def png_bytes() -> bytes:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
+from photos import photo
 from PIL import Image
 
 from predictions_service import blip
 from predictions_service.model import (
     MODEL_FILE,
-    Classifier,
     ImageDecodeError,
     decode_image,
     ensure_model,
@@ -21,25 +20,6 @@ from predictions_service.model import (
 )
 from predictions_service.model_build import BLOCK_STRIDES, ModelBuildError, build_onnx, build_onnx_from_state
 from predictions_service.model_weights import WeightsError, bundled_weights_path, load_state_dict
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def photo(name: str) -> np.ndarray:
-    """A real photo: the copy shipped in device_sim/data, else scikit-image's original."""
-    path = ROOT / "device_sim" / "data" / f"{name}.jpg"
-    if path.is_file():
-        return np.asarray(Image.open(path).convert("RGB"))
-    skdata = pytest.importorskip(
-        "skimage.data", reason="test photos come from device_sim/data or scikit-image"
-    )
-    return getattr(skdata, name)()
-
-
-@pytest.fixture(scope="session")
-def classifier(tmp_path_factory) -> Classifier:
-    # The same directory for every test module of the session: the ONNX is built once.
-    return Classifier(ensure_model(tmp_path_factory.getbasetemp() / "predictions-model"))
 
 
 def png(array: np.ndarray) -> bytes:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import httpx
 import numpy as np
-import pytest
 import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
@@ -28,7 +27,7 @@ from starlette.routing import Route
 
 from pipelines.webhook_signature import verify
 from predictions_service import Settings, blip, running
-from predictions_service.model import Classifier, ensure_model
+from predictions_service.model import Classifier
 from predictions_service.records import Prediction
 from predictions_service.runner import PredictionRunner
 from predictions_service.webhooks import WebhookSender
@@ -44,11 +43,6 @@ def tiny_png_url() -> str:
 
 
 TINY = tiny_png_url()
-
-
-@pytest.fixture(scope="session")
-def classifier(tmp_path_factory) -> Classifier:
-    return Classifier(ensure_model(tmp_path_factory.getbasetemp() / "predictions-model"))
 
 
 @dataclass
