@@ -90,9 +90,9 @@ def serve_bare(port: int, dtls: bool, registry: str, shortcuts: bool, cpu_out, r
     async def main() -> None:
         import aiocoap
         from aiocoap import resource
+        from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport
 
         from pipelines.devices import DeviceRegistry
-        from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport
 
         class Discard(resource.Resource):
             async def render_post(self, request):

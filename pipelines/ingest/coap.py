@@ -59,8 +59,8 @@ from aiocoap.transports.udp6 import MessageInterfaceUDP6
 from pipelines.devices import DeviceRegistry, Resolver
 from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
-from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport, device_from_claims
 from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
+from pipelines.ingest.dtls_server import DtlsOptions, DtlsServerTransport, add_dtls_server, device_from_claims
 from pipelines.ingest.rate_limit import RateLimiter
 from pipelines.message import Message
 
@@ -102,7 +102,7 @@ _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 class CoapSettings:
     """Where and how the CoAP ingest listens. Ports 0 mean "any free port" (tests)."""
 
-    host: str = "127.0.0.1"          # DTLS needs a concrete address (aiocoap limitation)
+    host: str = "127.0.0.1"          # "0.0.0.0" / "::" listen on every address
     port: int = 5683                 # plain CoAP, only if plain_enabled
     dtls_port: int = 5684
     dtls_enabled: bool = True
@@ -120,6 +120,9 @@ class CoapSettings:
     busy_retry_after: float = 2.0    # Max-Age on 5.03 from the memory cap
     reuse_port: bool = False         # SO_REUSEPORT, for --workers N on one port
     max_dtls_sessions: int = 4096
+    dtls_cert: str | None = None     # router certificate + key + project CA(s): certificate devices
+    dtls_key: str | None = None
+    dtls_ca: list[str] = field(default_factory=list)
     max_recent_exchanges: int = 30_000  # duplicate-detection entries kept (3-4 KB each), newest first
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
     extra: dict[str, Any] = field(default_factory=dict)
@@ -499,6 +502,7 @@ class CoapIngest:
         self.context: aiocoap.Context | None = None
         self.port: int | None = None
         self.dtls_port: int | None = None
+        self.dtls: DtlsServerTransport | None = None
         self._housekeeping: asyncio.Task | None = None
         self.exchange_tables: list[RecentExchanges] = []
 
@@ -534,10 +538,11 @@ class CoapIngest:
                     await ctx._append_tokenmanaged_messagemanaged_transport(plain)
                     self.port = int(created[0].transport.get_extra_info("socket").getsockname()[1])
                 if s.dtls_enabled:
-                    creds = RegistryCredentials(lambda: self.server.registry)
-                    ctx.server_credentials = creds
-                    self.dtls_port = await add_dtls_transport(ctx, (s.host, s.dtls_port), creds,
-                                                              max_sessions=s.max_dtls_sessions)
+                    options = DtlsOptions(max_sessions=s.max_dtls_sessions, cert=s.dtls_cert,
+                                          key=s.dtls_key, ca=list(s.dtls_ca))
+                    self.dtls = await add_dtls_server(ctx, (s.host, s.dtls_port), lambda: self.server.registry,
+                                                      options, reuse_port=s.reuse_port)
+                    self.dtls_port = self.dtls.port
         except BaseException:
             await ctx.shutdown()
             self.context = None
