@@ -278,7 +278,7 @@ class DtlsClientTransport(interfaces.MessageInterface):
     def _psk_client(self, ssl: Any, hint: Any, identity_out: Any, max_identity: int,
                     psk_out: Any, max_psk: int) -> int:
         ident, psk = self._identity or b"", self._psk or b""
-        if len(ident) >= max_identity or len(psk) > max_psk:
+        if len(ident) > max_identity or len(psk) > max_psk:  # the buffer holds max + NUL
             return 0
         ffi.memmove(identity_out, ident + b"\0", len(ident) + 1)
         ffi.memmove(psk_out, psk, len(psk))
