@@ -102,23 +102,36 @@ class DtlsPeer:
         self.conn.bio_write(await self.recv_raw())   # the HelloVerifyRequest
         self._step()                                 # ClientHello with the cookie
 
-    async def request(self, message: aiocoap.Message) -> aiocoap.Message:
+    async def request(self, message: aiocoap.Message, attempts: int = 4) -> aiocoap.Message:
+        """Send a CON request (re-encrypted and resent each second, as CoAP retransmits) and
+        return the answer with its token."""
         message.mtype = aiocoap.CON
         message.mid = self._mid
         self._mid += 1
         if not message.token:
             message.token = self._mid.to_bytes(4, "big")
-        self.conn.send(message.encode())
-        for datagram in self._out():
-            self.send_raw(datagram)
-        while True:
-            self.conn.bio_write(await self.recv_raw())
-            try:
-                answer = aiocoap.Message.decode(self.conn.recv(65536))
-            except SSL.WantReadError:
-                continue
-            if answer.token == message.token:
-                return answer
+        encoded = message.encode()
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(1.0)
+        try:
+            for _ in range(attempts):
+                self.conn.send(encoded)
+                for datagram in self._out():
+                    self.send_raw(datagram)
+                try:
+                    while True:
+                        self.conn.bio_write(await self.recv_raw())
+                        try:
+                            answer = aiocoap.Message.decode(self.conn.recv(65536))
+                        except SSL.WantReadError:
+                            continue
+                        if answer.token == message.token:
+                            return answer
+                except TimeoutError:
+                    continue
+            raise TimeoutError(f"no answer after {attempts} attempts")
+        finally:
+            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         self.sock.close()

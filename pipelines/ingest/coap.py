@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -120,9 +121,7 @@ class CoapSettings:
     busy_retry_after: float = 2.0    # Max-Age on 5.03 from the memory cap
     reuse_port: bool = False         # SO_REUSEPORT, for --workers N on one port
     max_dtls_sessions: int = 4096
-    dtls_cert: str | None = None     # router certificate + key + project CA(s): certificate devices
-    dtls_key: str | None = None
-    dtls_ca: list[str] = field(default_factory=list)
+    dtls: DtlsOptions = field(default_factory=DtlsOptions)  # timeouts, caps, certificates (cert/key/ca)
     max_recent_exchanges: int = 30_000  # duplicate-detection entries kept (3-4 KB each), newest first
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
     extra: dict[str, Any] = field(default_factory=dict)
@@ -538,8 +537,7 @@ class CoapIngest:
                     await ctx._append_tokenmanaged_messagemanaged_transport(plain)
                     self.port = int(created[0].transport.get_extra_info("socket").getsockname()[1])
                 if s.dtls_enabled:
-                    options = DtlsOptions(max_sessions=s.max_dtls_sessions, cert=s.dtls_cert,
-                                          key=s.dtls_key, ca=list(s.dtls_ca))
+                    options = dataclasses.replace(s.dtls, max_sessions=s.max_dtls_sessions)
                     self.dtls = await add_dtls_server(ctx, (s.host, s.dtls_port), lambda: self.server.registry,
                                                       options, reuse_port=s.reuse_port)
                     self.dtls_port = self.dtls.port
@@ -574,6 +572,7 @@ class CoapIngest:
         if self.context is not None:
             await self.context.shutdown()
             self.context = None
+            self.dtls = None
 
     async def __aenter__(self) -> CoapIngest:
         return await self.start()

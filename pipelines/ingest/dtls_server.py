@@ -235,6 +235,7 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         ctx = SSL.Context(SSL.DTLS_METHOD)
         ctx.set_min_proto_version(DTLS1_2_VERSION)
         ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)   # idle sessions give their record buffers back
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         suites = list(PSK_SUITES)
         if o.cert:
@@ -314,10 +315,18 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
                 self._drop_handshake(hs)
             self._start_handshake(addr, data, hello.cookie, hello.random)
             return
+        session = self._sessions.get(addr)
+        if hs is not None and session is not None and data[3:5] != b"\x00\x00":
+            # A new handshake runs where a session is established (a replayed or restarted
+            # ClientHello): encrypted records go to the session first; only what it cannot
+            # read (the new handshake's Finished) goes on to the handshake.
+            if self._feed_session(session, data):
+                return
+            self._feed_handshake(hs, data)
+            return
         if hs is not None:
             self._feed_handshake(hs, data)
             return
-        session = self._sessions.get(addr)
         if session is None:
             self.stats["datagrams_dropped"] += 1
             return
@@ -438,7 +447,8 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             self._note(f"DTLS certificate refused: no device {device!r} in project {project!r}")
         return entry
 
-    def _feed_session(self, session: _Session, data: bytes) -> None:
+    def _feed_session(self, session: _Session, data: bytes) -> bool:
+        """Decrypt and dispatch; True if the datagram held application data for this session."""
         conn = session.conn
         conn.bio_write(data)
         plaintexts = []
@@ -462,6 +472,7 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             self._dispatch(session, plaintext)
         if closed:
             self._close(session, notify=False)
+        return bool(plaintexts) or closed
 
     def _dispatch(self, session: _Session, plaintext: bytes) -> None:
         if self._mman is None or session.remote is None:
