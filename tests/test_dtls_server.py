@@ -6,6 +6,7 @@ followed by a CoAP POST whose bytes must reach the webhook destination unchanged
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -92,7 +93,8 @@ async def s_client(port: int, cipher: str, identity: str, key: bytes, datagram: 
         await proc.stdin.drain()
         answer = await asyncio.wait_for(proc.stdout.read(65536), 15)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):   # it may have exited by itself
+            proc.kill()
         await proc.wait()
     assert answer, f"s_client got no answer: {(await proc.stderr.read()).decode(errors='replace')}"
     return aiocoap.Message.decode(answer)

@@ -47,6 +47,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--coap-port", type=int, help="serve plain CoAP on this port (development only)")
     p.add_argument("--coap-host", default="127.0.0.1", help="CoAP address (default: %(default)s)")
     p.add_argument("--registry", help="device registry file (PSK identities) for CoAP over DTLS")
+    p.add_argument("--dtls-cert", help="the router's certificate (PEM) for certificate devices "
+                                       "(pipeline certs init-ca); needs --dtls-key and --dtls-ca")
+    p.add_argument("--dtls-key", help="the router certificate's private key (PEM)")
+    p.add_argument("--dtls-ca", action="append", default=[], metavar="PEM",
+                   help="project CA certificate that device certificates must chain to (repeatable)")
     p.add_argument("--max-queue", type=int, help="deliveries per destination queue before pushing back")
     p.add_argument("--max-inbox", type=int, help="unrouted messages before pushing back")
     for table, what, default in (("stream", "lightdb-stream records", "1000000"),
@@ -104,6 +109,10 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
                             dtls_port=args.coap_dtls_port or 0,
                             plain_enabled=args.coap_port is not None, port=args.coap_port or 0,
                             reuse_port=args.workers > 1 or args.ingest_only)
+        if args.dtls_cert or args.dtls_key or args.dtls_ca:
+            if not (args.dtls_cert and args.dtls_key and args.dtls_ca):
+                raise ValueError("certificate devices need all of --dtls-cert, --dtls-key and --dtls-ca")
+            coap.dtls.cert, coap.dtls.key, coap.dtls.ca = args.dtls_cert, args.dtls_key, list(args.dtls_ca)
     if args.ingest_only:  # a --workers child: CoAP into the shared store, no engine, no HTTP
         router.run_engine = False
         return ServiceSettings(router=router, http_port=None, coap=coap)
@@ -128,9 +137,12 @@ def _worker_command(args: argparse.Namespace, dtls_port: int | None, plain_port:
     for p in args.pipelines or ["pipeline.yaml"]:
         cmd += ["--pipelines", str(p)]
     for item, flag in ((args.secrets, "--secrets"), (args.registry, "--registry"),
-                       (dtls_port, "--coap-dtls-port"), (plain_port, "--coap-port")):
+                       (dtls_port, "--coap-dtls-port"), (plain_port, "--coap-port"),
+                       (args.dtls_cert, "--dtls-cert"), (args.dtls_key, "--dtls-key")):
         if item is not None:
             cmd += [flag, str(item)]
+    for ca in args.dtls_ca:
+        cmd += ["--dtls-ca", ca]
     return cmd
 
 

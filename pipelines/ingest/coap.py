@@ -542,7 +542,8 @@ class CoapIngest:
                                                       options, reuse_port=s.reuse_port)
                     self.dtls_port = self.dtls.port
         except BaseException:
-            await ctx.shutdown()
+            if ctx.request_interfaces:  # aiocoap's shutdown fails on a context without transports
+                await ctx.shutdown()
             self.context = None
             raise
         self.exchange_tables = cap_recent_exchanges(ctx, s.max_recent_exchanges)

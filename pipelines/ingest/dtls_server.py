@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -212,7 +213,7 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         # The cffi callback object must stay referenced for as long as the SSL context lives.
         self._psk_callback = ffi.callback(
             "unsigned int(SSL *, const char *, unsigned char *, unsigned int)", self._psk_lookup)
-        self._ctx = self._make_context()
+        self._ctx = ssl_context(options, self._psk_callback)
         self._last_log = 0.0
 
     # --- setup -------------------------------------------------------------------------------
@@ -229,33 +230,6 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         self.hostinfo_local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._sweeper = loop.call_later(options.sweep_interval, self._sweep)
         return self
-
-    def _make_context(self) -> SSL.Context:
-        o = self.options
-        ctx = SSL.Context(SSL.DTLS_METHOD)
-        ctx.set_min_proto_version(DTLS1_2_VERSION)
-        ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
-        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)   # idle sessions give their record buffers back
-        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        suites = list(PSK_SUITES)
-        if o.cert:
-            if not (o.key and o.ca):
-                raise ValueError("DTLS certificates need the router's key and the project CA too")
-            ctx.use_certificate_chain_file(o.cert)
-            ctx.use_privatekey_file(o.key)
-            ctx.check_privatekey()
-            for ca in o.ca:
-                ctx.load_verify_locations(ca)
-            # Only certificate suites send a CertificateRequest, so PSK handshakes are unaffected.
-            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda _c, _x, _e, _d, ok: ok)
-            ctx.set_session_id(b"iot-pipelines-dtls")
-            suites += CERT_SUITES
-        # SECLEVEL 0: OpenSSL counts the 64-bit tag of the CCM_8 suites as too weak otherwise.
-        ctx.set_cipher_list((":".join(suites) + ":@SECLEVEL=0").encode())
-        ctx.set_cookie_generate_callback(lambda conn: conn.get_app_data().cookie)
-        ctx.set_cookie_verify_callback(lambda conn, cookie: bytes(cookie) == conn.get_app_data().cookie)
-        lib.SSL_CTX_set_psk_server_callback(ctx._context, self._psk_callback)
-        return ctx
 
     # --- PSK lookup (called by OpenSSL during a handshake) -----------------------------------
 
@@ -616,6 +590,45 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             self._transport.close()
 
 
+def ssl_context(o: DtlsOptions, psk_callback: Any = None) -> SSL.Context:
+    """The server's OpenSSL context; bad certificate files raise ValueError naming the file."""
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_min_proto_version(DTLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)   # idle sessions give their record buffers back
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    suites = list(PSK_SUITES)
+    if o.cert or o.key or o.ca:
+        if not (o.cert and o.key and o.ca):
+            raise ValueError("DTLS certificates need the router's certificate, its key and the project CA")
+        _load(ctx.use_certificate_chain_file, o.cert, "router certificate")
+        _load(ctx.use_privatekey_file, o.key, "router key")
+        _load(lambda _path: ctx.check_privatekey(), o.key, "router key (does not match the certificate)")
+        for ca in o.ca:
+            _load(ctx.load_verify_locations, ca, "project CA")
+        # Only certificate suites send a CertificateRequest, so PSK handshakes are unaffected.
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda _c, _x, _e, _d, ok: ok)
+        ctx.set_session_id(b"iot-pipelines-dtls")
+        suites += CERT_SUITES
+    # SECLEVEL 0: OpenSSL counts the 64-bit tag of the CCM_8 suites as too weak otherwise.
+    ctx.set_cipher_list((":".join(suites) + ":@SECLEVEL=0").encode())
+    ctx.set_cookie_generate_callback(lambda conn: conn.get_app_data().cookie)
+    ctx.set_cookie_verify_callback(lambda conn, cookie: bytes(cookie) == conn.get_app_data().cookie)
+    if psk_callback is not None:
+        lib.SSL_CTX_set_psk_server_callback(ctx._context, psk_callback)
+    return ctx
+
+
+def _load(method: Callable[[str], Any], path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"DTLS {what}: {path} is not a readable file")
+    try:
+        method(path)
+    except SSL.Error as exc:
+        reason = "; ".join(str(e[-1]) for e in exc.args[0]) if exc.args and exc.args[0] else str(exc)
+        raise ValueError(f"DTLS {what}: {path}: {reason}") from None
+
+
 def _name_attr(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
     values = name.get_attributes_for_oid(oid)
     return str(values[0].value) if len(values) == 1 else None
@@ -625,6 +638,7 @@ async def add_dtls_server(ctx: Any, bind: tuple[str, int], registry: Callable[[]
                           options: DtlsOptions | None = None, reuse_port: bool = False) -> DtlsServerTransport:
     """Add the DTLS server transport to an aiocoap ``Context`` bound to exactly ``bind``."""
     options = options or DtlsOptions()
+    ssl_context(options)   # bad certificate files fail here, before aiocoap holds a half-made transport
     created: list[DtlsServerTransport] = []
 
     async def construct(mman: interfaces.MessageManager) -> DtlsServerTransport:
