@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -122,6 +123,38 @@ async def test_each_psk_suite_with_the_simulator_client_block1(srv, hook, k, cip
     assert answer.code == Code.CHANGED, answer
     got = await delivered(hook, answer.payload.decode())
     assert got.body == payload and got.headers["Ce-Source"] == "cam-64"
+
+
+MBEDTLS_SUITES = ["TLS-PSK-WITH-AES-128-GCM-SHA256", "TLS-PSK-WITH-AES-128-CCM", "TLS-PSK-WITH-AES-128-CCM-8",
+                  "TLS-PSK-WITH-AES-128-CBC-SHA256"]
+
+
+def mbedtls_exchange(port: int, identity: str, key: bytes, cipher: str, datagram: bytes) -> tuple[str, bytes]:
+    """One CoAP datagram through an Mbed TLS 2.28 DTLS client (python-mbedtls), blocking."""
+    from mbedtls import tls
+
+    conf = tls.DTLSConfiguration(pre_shared_key=(identity, key), ciphers=[cipher], validate_certificates=False)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        client = tls.ClientContext(conf).wrap_socket(sock, server_hostname=None)
+        client.do_handshake()
+        client.send(datagram)
+        return client.cipher(), client.recv(65536)
+
+
+@pytest.mark.parametrize("cipher", MBEDTLS_SUITES)
+async def test_mbedtls_client_as_zephyr_runs_it(srv, hook, k, cipher):
+    # Zephyr's Golioth SDK offers TLS_PSK_WITH_AES_128_GCM_SHA256 from Mbed TLS; its build keeps
+    # keys to 32 bytes (MBEDTLS_PSK_MAX_LEN), as `pipeline devices add` generates.
+    payload = os.urandom(600)
+    negotiated, answer = await asyncio.to_thread(mbedtls_exchange, srv.dtls_port, "cam-32@demo", k["k32"],
+                                                 cipher, coap_post("images", payload))
+    assert negotiated == cipher
+    response = aiocoap.Message.decode(answer)
+    assert response.code == Code.CHANGED, response
+    got = await delivered(hook, response.payload.decode())
+    assert got.body == payload and got.headers["Ce-Source"] == "cam-32"
 
 
 async def libcoap(binary: str, *args: str) -> tuple[int, bytes, bytes]:
