@@ -241,3 +241,20 @@ async def test_a_second_identity_from_the_same_address_and_port(tmp_path, hook, 
         assert srv.dtls.session_count == 1 and srv.dtls.stats["sessions_replaced"] == 1
         first.close()
     no_tracebacks(caplog)
+
+
+async def test_a_device_back_from_a_new_port_replaces_its_old_session(tmp_path, hook, caplog):
+    # No Connection ID in OpenSSL: after a NAT rebinding the device makes one new handshake, and
+    # the session left at the old address is dropped at once rather than at idle expiry.
+    caplog.set_level(logging.INFO)
+    async with dtls_router(tmp_path, hook, REGISTRY) as srv:
+        before = DtlsPeer(srv.dtls_port)
+        await before.handshake(b"cam-01@demo", KEY)
+        await served(before, hook, b"before the rebinding")
+        after = DtlsPeer(srv.dtls_port)
+        await after.handshake(b"cam-01@demo", KEY)
+        await served(after, hook, b"after the rebinding")
+        assert srv.dtls.session_count == 1 and srv.dtls.stats["sessions_replaced"] == 1
+        before.close()
+        after.close()
+    no_tracebacks(caplog)

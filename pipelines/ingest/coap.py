@@ -1,4 +1,4 @@
-"""Device ingestion over CoAP: DTLS-PSK on 5684, plain CoAP on 5683 (only when enabled).
+"""Device ingestion over CoAP: DTLS 1.2 on 5684 (``dtls_server``), plain CoAP on 5683 (only when enabled).
 
 Usage::
 
@@ -18,9 +18,10 @@ Resources (see ``/work/shared/specs/devices.md``):
   Content-Format 50; PUT/POST also take CBOR, 60). Observers are notified when it changes.
 * ``GET /.well-known/core``.
 
-Who is talking: over DTLS, the registry entry the PSK identity ``<device>@<project>`` named
-(the handshake fails for unknown identities or wrong keys). Over plain CoAP (development), the
-device names itself with ``?d=<device-id>``; the project comes from the registry or its default.
+Who is talking: over DTLS, the registry entry the PSK identity ``<device>@<project>`` named,
+or the device certificate's CN/O (the handshake fails for unknown devices or wrong keys). Over
+plain CoAP (development), the device names itself with ``?d=<device-id>``; the project comes
+from the registry or its default.
 
 Limits answer with codes, never stack traces: per-device token bucket (new requests; the
 continuation blocks of an accepted upload are not counted) -> 4.29 + Max-Age; ``Overloaded``
@@ -514,6 +515,9 @@ class CoapIngest:
         out = dict(self.server.stats)
         out["recent_exchanges"] = sum(len(t) for t in self.exchange_tables)
         out["exchanges_evicted"] = sum(t.evicted for t in self.exchange_tables)
+        if self.dtls is not None:
+            out.update({f"dtls_{name}": n for name, n in self.dtls.stats.items()})
+            out["dtls_sessions"], out["dtls_handshakes"] = self.dtls.session_count, self.dtls.handshake_count
         return out
 
     async def start(self) -> CoapIngest:

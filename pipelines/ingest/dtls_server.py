@@ -30,9 +30,11 @@ after ``idle_timeout``. Every second the sessions are checked against the regist
 re-keyed device loses its session (close_notify) within about a second of the reload.
 
 A new ClientHello (valid cookie) from an address that has a session is a new handshake
-(RFC 6347 §4.2.8): the old session keeps its address until the new one completes, then is
-replaced, whatever identity the new one authenticates as. A NAT rebinding therefore costs one
-handshake (1 round trip for the cookie, 2 for the handshake).
+(RFC 6347 §4.2.8): the old session keeps its address (and its traffic) until the new one
+completes, then is replaced, whatever identity the new one authenticates as. A device has one
+session: a handshake completed from a new address replaces the device's session at the old
+one, so a NAT rebinding costs one handshake (1 round trip for the cookie, 2 for the handshake)
+and leaves nothing behind.
 
 Library choice (measured in this session):
 
@@ -202,6 +204,7 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         self._cookies = CookieJar()
         self._handshakes: OrderedDict[tuple, _Session] = OrderedDict()
         self._sessions: OrderedDict[tuple, _Session] = OrderedDict()
+        self._by_identity: dict[str, _Session] = {}   # one session per device
         self._transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._entries_seen: object = None
@@ -381,12 +384,13 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             self._close(session, notify=True)
             self.stats["handshakes_failed"] += 1
             return
-        old = self._sessions.pop(session.addr, None)
-        if old is not None:
-            # The peer started over (RFC 6347 §4.2.8): its old session is gone. No close_notify:
-            # it would reach the new session's peer under keys it no longer has.
-            self._close(old, notify=False)
-            self.stats["sessions_replaced"] += 1
+        # The peer started over on this address (RFC 6347 §4.2.8), or the device came back from
+        # a new address (a NAT rebinding, a restart): its old session is gone. No close_notify:
+        # it would reach the new peer under keys it no longer has, or an address nobody holds.
+        for old in {self._sessions.get(session.addr), self._by_identity.get(entry.identity)}:
+            if old is not None:
+                self._close(old, notify=False)
+                self.stats["sessions_replaced"] += 1
         if not self._make_room():
             self._note("DTLS session refused: the session table is full of active sessions")
             self._close(session, notify=True)
@@ -396,6 +400,7 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         session.last = time.monotonic()
         session.remote = DtlsRemote(self, session)
         self._sessions[session.addr] = session
+        self._by_identity[entry.identity] = session
         self.stats["handshakes_completed"] += 1
         log.debug("DTLS session with %s as %s (%s)", session.addr, entry.identity,
                   session.conn.get_cipher_name())
@@ -506,6 +511,8 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             session.timer = None
         if self._sessions.get(session.addr) is session:
             del self._sessions[session.addr]
+        if session.entry is not None and self._by_identity.get(session.entry.identity) is session:
+            del self._by_identity[session.entry.identity]
         if notify:
             with contextlib.suppress(SSL.Error):
                 session.conn.shutdown()
