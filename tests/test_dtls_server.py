@@ -259,3 +259,40 @@ async def test_shutdown_sends_close_notify_and_the_client_sees_it(tmp_path, hook
         link = next(iter(ctx.request_interfaces[0].token_interface.message_interface._links.values()))
     await wait_for(lambda: link._conn is None, 5, "the client to get close_notify")
     await ctx.shutdown()
+
+
+def test_cookies_bind_address_and_hello_and_expire(monkeypatch):
+    from pipelines.ingest import dtls_records as rec
+
+    hello = rec.ClientHello(b"\0" * 6, b"\xfe\xfd", b"r" * 32, b"", b"")
+    jar = rec.CookieJar(window=30)
+    now = [1_000_000.0]
+    monkeypatch.setattr(rec.time, "time", lambda: now[0])
+    cookie = jar.make(("10.0.0.1", 5000), hello)
+    echoed = rec.ClientHello(hello.record_seq, hello.version, hello.random, hello.session_id, cookie)
+    assert jar.valid(("10.0.0.1", 5000), echoed)
+    assert not jar.valid(("10.0.0.1", 5001), echoed)                      # another port
+    assert not jar.valid(("10.0.0.2", 5000), echoed)                      # another address
+    other = rec.ClientHello(hello.record_seq, hello.version, b"s" * 32, b"", cookie)
+    assert not jar.valid(("10.0.0.1", 5000), other)                       # another ClientHello
+    now[0] += 30
+    assert jar.valid(("10.0.0.1", 5000), echoed)                          # the previous window
+    now[0] += 30
+    assert not jar.valid(("10.0.0.1", 5000), echoed)                      # expired
+    assert not rec.CookieJar().valid(("10.0.0.1", 5000), echoed)         # another process's secret
+
+
+def test_records_split_and_pack_within_the_mtu():
+    from pipelines.ingest import dtls_records as rec
+
+    def record(n: int) -> bytes:
+        return b"\x17\xfe\xfd" + b"\0" * 8 + n.to_bytes(2, "big") + b"x" * n
+
+    records = [record(n) for n in (100, 500, 700, 1300, 10)]
+    data = b"".join(records)
+    assert rec.split_records(data) == records
+    assert rec.split_records(data + b"\x17\xfe\xfd\0") == records          # a cut-off tail is dropped
+    datagrams = rec.pack_datagrams(records, 1232)
+    assert b"".join(datagrams) == data
+    assert [len(d) for d in datagrams] == [113 + 513, 713, 1313, 23]       # the big record goes alone
+    assert rec.parse_client_hello(records[0]) is None
