@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -205,3 +206,35 @@ async def test_bad_certificate_files_fail_clearly(tmp_path, hook, pki):
         with pytest.raises(ValueError, match=message):
             async with dtls_router(tmp_path, hook, REGISTRY, dtls=opts):
                 pass
+
+
+def mbedtls_cert_exchange(port: int, pki: Path, cipher: str, datagram: bytes) -> tuple[str, bytes]:
+    """An Mbed TLS 2.28 DTLS client with the device certificate, verifying the router's (blocking)."""
+    from mbedtls import pk, tls
+    from mbedtls import x509 as mx509
+
+    conf = tls.DTLSConfiguration(
+        certificate_chain=([mx509.CRT.from_PEM((pki / "devices/cam-c.pem").read_text())],
+                           pk.ECC.from_PEM((pki / "devices/cam-c.key").read_text())),
+        trust_store=tls.TrustStore([mx509.CRT.from_PEM((pki / "ca/ca.pem").read_text())]),
+        ciphers=[cipher], validate_certificates=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        client = tls.ClientContext(conf).wrap_socket(sock, server_hostname="localhost")
+        client.do_handshake()
+        client.send(datagram)
+        return client.cipher(), client.recv(65536)
+
+
+@pytest.mark.parametrize("cipher", ["TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256", "TLS-ECDHE-ECDSA-WITH-AES-128-CCM",
+                                    "TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8"])
+async def test_mbedtls_certificate_client(srv, hook, pki, cipher):
+    payload = seeded(len(cipher) + 2).randbytes(700)
+    negotiated, answer = await asyncio.to_thread(mbedtls_cert_exchange, srv.dtls_port, pki, cipher,
+                                                 coap_post("images", payload))
+    assert negotiated == cipher
+    response = aiocoap.Message.decode(answer)
+    assert response.code == Code.CHANGED, response
+    got = await delivered(hook, response.payload.decode())
+    assert got.body == payload and got.headers["Ce-Source"] == "cam-c"
