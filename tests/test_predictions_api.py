@@ -85,7 +85,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def api(classifier):
-    async with service(classifier) as (client, _):
+    # its tests fetch images from a host on loopback (the default refuses those: see test_predictions_bounds)
+    async with service(classifier, allow_private_urls=True) as (client, _):
         yield client
 
 
