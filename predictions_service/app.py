@@ -8,8 +8,15 @@ Endpoints (all need ``Authorization: Bearer <token>`` or ``Token <token>``):
 ``POST /v1/predictions``, ``POST /v1/models/{o}/{n}/predictions``,
 ``POST /v1/deployments/{o}/{n}/predictions``, ``GET /v1/predictions[?cursor=]``,
 ``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``,
-``GET /v1/models/{o}/{n}/versions/{id}``, ``GET /v1/webhooks/default/secret``; plus ``GET /p/{id}``
+``GET /v1/predictions/{id}/stream`` (``urls.stream``, server-sent events, with ``stream: true``),
+``GET /v1/models/{o}/{n}`` (with ``latest_version``), ``GET /v1/models/{o}/{n}/versions[/{id}]``,
+the Files API (``files_api.py``), ``GET /v1/webhooks/default/secret``; plus ``GET /p/{id}``
 (the ``urls.web`` page, same JSON) and an unauthenticated ``GET /healthz``.
+
+Webhook options: ``webhook`` with ``webhook_events_filter`` (a filter without a webhook is a 422),
+and the legacy ``webhook_completed`` (its own URL, told of completion only). Bodies are counted as
+they stream (``body.py``); data-URL inputs over ``spill_input_bytes`` go to the file store and the
+input then names the file's URL; held inputs are capped (``records.PredictionStore``).
 
 The one model is ``salesforce/blip`` at version ``2e1dddc8…4746`` (see ``blip.py`` for what really
 answers). Any deployment name is served by that model.

@@ -8,7 +8,10 @@
 Records live in memory only: a restart forgets them, as the stand-in needs no durability (the router
 keeps its own state). When more than ``max_items`` exist the oldest finished ones are dropped, and
 as on Replicate, ``retention`` seconds after a prediction finished its input, output and logs are
-removed (``data_removed: true``), which bounds the memory that inline images take.
+removed (``data_removed: true``). The input strings held in memory are counted: past
+``max_held_input_bytes`` the big strings of the oldest finished predictions' inputs are replaced by
+``"<removed: N characters>"``, and when only unfinished ones are left, ``add`` raises InputsFull
+(the API's 503). Predictions created with ``stream: true`` keep their server-sent events in ``sse``.
 """
 
 from __future__ import annotations
