@@ -12,7 +12,8 @@ One UDP socket and one DTLS session per server address. The handshake starts wit
 request; requests wait for it. When the server ends the session (close_notify or a fatal
 alert) the pending requests fail with ``aiocoap.error.NetworkError`` and the next request starts a
 new handshake. Keys may be up to 64 bytes (OpenSSL takes up to 512) and the offered suite is
-``TLS_PSK_WITH_AES_128_GCM_SHA256`` unless told otherwise.
+``TLS_PSK_WITH_AES_128_GCM_SHA256`` (with a certificate ``ECDHE-ECDSA-AES128-GCM-SHA256``)
+unless told otherwise.
 
 pyOpenSSL has no PSK API; the client PSK callback is registered through its cffi binding
 (``OpenSSL._util.lib.SSL_CTX_set_psk_client_callback``).
@@ -34,7 +35,8 @@ from OpenSSL._util import ffi, lib
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CIPHERS = "PSK-AES128-GCM-SHA256"
+DEFAULT_CIPHERS = "PSK-AES128-GCM-SHA256"            # Zephyr's default
+DEFAULT_CERT_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256"  # with a device certificate
 MTU = 1280 - 48
 _READ = 1 << 16
 _MAX_PENDING = 64   # plaintexts queued while the handshake runs
@@ -251,7 +253,7 @@ class DtlsClientTransport(interfaces.MessageInterface):
 
     def __init__(self, mman: interfaces.MessageManager, loop: asyncio.AbstractEventLoop, *,
                  identity: bytes | None = None, psk: bytes | None = None,
-                 ciphers: str = DEFAULT_CIPHERS, cert: str | None = None,
+                 ciphers: str | None = None, cert: str | None = None,
                  key_file: str | None = None, ca: str | None = None) -> None:
         self._mman: interfaces.MessageManager | None = mman
         self._loop = loop
@@ -260,6 +262,7 @@ class DtlsClientTransport(interfaces.MessageInterface):
         ctx = SSL.Context(SSL.DTLS_METHOD)
         ctx.set_min_proto_version(0xFEFD)
         ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+        ciphers = ciphers or (DEFAULT_CERT_CIPHERS if cert else DEFAULT_CIPHERS)
         ctx.set_cipher_list((ciphers + ":@SECLEVEL=0").encode())
         if cert:
             ctx.use_certificate_chain_file(cert)
@@ -332,7 +335,7 @@ class DtlsClientTransport(interfaces.MessageInterface):
 
 
 async def dtls_client_context(identity: bytes | None = None, psk: bytes | None = None, *,
-                              ciphers: str = DEFAULT_CIPHERS, cert: str | None = None,
+                              ciphers: str | None = None, cert: str | None = None,
                               key_file: str | None = None, ca: str | None = None,
                               loggername: str = "coap-dtls-client") -> aiocoap.Context:
     """An aiocoap client Context whose ``coaps://`` requests go through this transport."""

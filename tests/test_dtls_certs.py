@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiocoap
@@ -20,7 +21,7 @@ import pytest
 from aiocoap import Code
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from dtls_env import HTTPRecorder, delivered, dtls_router, seeded
+from dtls_env import HTTPRecorder, delivered, dtls_router, seeded, wait_for
 from test_dtls_server import coap_post, libcoap, tool
 
 from device_sim.dtls_transport import dtls_client_context
@@ -238,3 +239,23 @@ async def test_mbedtls_certificate_client(srv, hook, pki, cipher):
     assert response.code == Code.CHANGED, response
     got = await delivered(hook, response.payload.decode())
     assert got.body == payload and got.headers["Ce-Source"] == "cam-c"
+
+
+async def test_a_certificate_device_removed_from_the_registry_loses_its_session(srv, hook, pki):
+    ctx = await dtls_client_context(cert=str(pki / "devices/cam-c.pem"), key_file=str(pki / "devices/cam-c.key"),
+                                    ca=str(pki / "ca/ca.pem"))
+    uri = f"coaps://127.0.0.1:{srv.dtls_port}/.s/images"
+    try:
+        first = await asyncio.wait_for(
+            ctx.request(aiocoap.Message(code=Code.POST, uri=uri, payload=b"in")).response, 10)
+        assert first.code == Code.CHANGED
+        path = Path(srv.settings.registry_path)
+        path.write_text(REGISTRY.replace("  - id: cam-c\n", ""))
+        stamp = time.time() + 5
+        os.utime(path, (stamp, stamp))
+        await wait_for(lambda: srv.dtls.stats["sessions_revoked"] == 1, 10, "the session to be revoked")
+        with pytest.raises((aiocoap.error.NetworkError, TimeoutError)):   # and a new handshake is refused
+            await asyncio.wait_for(ctx.request(aiocoap.Message(code=Code.POST, uri=uri, payload=b"out")).response, 4)
+    finally:
+        await ctx.shutdown()
+    assert not any(r.body == b"out" for r in hook.requests)
