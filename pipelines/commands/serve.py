@@ -45,7 +45,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--http-ingest", action="store_true", help="accept messages at POST /v1/ingest/...")
     p.add_argument("--coap-dtls-port", type=int, help="serve CoAP over DTLS on this port (needs --registry)")
     p.add_argument("--coap-port", type=int, help="serve plain CoAP on this port (development only)")
-    p.add_argument("--coap-host", default="127.0.0.1", help="CoAP address (default: %(default)s)")
+    p.add_argument("--coap-host", default="127.0.0.1",
+                   help="CoAP address, 0.0.0.0 or :: for all (default: %(default)s)")
     p.add_argument("--registry", help="device registry file (PSK identities) for CoAP over DTLS")
     p.add_argument("--dtls-cert", help="the router's certificate (PEM) for certificate devices "
                                        "(pipeline certs init-ca); needs --dtls-key and --dtls-ca")
