@@ -18,6 +18,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable
 
+#: Defaults for the CoAP ingest (``pipeline serve --rate-limit/--rate-burst``): see below.
+DEFAULT_RATE = 20.0
+DEFAULT_BURST = 20.0
+
 
 class RateLimiter:
     def __init__(self, rate: float, burst: float | None = None, max_keys: int = 100_000,
