@@ -193,10 +193,6 @@ class Device:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new.wait(), left)
 
-    async def exited(self, timeout: float) -> int:
-        await asyncio.wait_for(self._reader, timeout)
-        return await asyncio.wait_for(self.proc.wait(), 10)
-
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
 
@@ -321,3 +317,11 @@ def rate_limited(metrics_text: str, device_id: str) -> float:
         if line.startswith("pipeline_coap_rate_limited_total{") and f'device="{device_id}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def keepalives(metrics_text: str) -> float:
+    """The router's ``pipeline_coap_keepalives_total`` (keep-alives it answered)."""
+    for line in metrics_text.splitlines():
+        if line.startswith("pipeline_coap_keepalives_total "):
+            return float(line.split()[1])
+    raise AssertionError("no pipeline_coap_keepalives_total in /metrics")

@@ -120,6 +120,7 @@ async def test_pathless_keepalive_gets_4_04_and_spends_no_rate_tokens(router, tm
                 assert answer.code == Code.NOT_FOUND and answer.mid == 100 + mid
         finally:
             sock.close()
+        assert srv.stats["keepalives"] == 10
         # the one token of the bucket is still there for real work
         r = await client.request(aiocoap.Message(code=Code.POST, payload=b'{"a": 1}', content_format=50,
                                                  uri=f"coap://127.0.0.1:{srv.port}/.s/x?d=zephyr-1")).response

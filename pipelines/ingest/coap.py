@@ -465,6 +465,14 @@ class _IngestSite(resource.Site):
     async def render_to_pipe(self, pipe):
         request = pipe.request
         uri_path = request.opt.uri_path
+        if not uri_path and request.code.is_request() and request.opt.uri_path_abbrev is None:
+            # The Golioth Linux SDK's keep-alive: a request with no path (a CON DELETE). Golioth
+            # answers 4.04 and the SDK takes any answer; cheap, and never rate-limited.
+            self.stream.server.count("keepalives")
+            response = aiocoap.Message(code=Code.NOT_FOUND)
+            response.opt.no_response = request.opt.no_response
+            pipe.add_response(response, is_last=True)
+            return
         if (uri_path and uri_path[0] == ".s" and request.code == Code.POST
                 and request.opt.uri_path_abbrev is None):
             try:
@@ -604,7 +612,7 @@ class CoapIngest:
         yield limited
         stats = self.stats
         for name, help_text in (("accepted", "stream messages accepted over CoAP"),
-                                ("keepalives", "NON Empty keep-alives answered"),
+                                ("keepalives", "keep-alives answered (NON Empty: RST; path-less: 4.04)"),
                                 ("overloaded", "requests answered 5.03 because the router was busy")):
             c = CounterMetricFamily(f"pipeline_coap_{name}", help_text)
             c.add_metric([], stats.get(name, 0))
