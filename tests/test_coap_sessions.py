@@ -232,3 +232,14 @@ def test_bad_rate_flags_are_refused_with_a_clear_error(flag, value, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and ("not a rate" in err or "not a burst size" in err), err
+
+
+def test_run_takes_the_same_rate_flags():
+    from pipelines.commands import run as run_cmd
+
+    parser = argparse.ArgumentParser()
+    run_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["run", "--rate-limit", "5", "--rate-burst", "50"])
+    assert (args.rate_limit, args.rate_burst) == (5.0, 50.0)
+    args = parser.parse_args(["run"])
+    assert (args.rate_limit, args.rate_burst) == (DEFAULT_RATE, DEFAULT_BURST)
