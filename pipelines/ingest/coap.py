@@ -86,7 +86,9 @@ LOGGER_NAME = "coap-ingest"  # aiocoap's own messages about our server go here
 
 
 class _KeepAliveFilter(logging.Filter):
-    """The Golioth SDK sends an empty NON as keep-alive every 9 s; aiocoap warns about each one."""
+    """The Golioth SDK sends an empty NON as keep-alive every 9 s. ``coap_keepalive`` answers them
+    before aiocoap sees them; should one reach aiocoap (a transport added later), its warning
+    about each one is dropped here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()  # msg need not be a str
