@@ -30,5 +30,6 @@ def add_device_services(site: resource.Site, server: Any) -> None:
     store = getattr(server.target, "store", None)
     if store is None:
         return
-    from pipelines.device_services import ota
+    from pipelines.device_services import ota, settings
     ota.add_resources(site, server, store)
+    settings.add_resources(site, server, store)

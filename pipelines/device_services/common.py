@@ -206,3 +206,24 @@ def decode_cbor_or_json(payload: bytes, content_format: int | None, what: str) -
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise refuse(Code.BAD_REQUEST, f"{what} is not valid JSON: {exc}") from None
     raise refuse(Code.UNSUPPORTED_CONTENT_FORMAT, f"{what} takes CBOR (60) or JSON (50)")
+
+
+class ExactPath(resource.Resource):
+    """aiocoap's Site hands a path-capable resource only the paths *below* where it is added
+    (``/.c/status``, not ``/.c``): this serves the exact path through the same resource."""
+
+    def __init__(self, target: resource.Resource) -> None:
+        super().__init__()
+        self.target = target
+
+    async def render_to_pipe(self, pipe) -> None:
+        await self.target.render_to_pipe(pipe)
+
+    def get_link_description(self):
+        return self.target.link
+
+
+def add_at(site: resource.Site, name: str, res: ServiceResource) -> None:
+    """``res`` answers ``/<name>`` and everything below it."""
+    site.add_resource([name], res)
+    site.add_resource([name], ExactPath(res))
