@@ -38,8 +38,8 @@ devices:
 
 PIPELINES = """\
 pipelines:
-  stream:
-    filter: {path: /x}
+  rpc-results:
+    filter: {path: /.rpc/result}
     steps:
       - name: keep
         destination: {type: lightdb-stream, version: v1}

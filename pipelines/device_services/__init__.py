@@ -30,6 +30,7 @@ def add_device_services(site: resource.Site, server: Any) -> None:
     store = getattr(server.target, "store", None)
     if store is None:
         return
-    from pipelines.device_services import ota, settings
+    from pipelines.device_services import ota, rpc, settings
     ota.add_resources(site, server, store)
     settings.add_resources(site, server, store)
+    rpc.add_resources(site, server, store)

@@ -8,7 +8,7 @@ Usage::
 
     answer = block2_answer(request, body, content_format=42)   # one block, from its number
 
-    poller = ChangePoller(store, "SELECT MAX(id) FROM ota_releases")
+    poller = ChangePoller(store, "SELECT MAX(id) FROM ota_releases", tables=TABLES)
     stop = poller.listen(callback)             # callback() on the loop when the value changes
 
 Each service owns its tables (``CREATE TABLE IF NOT EXISTS``, run in the store's writer
@@ -112,8 +112,9 @@ def first_block(response: aiocoap.Message) -> aiocoap.Message:
 class ChangePoller:
     """Watch one cheap query's value; tell listeners when it changes (see module docstring)."""
 
-    def __init__(self, store: Store, sql: str, interval: float = 0.2) -> None:
+    def __init__(self, store: Store, sql: str, interval: float = 0.2, tables: Tables | None = None) -> None:
         self.store = store
+        self.tables = tables
         self.sql = sql
         self.interval = interval
         self._listeners: list[Callable[[], None]] = []
@@ -139,6 +140,8 @@ class ChangePoller:
         self._wake.set()
 
     async def _probe(self) -> Any:
+        if self.tables is not None:
+            await self.tables.ready(self.store)
         return await self.store.run(lambda conn: conn.execute(self.sql).fetchone()[0])
 
     async def _run(self) -> None:

@@ -359,7 +359,7 @@ class OtaResource(ServiceResource, resource.ObservableResource):
     def __init__(self, server: Server, store: Store) -> None:
         super().__init__(server, store)
         self.cache = ArtifactCache(store)
-        self.poller = ChangePoller(store, "SELECT MAX(id) FROM ota_releases", POLL_INTERVAL)
+        self.poller = ChangePoller(store, "SELECT MAX(id) FROM ota_releases", POLL_INTERVAL, TABLES)
         self._releases: tuple[Any, list[Release]] | None = None
 
     async def current_releases(self) -> list[Release]:

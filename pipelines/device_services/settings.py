@@ -241,7 +241,7 @@ class SettingsResource(ServiceResource, resource.ObservableResource):
 
     def __init__(self, server: Server, store: Store) -> None:
         super().__init__(server, store)
-        self.poller = ChangePoller(store, "SELECT MAX(rev) FROM settings_values", POLL_INTERVAL)
+        self.poller = ChangePoller(store, "SELECT MAX(rev) FROM settings_values", POLL_INTERVAL, TABLES)
 
     async def ready(self) -> None:
         await TABLES.ready(self.store)
