@@ -202,7 +202,7 @@ class RpcResource(ServiceResource, resource.ObservableResource):
         who = self.server.who(request)
         if self._path(request) != ["status"]:
             raise refuse(Code.METHOD_NOT_ALLOWED, "RPC: answer with POST /.rpc/status")
-        self.server.check_rate(who)
+        # not rate limited: an answer to the router's own call (the SDK does not send it again)
         if len(request.payload) > 16 << 10:
             raise refuse(Code.REQUEST_ENTITY_TOO_LARGE, "an RPC answer is at most 16 KiB")
         answer = decode_cbor_or_json(request.payload, request.opt.content_format, "the RPC answer")

@@ -264,7 +264,7 @@ class SettingsResource(ServiceResource, resource.ObservableResource):
         who = self.server.who(request)
         if self._path(request) != ["status"]:
             raise refuse(Code.METHOD_NOT_ALLOWED, "settings: answer with POST /.c/status")
-        self.server.check_rate(who)
+        # not rate limited: an answer to the router's own notification (the SDK does not resend)
         if len(request.payload) > 16 << 10:
             raise refuse(Code.REQUEST_ENTITY_TOO_LARGE, "a settings status is at most 16 KiB")
         answer = decode_cbor_or_json(request.payload, request.opt.content_format, "the settings status")
