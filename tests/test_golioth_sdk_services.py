@@ -188,3 +188,58 @@ async def test_hil_ota_resumes_across_a_router_restart_and_verifies_the_hash(tmp
                 assert [r["reason"] for r in reports][:2] == ["READY", "FIRMWARE_UPDATED_SUCCESSFULLY"]
         finally:
             await router.stop()
+
+
+async def test_hil_settings_types_ranges_and_errors(tmp_path):
+    """The SDK's HIL ``settings`` program (``tests/hil/tests/settings``): its int, ranged int,
+    bool, float and string settings, set for all devices and then per device with the CLI; the
+    device's answers carry its errors per key, as ``test_settings.py`` checks them."""
+    program = build_sdk_program("hil-settings")
+    async with private_network() as net:
+        router = SdkRouter(net, tmp_path, REGISTRY, PIPELINES)
+        await router.start()
+        store = str(router.store)
+
+        def cli_set(key: str, value: str, *extra: str) -> None:
+            out = pipeline("settings", "set", key, value, *extra, "--store", store)
+            assert out.returncode == 0, out.stderr
+
+        for key, value, type_ in (("TEST_INT", "1", "int"), ("TEST_INT_RANGE", "1", "int"),
+                                  ("TEST_BOOL", "false", "bool"), ("TEST_FLOAT", "1.23", "float"),
+                                  ("TEST_STRING", "foo", "string"), ("TEST_NOT_REGISTERED", "27", "int"),
+                                  ("TEST_WRONG_TYPE", "wrong", "string"), ("TEST_CANCEL", "false", "bool"),
+                                  ("TEST_RESTART", "false", "bool")):
+            cli_set(key, value, "--type", type_)
+
+        def status_for_current():
+            doc = cli_json("settings", "list", "--device", DEVICE, "--json", "--store", store)
+            st = doc["status"]
+            return {e["key"]: e["code"] for e in st["errors"]} if st and st["version"] == doc["document"]["version"] \
+                else None
+
+        try:
+            async with run_sdk_device(net, program, f"{DEVICE}@demo", KEY, tmp_path / "device.log") as device:
+                at = await device.wait_for("Settings registration complete", 60)
+                errors = await eventually(status_for_current, 20, "the first settings status")
+                assert errors == {"TEST_NOT_REGISTERED": 1, "TEST_WRONG_TYPE": 3}
+                for key, value, line in (("TEST_INT", "42", "Received test_int: 42"),
+                                         ("TEST_INT_RANGE", "100", "Received test_int_range: 100"),
+                                         ("TEST_BOOL", "true", "Received test_bool: true"),
+                                         ("TEST_FLOAT", "3.14", "Received test_float: 3.14"),
+                                         ("TEST_FLOAT", "10", "Received test_float: 10"),
+                                         ("TEST_STRING", "bar", "Received test_string: bar")):
+                    cli_set(key, value, "--device", DEVICE)
+                    at = await device.wait_for(line, 20, at)
+                    errors = await eventually(status_for_current, 20, f"the status after {key}={value}")
+                    assert errors == {"TEST_NOT_REGISTERED": 1, "TEST_WRONG_TYPE": 3}, key
+                # out of the registered range (0..100): the SDK refuses it and says so for that key
+                mark = len(device.lines)
+                cli_set("TEST_INT_RANGE", "101", "--device", DEVICE)
+                errors = await eventually(status_for_current, 20, "the status after an out-of-range value")
+                assert errors == {"TEST_INT_RANGE": 4, "TEST_NOT_REGISTERED": 1, "TEST_WRONG_TYPE": 3}
+                assert not any("Received test_int_range: 101" in line for line in device.lines[mark:])
+                shown = pipeline("settings", "list", "--store", store).stdout
+                assert "TEST_INT_RANGE: value outside range" in shown
+                assert "TEST_WRONG_TYPE: value format not valid" in shown
+        finally:
+            await router.stop()
