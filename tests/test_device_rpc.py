@@ -115,7 +115,7 @@ async def test_offline_and_silent_devices_time_out_clearly(service, client, tmp_
     assert "did not answer multiply within 0.7s" in out.stderr and "not observing" in out.stderr
     assert time.monotonic() - started < 10  # process start included; the wait itself is 0.7 s
     async with device(client, service, "cam-03", answer=False) as seen:
-        with pytest.raises(rpc.RpcTimeout, match="reached it"):
+        with pytest.raises(rpc.RpcTimeout, match="was sent to it"):
             await rpc.call(service.router.store, "cam-03", "multiply", [1, 2], timeout=1)
         assert seen and seen[0]["method"] == "multiply"
         # the device answers late: refused, the caller is gone
@@ -170,3 +170,25 @@ async def test_bad_calls_are_refused(service):
         await rpc.call(store, "cam-01", "m", [], timeout=0)
     with pytest.raises(rpc.RpcError, match="JSON"):
         await rpc.call(store, "cam-01", "m", [float("nan")])
+
+
+async def test_calls_to_one_device_go_one_at_a_time_and_all_arrive(service, client):
+    async with device(client, service) as seen:
+        calls = [asyncio.create_task(rpc.call(service.router.store, "cam-01", "multiply", [i, 2], timeout=20))
+                 for i in range(5)]
+        results = await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert [r.detail for r in results] == [{"value": float(i * 2)} for i in range(5)]
+    assert [c["params"] for c in seen] == [[i, 2] for i in range(5)]  # in order, none lost
+
+
+async def test_a_call_the_device_dropped_is_sent_again_when_it_observes_again(service, client):
+    waiting = None
+    async with device(client, service, "cam-01", answer=False) as seen:
+        waiting = asyncio.create_task(rpc.call(service.router.store, "cam-01", "multiply", [5, 5], timeout=20))
+        while not seen:
+            await asyncio.sleep(0.02)
+    # the observation ended without an answer (the device went away): the call waits again ...
+    async with device(client, service, "cam-01") as seen_again:
+        result = await asyncio.wait_for(waiting, 20)
+    assert result.detail == {"value": 25.0}
+    assert seen_again[0]["id"] == seen[0]["id"]  # ... and the same call is sent to the next observation

@@ -243,3 +243,54 @@ async def test_hil_settings_types_ranges_and_errors(tmp_path):
                 assert "TEST_WRONG_TYPE: value format not valid" in shown
         finally:
             await router.stop()
+
+
+async def test_hil_rpc_answers_timeouts_and_reobservation(tmp_path):
+    """The SDK's HIL ``rpc`` program (``tests/hil/tests/rpc``), called with ``pipeline rpc`` the
+    way ``test_rpc.py`` calls Golioth's API: return types, argument counts, unknown methods, a
+    malformed answer (a timeout), a device that reconnects, and one that stops observing."""
+    program = build_sdk_program("hil-rpc")
+    async with private_network() as net:
+        router = SdkRouter(net, tmp_path, REGISTRY, PIPELINES)
+        await router.start()
+        store = str(router.store)
+
+        async def call(method: str, *params: str, timeout: str = "10s") -> tuple[int, dict | None, str]:
+            out = await asyncio.to_thread(pipeline, "rpc", DEVICE, method, *params, "--timeout", timeout,
+                                          "--store", store)
+            return out.returncode, (json.loads(out.stdout) if out.stdout.strip() else None), out.stderr
+
+        try:
+            async with run_sdk_device(net, program, f"{DEVICE}@demo", KEY, tmp_path / "device.log") as device:
+                at = await device.wait_for("RPC observation established", 60)
+                rc, answer, _ = await call("not_registered")
+                assert rc == 1 and answer["status"] == "NOT_FOUND"
+                for params in ([], ["1"], [str(i) for i in range(9)]):
+                    rc, answer, err = await call("no_response", *params)
+                    assert rc == 0, err
+                    at = await device.wait_for(f"Received no_response with {len(params)} args", 10, at)
+                for kind, value in (("int", 42), ("string", "foo"), ("float", 12.34), ("bool", True)):
+                    rc, answer, err = await call("basic_return_type", json.dumps(kind))
+                    assert rc == 0 and answer["detail"] == {"value": value}, (kind, answer, err)
+                rc, answer, _ = await call("object_return_type")
+                assert answer["detail"] == {"foo": {"bar": {"baz": 357}}}
+                rc, answer, err = await call("malformed_response", timeout="3s")
+                assert rc == 2 and "did not answer malformed_response within 3s" in err
+                rc, answer, _ = await call("basic_return_type", '"foo"')
+                assert rc == 1 and answer["status"] == "INVALID_ARGUMENT"
+                for _ in range(2):  # the device restarts its client and observes again
+                    rc, answer, _ = await call("disconnect")
+                    assert rc == 0
+                    at = await device.wait_for("RPC observation established", 60, at + 1)
+                    rc, answer, _ = await call("basic_return_type", '"int"')
+                    assert rc == 0 and answer["detail"] == {"value": 42}
+                rc, answer, _ = await call("cancel_all")
+                assert rc == 0
+                at = await device.wait_for("Observations cancelled", 15, at)
+                rc, answer, err = await call("basic_return_type", '"int"', timeout="2s")
+                assert rc == 2 and "did not answer basic_return_type within 2s" in err
+                at = await device.wait_for("RPC observation established", 40, at)
+                rc, answer, _ = await call("basic_return_type", '"int"')
+                assert rc == 0 and answer["detail"] == {"value": 42}
+        finally:
+            await router.stop()

@@ -142,7 +142,7 @@ class ChangePoller:
     async def _probe(self) -> Any:
         if self.tables is not None:
             await self.tables.ready(self.store)
-        return await self.store.run(lambda conn: conn.execute(self.sql).fetchone()[0])
+        return await self.store.run(lambda conn: tuple(conn.execute(self.sql).fetchone()))
 
     async def _run(self) -> None:
         with contextlib.suppress(Exception):

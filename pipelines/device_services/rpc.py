@@ -9,7 +9,10 @@ Operators (``pipeline rpc``, ``POST /v1/devices/{device}/rpc``, or this coroutin
 A call is a row in the router's store (``rpc_calls``): whichever process holds the device's
 observation of ``/.rpc`` sends it (the CLI is another process; with ``--workers`` the device
 may be on any of them), and the caller watches the row for the answer. Calls wait for a device
-that starts observing before their deadline; after it they are ``expired``.
+that starts observing before their deadline; after it they are ``expired``. A device gets one
+call at a time, in order (the next once it answered or the call expired). A call sent on an
+observation that then ends unanswered (the device deregistered, answered RST, or observes again
+from a new session) is sent again: at least once, like Golioth's.
 
 Devices (CoAP, under ``/.rpc``):
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -155,7 +159,7 @@ async def call(store: Store, device_id: str, method: str, params: list[Any] | No
         if row[0] == "answered":
             return RpcResult(call_id, device_id, method, int(row[1] or 0), json.loads(row[2] or "null"))
         if left <= 0:
-            reached = ("the call reached it, it did not answer" if row[3] is not None
+            reached = ("the call was sent to it, no answer came" if row[3] is not None
                        else "it is not observing /.rpc: offline?")
             raise RpcTimeout(f"device {device_id} did not answer {method} within {timeout:g}s ({reached})")
         await asyncio.sleep(min(ANSWER_POLL, max(left, 0.001)))
@@ -183,8 +187,10 @@ class RpcResource(ServiceResource, resource.ObservableResource):
 
     def __init__(self, server: Server, store: Store) -> None:
         super().__init__(server, store)
-        self.poller = ChangePoller(store, "SELECT MAX(seq) FROM rpc_calls", POLL_INTERVAL, TABLES)
-        self.observers: dict[str, list[aiocoap.interfaces.ServerObservation]] = {}
+        # new calls, and calls answered or given up (the next one of that device may go)
+        self.poller = ChangePoller(store, "SELECT (SELECT MAX(seq) FROM rpc_calls), (SELECT COUNT(*)"
+                                   " FROM rpc_calls WHERE state IN ('answered', 'expired'))", POLL_INTERVAL, TABLES)
+        self.observers: dict[str, list[_Observer]] = {}
         self._sending = asyncio.Lock()
 
     def _path(self, request: aiocoap.Message) -> list[str]:
@@ -244,6 +250,7 @@ class RpcResource(ServiceResource, resource.ObservableResource):
                 await self.server.target.accept(msg)
             except Overloaded:  # the caller has its answer; the pipelines miss this one
                 log.warning("RPC result %s from %s not routed: the router is full", call_id, who.device_id)
+            self._changed()  # the device's next call may go
         return aiocoap.Message(code=Code.CHANGED)
 
     async def add_observation(self, request, serverobservation):
@@ -254,26 +261,48 @@ class RpcResource(ServiceResource, resource.ObservableResource):
         if self._path(request) or request.opt.accept not in (None, CF_CBOR):
             return
         device = who.device_id
-        self.observers.setdefault(device, []).append(serverobservation)
+        watch = _Observer(serverobservation)
+        self.observers.setdefault(device, []).append(watch)
         stop = self.poller.listen(self._changed)
-        task = asyncio.get_running_loop().create_task(self._send_waiting())  # calls made while offline
+        # a device that observes (again) has lost what was in flight on its old session: send
+        # its unanswered call again, then the calls made while it was away
+        asyncio.get_running_loop().create_task(self._resend(device))
 
         def cancelled() -> None:
             stop()
-            task.cancel()
             lst = self.observers.get(device, [])
-            if serverobservation in lst:
-                lst.remove(serverobservation)
+            if watch in lst:
+                lst.remove(watch)
             if not lst:
                 self.observers.pop(device, None)
+            if watch.sent:  # the device dropped the observation (deregistered, or RST): not taken
+                asyncio.get_running_loop().create_task(self._requeue(set(watch.sent)))
 
         serverobservation.accept(cancelled)
 
     def _changed(self) -> None:
         asyncio.get_running_loop().create_task(self._send_waiting())
 
+    async def _resend(self, device: str) -> None:
+        with contextlib.suppress(Exception):
+            await TABLES.ready(self.store)
+            await self.store.run(lambda c: c.execute(
+                "UPDATE rpc_calls SET state = 'pending', sent_at = NULL WHERE state = 'sent' AND device_id = ?",
+                (device,)) and None)
+        await self._send_waiting()
+
+    async def _requeue(self, ids: set[str]) -> None:
+        marks = ",".join("?" * len(ids))
+        with contextlib.suppress(Exception):
+            await self.store.run(lambda c: c.execute(
+                f"UPDATE rpc_calls SET state = 'pending', sent_at = NULL WHERE state = 'sent' AND id IN ({marks})",
+                tuple(ids)) and None)
+            self._changed()
+
     async def _send_waiting(self) -> None:
-        """Claim the waiting calls of the devices observing here, and notify them."""
+        """Claim the next waiting call of each device observing here, and notify it. One call at
+        a time per device: the SDK handles one at a time, and aiocoap keeps only the newest of
+        two notifications triggered before the first went out (Observe is lossy)."""
         async with self._sending:
             devices = list(self.observers)
             if not devices:
@@ -282,9 +311,16 @@ class RpcResource(ServiceResource, resource.ObservableResource):
 
             def claim(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
                 marks = ",".join("?" * len(devices))
-                rows = conn.execute(
-                    f"SELECT id, device_id, method, params FROM rpc_calls WHERE state = 'pending'"
-                    f" AND deadline > ? AND device_id IN ({marks}) ORDER BY seq", (now, *devices)).fetchall()
+                busy = {r[0] for r in conn.execute(
+                    f"SELECT DISTINCT device_id FROM rpc_calls WHERE state = 'sent' AND deadline > ?"
+                    f" AND device_id IN ({marks})", (now, *devices))}
+                rows = []
+                for r in conn.execute(
+                        f"SELECT id, device_id, method, params FROM rpc_calls WHERE state = 'pending'"
+                        f" AND deadline > ? AND device_id IN ({marks}) ORDER BY seq", (now, *devices)):
+                    if r[1] not in busy:
+                        busy.add(r[1])
+                        rows.append(r)
                 for r in rows:
                     conn.execute("UPDATE rpc_calls SET state = 'sent', sent_at = ? WHERE id = ?", (now, r[0]))
                 return rows
@@ -297,8 +333,20 @@ class RpcResource(ServiceResource, resource.ObservableResource):
                 return
             for call_id, device, method, params in rows:
                 body = cbor2.dumps({"id": call_id, "method": method, "params": json.loads(params)})
-                for obs in list(self.observers.get(device, [])):
-                    obs.trigger(aiocoap.Message(code=Code.CONTENT, payload=body, content_format=CF_CBOR))
+                for watch in list(self.observers.get(device, [])):
+                    watch.sent.add(call_id)
+                    # confirmable: a device that no longer knows the observation answers RST
+                    watch.observation.trigger(aiocoap.Message(code=Code.CONTENT, payload=body,
+                                                              content_format=CF_CBOR,
+                                                              transport_tuning=aiocoap.Reliable))
+
+
+class _Observer:
+    """One observation of ``/.rpc`` and the calls sent through it."""
+
+    def __init__(self, observation: Any) -> None:
+        self.observation = observation
+        self.sent: set[str] = set()
 
 
 def add_resources(site: resource.Site, server: Server, store: Store) -> RpcResource:
