@@ -273,3 +273,18 @@ async def test_sixteen_mib_artifact(router, server, client):
         r = await get_block(client, server, "/.u/c/big@1.0.0", num)
         assert r.code == Code.CONTENT and r.payload == data[num * 1024:(num + 1) * 1024]
     assert (await get_block(client, server, "/.u/c/big@1.0.0", n)).code == Code.BAD_OPTION
+
+
+async def test_old_reports_are_pruned_per_device_and_package(router, monkeypatch):
+    monkeypatch.setattr(ota, "KEEP_REPORTS", 3)
+    for i in range(5):
+        await ota.add_report(router.store, "demo", "cam-01", "main", i % 4, i, "1.0.0", f"1.0.{i}")
+    await ota.add_report(router.store, "demo", "cam-01", "walrus", 1, 0, None, None)
+    history = await ota.events(router.store, "cam-01")
+    assert [(e["package"], e["target"]) for e in history] == \
+        [("main", "1.0.2"), ("main", "1.0.3"), ("main", "1.0.4"), ("walrus", None)]
+
+
+async def test_manifest_accept_must_be_cbor(router, server, client):
+    r = await client.request(aiocoap.Message(code=Code.GET, uri=uri(server, "/.u/desired"), accept=50)).response
+    assert r.code == Code.NOT_ACCEPTABLE and b"CBOR" in r.payload

@@ -192,3 +192,14 @@ async def test_a_call_the_device_dropped_is_sent_again_when_it_observes_again(se
         result = await asyncio.wait_for(waiting, 20)
     assert result.detail == {"value": 25.0}
     assert seen_again[0]["id"] == seen[0]["id"]  # ... and the same call is sent to the next observation
+
+
+async def test_finished_calls_are_pruned(service, monkeypatch):
+    store = service.router.store
+    with pytest.raises(rpc.RpcTimeout):
+        await rpc.call(store, "cam-02", "m", [], timeout=0.1)
+    assert len(await rpc.calls(store)) == 1
+    monkeypatch.setattr(rpc, "KEEP_CALLS", 0.0)
+    with pytest.raises(rpc.RpcTimeout):
+        await rpc.call(store, "cam-02", "n", [], timeout=0.1)
+    assert [c["method"] for c in await rpc.calls(store)] == ["n"]

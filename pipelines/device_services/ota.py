@@ -22,8 +22,8 @@ Devices (CoAP resources under ``/.u``, registered by ``pipelines.ingest.coap.bui
   over, which is not what happened).
 * ``POST /.u/c/<package>``: a progress report, CBOR ``{"s": state, "r": reason, "pkg": package,
   "v": current version, "t": target version}`` (``golioth_ota_report_state``): 2.04 and kept
-  (``ota_events``, one row per report: the history, and the last one per device and package is
-  its status). Malformed reports: 4.00 with the reason.
+  (``ota_events``, one row per report: the history, the newest ``KEEP_REPORTS`` per device and
+  package; the last one is its status). Malformed reports: 4.00 with the reason.
 
 Which release a device gets: per package, the newest release whose target includes it: all
 devices, a list of device ids, or a registry tag (``tags:`` in the device registry), and whose
@@ -91,6 +91,7 @@ CHUNK = 64 << 10
 MAX_ARTIFACT = 64 << 20          # 64 MiB
 POLL_INTERVAL = 0.2              # seconds between looks for releases made by other processes
 CACHE_BYTES = 256 << 20          # artifacts kept in memory by a serving process
+KEEP_REPORTS = 1000              # newest reports kept per device and package
 # The SDK's limits (include/golioth/config.h): a longer name would not fit its buffers.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,15}$")
 
@@ -266,10 +267,15 @@ def manifest(chosen: list[Release]) -> bytes:
 async def add_report(store: Store, project_id: str, device_id: str, package: str, state: int,
                      reason: int, version: str | None, target: str | None) -> None:
     await TABLES.ready(store)
-    await store.run(lambda c: c.execute(
-        "INSERT INTO ota_events(project_id, device_id, package, state, reason, version, target, received_at)"
-        " VALUES (?,?,?,?,?,?,?,?)", (project_id, device_id, package, state, reason, version, target,
-                                       time.time())) and None)
+
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO ota_events(project_id, device_id, package, state, reason, version, target,"
+                     " received_at) VALUES (?,?,?,?,?,?,?,?)",
+                     (project_id, device_id, package, state, reason, version, target, time.time()))
+        conn.execute("DELETE FROM ota_events WHERE device_id = ? AND package = ? AND seq <= (SELECT seq FROM"
+                     " ota_events WHERE device_id = ? AND package = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                     (device_id, package, device_id, package, KEEP_REPORTS))
+    await store.run(op)
 
 
 def _event(r: Any) -> dict[str, Any]:

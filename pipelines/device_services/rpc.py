@@ -70,12 +70,14 @@ CREATE TABLE IF NOT EXISTS rpc_calls(
   state TEXT NOT NULL, sent_at REAL, project_id TEXT, status_code INTEGER, detail TEXT,
   answered_at REAL);
 CREATE INDEX IF NOT EXISTS rpc_calls_waiting ON rpc_calls(state, device_id);
+CREATE INDEX IF NOT EXISTS rpc_calls_age ON rpc_calls(created_at);
 """)
 
 POLL_INTERVAL = 0.1        # how soon a serving process sees a call made by another process
 ANSWER_POLL = 0.05         # how often a caller looks for the answer
 MAX_TIMEOUT = 300.0
 RESULT_PATH = "/.rpc/result"
+KEEP_CALLS = 7 * 86400     # seconds a finished call stays in the store (``pipeline rpc --list``)
 _METHOD_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 STATUS_NAMES = ("OK", "CANCELED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
                 "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -140,9 +142,12 @@ async def call(store: Store, device_id: str, method: str, params: list[Any] | No
     call_id = uuid.uuid4().hex[:16]
     now = time.time()
     deadline = now + timeout
-    await store.run(lambda c: c.execute(
-        "INSERT INTO rpc_calls(id, device_id, method, params, created_at, deadline, state)"
-        " VALUES (?,?,?,?,?,?, 'pending')", (call_id, device_id, method, params_json, now, deadline)) and None)
+
+    def insert(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO rpc_calls(id, device_id, method, params, created_at, deadline, state)"
+                     " VALUES (?,?,?,?,?,?, 'pending')", (call_id, device_id, method, params_json, now, deadline))
+        conn.execute("DELETE FROM rpc_calls WHERE created_at < ?", (now - KEEP_CALLS,))
+    await store.run(insert)
 
     def look(conn: sqlite3.Connection) -> tuple[str, int | None, str | None, float | None]:
         return conn.execute("SELECT state, status_code, detail, sent_at FROM rpc_calls WHERE id = ?",
