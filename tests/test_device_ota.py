@@ -288,3 +288,20 @@ async def test_old_reports_are_pruned_per_device_and_package(router, monkeypatch
 async def test_manifest_accept_must_be_cbor(router, server, client):
     r = await client.request(aiocoap.Message(code=Code.GET, uri=uri(server, "/.u/desired"), accept=50)).response
     assert r.code == Code.NOT_ACCEPTABLE and b"CBOR" in r.payload
+
+
+def test_release_with_a_registry_refuses_unknown_devices_and_tags(tmp_path):
+    reg = tmp_path / "devices.yaml"
+    reg.write_text(REGISTRY)
+    store = tmp_path / "s.db"
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(firmware(100))
+    assert run_cli("upload", str(fw), "--version", "1.0.0", store=store).returncode == 0
+    out = run_cli("release", "--version", "1.0.0", "--devices", "cam-01,cam-99", "--registry", str(reg), store=store)
+    assert out.returncode == 2 and "has no device cam-99" in out.stderr
+    out = run_cli("release", "--version", "1.0.0", "--tag", "nowhere", "--registry", str(reg), store=store)
+    assert out.returncode == 2 and "has the tag 'nowhere'" in out.stderr
+    out = run_cli("release", "--version", "1.0.0", "--tag", "beta", "--registry", str(reg), store=store)
+    assert out.returncode == 0 and "for tag beta" in out.stdout
+    listed = run_cli("list", store=store)
+    assert "1: main@1.0.0 for tag beta" in listed.stdout

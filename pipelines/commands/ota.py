@@ -2,6 +2,7 @@
 
     pipeline ota upload FILE --package main --version 1.2.3 [--store S]
     pipeline ota release --package main --version 1.2.3 [--devices a,b | --tag T] [--rollout PCT]
+                         [--registry devices.yaml]       # refuse unknown devices and tags
     pipeline ota status [--device D] [--history] [--json]
     pipeline ota list                                  # artifacts and releases
 
@@ -51,6 +52,7 @@ def add_parser(subparsers: Any) -> None:
     target.add_argument("--tag", help="only devices with this registry tag")
     rel.add_argument("--rollout", type=_percent, default=100.0, metavar="PCT",
                      help="percentage of the targeted devices (default: 100)")
+    rel.add_argument("--registry", help="device registry: refuse device ids and tags it does not know")
     common(rel)
     st = sub.add_parser("status", help="each device's last reported state")
     st.add_argument("--device", help="one device")
@@ -106,7 +108,25 @@ async def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_targets(args: argparse.Namespace) -> None:
+    """With ``--registry``: the devices and the tag must be ones the router knows."""
+    if not args.registry:
+        return
+    from pipelines.devices import DeviceRegistry, DeviceRegistryError
+    try:
+        registry = DeviceRegistry.load(args.registry)
+    except DeviceRegistryError as exc:
+        raise ota.OtaError(str(exc)) from None
+    known = {e.device_id: e for e in registry.entries}
+    unknown = sorted(set(args.devices or []) - set(known))
+    if unknown:
+        raise ota.OtaError(f"{args.registry} has no device {', '.join(unknown)}")
+    if args.tag and not any(args.tag in e.tags for e in known.values()):
+        raise ota.OtaError(f"no device in {args.registry} has the tag {args.tag!r}")
+
+
 async def _release(args: argparse.Namespace) -> int:
+    _check_targets(args)
     async with Store(args.store) as store:
         rel = await ota.release(store, args.package, args.version, devices=args.devices, tag=args.tag,
                                 rollout=args.rollout)
