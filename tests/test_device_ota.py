@@ -305,3 +305,14 @@ def test_release_with_a_registry_refuses_unknown_devices_and_tags(tmp_path):
     assert out.returncode == 0 and "for tag beta" in out.stdout
     listed = run_cli("list", store=store)
     assert "1: main@1.0.0 for tag beta" in listed.stdout
+
+
+async def test_reports_and_answers_over_their_limit_are_refused(router, server, client):
+    big = cbor2.dumps({"s": 1, "r": 0, "pkg": "main", "v": "x" * 3000})  # aiocoap sends it in Block1
+    for path in ("/.u/c/main", "/.c/status", "/.rpc/status"):
+        body = big if path == "/.u/c/main" else cbor2.dumps({"version": 1, "pad": "x" * (20 << 10)})
+        r = await client.request(aiocoap.Message(code=Code.POST, uri=uri(server, path), payload=body,
+                                                 content_format=60)).response
+        assert r.code == Code.REQUEST_ENTITY_TOO_LARGE, path
+        assert b"one message of at most" in r.payload and r.opt.size1 in (1024, 16 << 10)
+    assert await ota.device_status(router.store) == []  # nothing half-taken

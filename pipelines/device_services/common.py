@@ -230,3 +230,13 @@ def add_at(site: resource.Site, name: str, res: ServiceResource) -> None:
     """``res`` answers ``/<name>`` and everything below it."""
     site.add_resource([name], res)
     site.add_resource([name], ExactPath(res))
+
+
+def small_body(request: aiocoap.Message, limit: int, what: str) -> bytes:
+    """The payload of a device's report or answer: one message (the SDK never splits these),
+    at most ``limit`` bytes. Block1, or more: 4.13 with Size1 and the reason."""
+    if request.opt.block1 is not None or len(request.payload) > limit:
+        msg = _error(Code.REQUEST_ENTITY_TOO_LARGE, f"{what} must come in one message of at most {limit} bytes")
+        msg.opt.size1 = limit
+        raise _Refusal(msg)
+    return request.payload

@@ -68,6 +68,7 @@ from pipelines.device_services.common import (
     error,
     first_block,
     refuse,
+    small_body,
 )
 from pipelines.store import Store
 
@@ -425,9 +426,8 @@ class OtaResource(ServiceResource, resource.ObservableResource):
         if kind != "component" or package is None or "@" in package:
             raise refuse(Code.METHOD_NOT_ALLOWED, "report progress with POST /.u/c/<package>")
         self.server.check_rate(who)
-        if len(request.payload) > 1024:
-            raise refuse(Code.REQUEST_ENTITY_TOO_LARGE, "an OTA report is at most 1024 bytes")
-        report = decode_cbor_or_json(request.payload, request.opt.content_format, "the OTA report")
+        body = small_body(request, 1024, "an OTA report")
+        report = decode_cbor_or_json(body, request.opt.content_format, "the OTA report")
         state, reason, version, target = _check_report(report, package)
         await add_report(self.store, who.project_id, who.device_id, package, state, reason, version, target)
         return aiocoap.Message(code=Code.CHANGED)

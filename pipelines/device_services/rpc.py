@@ -56,6 +56,7 @@ from pipelines.device_services.common import (
     add_at,
     decode_cbor_or_json,
     refuse,
+    small_body,
 )
 from pipelines.ingest import Overloaded
 from pipelines.message import Message
@@ -214,9 +215,8 @@ class RpcResource(ServiceResource, resource.ObservableResource):
         if self._path(request) != ["status"]:
             raise refuse(Code.METHOD_NOT_ALLOWED, "RPC: answer with POST /.rpc/status")
         # not rate limited: an answer to the router's own call (the SDK does not send it again)
-        if len(request.payload) > 16 << 10:
-            raise refuse(Code.REQUEST_ENTITY_TOO_LARGE, "an RPC answer is at most 16 KiB")
-        answer = decode_cbor_or_json(request.payload, request.opt.content_format, "the RPC answer")
+        body = small_body(request, 16 << 10, "an RPC answer")
+        answer = decode_cbor_or_json(body, request.opt.content_format, "the RPC answer")
         if not isinstance(answer, dict):
             raise refuse(Code.BAD_REQUEST, "an RPC answer is a map {id, statusCode, detail?}")
         call_id, code = answer.get("id"), answer.get("statusCode")

@@ -51,6 +51,7 @@ from pipelines.device_services.common import (
     decode_cbor_or_json,
     first_block,
     refuse,
+    small_body,
 )
 from pipelines.store import Store
 
@@ -265,9 +266,8 @@ class SettingsResource(ServiceResource, resource.ObservableResource):
         if self._path(request) != ["status"]:
             raise refuse(Code.METHOD_NOT_ALLOWED, "settings: answer with POST /.c/status")
         # not rate limited: an answer to the router's own notification (the SDK does not resend)
-        if len(request.payload) > 16 << 10:
-            raise refuse(Code.REQUEST_ENTITY_TOO_LARGE, "a settings status is at most 16 KiB")
-        answer = decode_cbor_or_json(request.payload, request.opt.content_format, "the settings status")
+        body = small_body(request, 16 << 10, "a settings status")
+        answer = decode_cbor_or_json(body, request.opt.content_format, "the settings status")
         version, errors = _check_status(answer)
         await record_status(self.store, who.project_id, who.device_id, version, errors)
         return aiocoap.Message(code=Code.CHANGED)
