@@ -7,6 +7,7 @@ A registry file (YAML) looks like::
       - id: cam-01
         project_id: demo          # optional
         psk: "my-secret-key"      # UTF-8 text; "0x..." is hex; "$NAME" / "${NAME}" a secret reference
+        tags: [lobby, beta]       # optional: OTA releases can target a tag
 
 Usage::
 
@@ -59,6 +60,7 @@ class DeviceEntry:
     # Where the key came from ("inline", "$NAME", or None): safe to show, the key itself is not.
     psk_source: str | None = None
     line: int | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def identity(self) -> str:
@@ -198,9 +200,9 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
         if not isinstance(item, dict):
             raise fail(doc.get("__line__"), f"each device must be a mapping, got {item!r}")
         line = item.get("__line__")
-        unknown = set(item) - {"id", "project_id", "psk", "__line__"}
+        unknown = set(item) - {"id", "project_id", "psk", "tags", "__line__"}
         if unknown:
-            raise fail(line, f"unknown key(s) {sorted(unknown)}; expected id, project_id, psk")
+            raise fail(line, f"unknown key(s) {sorted(unknown)}; expected id, project_id, psk, tags")
         device_id = item.get("id")
         if not isinstance(device_id, str) or not _ID_RE.match(device_id):
             raise fail(line, f"device id must be letters, digits, '.', '_', ':' or '-', got {device_id!r}")
@@ -226,7 +228,10 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
                     psk = decode_psk(text)
                 except ValueError as exc:
                     raise fail(line, f"device {device_id}: psk ({source}): {exc}") from None
-        entry = DeviceEntry(device_id, project_id, psk, source, line)
+        tags = item.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) and _ID_RE.match(t) for t in tags):
+            raise fail(line, f"device {device_id}: tags must be a list of plain names, got {tags!r}")
+        entry = DeviceEntry(device_id, project_id, psk, source, line, tuple(tags))
         if len(entry.identity.encode()) > MAX_PSK_IDENTITY:
             raise fail(line, f"device {device_id}: identity '<device>@<project>' is "
                              f"{len(entry.identity.encode())} bytes; DTLS allows at most {MAX_PSK_IDENTITY}")

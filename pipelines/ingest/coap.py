@@ -504,6 +504,8 @@ def build_site(server: _Server) -> resource.Site:
     site = _IngestSite(stream)
     site.add_resource([".s"], stream)
     site.add_resource([".d"], StateResource(server))
+    from pipelines.device_services import add_device_services  # here: they import this module
+    add_device_services(site, server)  # /.u (OTA), /.c (settings), /.rpc
     site.add_resource([".well-known", "core"],
                       resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
     return site
