@@ -21,11 +21,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-try:
-    from tests.golioth_sdk import SdkRouter, build_sdk_program, pipeline, private_network, run_sdk_device
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from golioth_sdk_services_env import SdkRouter, build_sdk_program, pipeline, private_network, run_sdk_device
+from golioth_sdk_services_env import SdkRouter, build_sdk_program, pipeline, private_network, run_sdk_device
 
 pytestmark = pytest.mark.timeout(600)
 
