@@ -164,18 +164,51 @@ def install_log_redaction() -> None:
             handler.addFilter(RedactingFilter())
 
 
+def secret_argument(given: str | None, file: str | None, env: str, flag: str) -> str | None:
+    """A secret for a command-line option: from ``file`` (first line, stripped), else the
+    environment variable ``env``, else ``given`` on the command line, which every user of
+    the machine can read in ``ps``: that case logs a warning naming the safer routes."""
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {flag}-file {file}: {getattr(exc, 'strerror', None) or exc}") from None
+        from pipelines.file_perms import warn_if_shared
+        warn_if_shared(Path(file), f"{flag}-file")
+        lines = text.strip().splitlines()
+        value = lines[0].strip() if lines else ""
+        if not value:
+            raise ValueError(f"{flag}-file {file} is empty")
+        return value
+    if given:
+        logging.getLogger("pipelines.secrets").warning(
+            "%s on the command line is visible to every user of this machine (ps): use "
+            "%s-file FILE or the environment variable %s instead", flag, flag, env)
+        return given
+    return os.environ.get(env) or None
+
+
 # ---------------------------------------------------------------------------------------
 # Reading the secrets file
 
 
 def _load_yaml_secrets(path: Path, text: str) -> dict[str, str] | None:
     """The file as ``NAME: value`` YAML, or None if it is not a YAML mapping."""
+    from pipelines.yaml_limits import YamlLimitError, check_expansion
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return None
+    except RecursionError:
+        raise SecretsFileError(str(path), 1, 1, "the document nests too deep") from None
     if not isinstance(node, yaml.MappingNode):
         return None
+    try:
+        check_expansion(node, str(path))
+    except YamlLimitError:
+        mark = node.start_mark
+        raise SecretsFileError(str(path), mark.line + 1, mark.column + 1, "YAML aliases expand to too "
+                               "many nodes (a secrets file is NAME: value lines)") from None
     out: dict[str, str] = {}
     for key_node, value_node in node.value:
         mark = key_node.start_mark
@@ -227,6 +260,8 @@ def load_secrets_file(path: Path) -> dict[str, str]:
     """Names (upper-cased) to values. ``*.yml``/``*.yaml`` is YAML, ``*.env``/``.env`` is
     dotenv; anything else is YAML if it reads as a mapping, else dotenv."""
     path = Path(path)
+    from pipelines.file_perms import warn_if_shared
+    warn_if_shared(path, "secrets file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
