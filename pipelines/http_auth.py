@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS api_keys(
   id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL, hash TEXT NOT NULL,
   created_at REAL NOT NULL, revoked_at REAL
 );
+CREATE TABLE IF NOT EXISTS router_secrets(name TEXT PRIMARY KEY, value TEXT NOT NULL, created_at REAL NOT NULL);
 """
 
 
@@ -175,6 +176,19 @@ class KeyStore:
         finally:
             conn.close()
         return n > 0
+
+    def webhook_secret(self) -> str:
+        """The router's own ``whsec_...`` signing secret for prediction callbacks, made and kept
+        in the store on first use (the store file is private: 0600)."""
+        candidate = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        conn = self._connect()
+        try:
+            conn.execute("INSERT OR IGNORE INTO router_secrets(name, value, created_at) VALUES (?,?,?)",
+                         ("webhook_secret", candidate, time.time()))
+            (value,) = conn.execute("SELECT value FROM router_secrets WHERE name = 'webhook_secret'").fetchone()
+        finally:
+            conn.close()
+        return value
 
     def active(self) -> dict[str, tuple[str, str, str]]:
         """id -> (hash, scope, name) of every key not revoked; {} if the store has no table yet."""

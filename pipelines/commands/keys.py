@@ -3,11 +3,14 @@
     pipeline keys create --scope read|admin [--name N] [--store S]   # prints the key once
     pipeline keys list   [--store S] [--all] [--json]
     pipeline keys revoke ID [--store S]
+    pipeline keys webhook-secret [--store S]   # the whsec_ secret prediction callbacks are signed with
 
 A key is sent as ``Authorization: Bearer KEY``. ``read`` keys read (GET); ``admin`` keys also
 operate (POST/PUT/DELETE, e.g. ``--http-ingest``). Once any key exists the HTTP face wants one
 on every request, loopback included (``/healthz``, ``/readyz`` and ``/metrics`` stay open unless
 ``--protect-metrics``). A running router sees new and revoked keys within a second.
+``webhook-secret`` prints the secret the router made (when not given ``--webhook-secret``)
+for the predictions service to sign its callbacks with.
 The store is the router's (``--store``, default ``pipeline-data/store.db``, which is also
 where ``pipeline run`` keeps it).
 """
@@ -37,7 +40,8 @@ def add_parser(subparsers: Any) -> None:
     lst.add_argument("--json", action="store_true")
     r = sub.add_parser("revoke", help="revoke a key by its id")
     r.add_argument("id")
-    for q in (c, lst, r):
+    w = sub.add_parser("webhook-secret", help="print the router's own prediction-callback signing secret")
+    for q in (c, lst, r, w):
         q.add_argument("--store", default=DEFAULT_STORE, help="the router's store (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -67,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"{row['id']:8}  {row['scope']:5}  {_when(row['created_at']):25}  "
                   f"{_when(row['revoked_at']):25}  {row['name']}")
+        return 0
+    if args.keys_command == "webhook-secret":
+        print(keys.webhook_secret())
         return 0
     if keys.revoke(args.id):
         print(f"key {args.id} revoked")
