@@ -45,6 +45,7 @@ from pipelines.http_auth import Authenticator
 from pipelines.ingest import Overloaded
 from pipelines.message import Message
 from pipelines.metrics import RouterMetrics
+from pipelines.secrets import redact_tree
 
 if TYPE_CHECKING:
     from pipelines.router import Router
@@ -170,7 +171,8 @@ def create_app(router: Router, extra_routes: list[BaseRoute] | None = None,
         q = request.query_params
         rows = await router.store.dead_letters(pipeline=q.get("pipeline"), step=q.get("step"),
                                                device_id=q.get("device"), limit=_limit(request))
-        return JSONResponse([r.summary() for r in rows])
+        # secrets in every form (errors and answers may quote a URL with credentials)
+        return JSONResponse([redact_tree(r.summary()) for r in rows])
 
     async def unmatched(request: Request) -> Response:
         return JSONResponse(await router.store.unmatched(_limit(request)))

@@ -42,6 +42,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from pipelines.file_perms import make_private
 from pipelines.gc_tuning import tune_for_serving
 from pipelines.http_auth import NoKeysError
 from pipelines.router import ConfigError, RouterSettings
@@ -117,7 +118,7 @@ async def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=False, highlight=False)
     interactive = sys.stdout.isatty() and not args.plain_output
     data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
+    make_private(data, directory=True, create=True)  # 0700: the store and the keys go in it
     secrets_file = Path(args.secrets) if args.secrets else None
     source = SecretSource.from_sources(secrets_file)
 

@@ -551,7 +551,10 @@ class CoapIngest:
                     self.dtls_port = await add_dtls_transport(ctx, (s.host, s.dtls_port), creds,
                                                               max_sessions=s.max_dtls_sessions)
         except BaseException:
-            await ctx.shutdown()
+            # aiocoap's shutdown() of a context with no transport yet raises "Set of
+            # Tasks/Futures is empty", which would hide the error that matters
+            if ctx.request_interfaces:
+                await ctx.shutdown()
             self.context = None
             raise
         self.exchange_tables = cap_recent_exchanges(ctx, s.max_recent_exchanges)
