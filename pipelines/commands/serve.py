@@ -59,6 +59,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--registry", help="device registry file (PSK identities) for CoAP over DTLS")
     p.add_argument("--max-queue", type=int, help="deliveries per destination queue before pushing back")
     p.add_argument("--max-inbox", type=int, help="unrouted messages before pushing back")
+    p.add_argument("--max-state-bytes", type=int, metavar="N",
+                   help="cap on one device's whole state document, as JSON (default: 1 MiB)")
     for table, what, default in (("stream", "lightdb-stream records", "1000000"),
                                  ("log", "logs destination records", "100000"),
                                  ("unmatched", "unmatched-message records", "10000")):
@@ -130,6 +132,8 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
         router.max_queue = args.max_queue
     if args.max_inbox:
         router.max_inbox = args.max_inbox
+    if args.max_state_bytes:
+        router.max_state_bytes = args.max_state_bytes
     for table in ("stream", "log", "unmatched"):
         rows = getattr(args, f"keep_{table}_rows", None)
         if rows is not None:
