@@ -254,6 +254,10 @@ class Authenticator:
         self.refresh_every = refresh_every
         self._uploads: dict[str, int] = {}
         self._active: dict[str, tuple[str, str, str]] = {}
+        # header value -> principal, for keys already checked once; emptied whenever the key
+        # table changes (a revoked key stops working at the next re-read). Looked up by the
+        # exact header bytes through a SipHash-keyed dict: no timing to learn a key from.
+        self._checked: dict[bytes, Principal] = {}
         self._loaded_at = -1e9
         self._said_open = False
         self.rejected = 0
@@ -264,7 +268,10 @@ class Authenticator:
         if now - self._loaded_at >= self.refresh_every:
             self._loaded_at = now
             try:
-                self._active = self.keys.active() if self.keys is not None else {}
+                active = self.keys.active() if self.keys is not None else {}
+                if active != self._active:
+                    self._checked = {}
+                self._active = active
             except sqlite3.Error as exc:  # keep the last known keys; never fail open
                 log.warning("could not re-read the API keys (%s); keeping the last %d",
                             exc, len(self._active))
@@ -352,12 +359,19 @@ class AuthMiddleware:
                 await _answer(429, "too many requests with a wrong API key from this address",
                               {"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
                 return
-            header = None
+            raw = None
             for k, v in scope.get("headers", ()):
                 if k == b"authorization":
-                    header = v.decode("latin-1")
+                    raw = v
                     break
-            principal = auth.authenticate(header, now)
+            principal = auth._checked.get(raw) if raw is not None else None
+            if principal is None or not auth._refresh(now):
+                header = raw.decode("latin-1") if raw is not None else None
+                principal = auth.authenticate(header, now)
+                if principal is not None and raw is not None and principal is not OPEN:
+                    if len(auth._checked) >= 1024:
+                        auth._checked.clear()
+                    auth._checked[raw] = principal
             if principal is None:
                 auth.rejected += 1
                 auth.failures.add(client, now)

@@ -102,15 +102,10 @@ class PredictionResults:
     def _key(self) -> bytes:
         if not self.webhook_secret:
             return self._fallback_key
-        return hmac.new(self.webhook_secret.encode(), b"iot-pipelines callback token v2", hashlib.sha256).digest()
+        return token_key(self.webhook_secret)
 
     def make_token(self, message: Message, now: float | None = None) -> str:
-        expires = int((time.time() if now is None else now) + self.token_ttl)
-        body = json.dumps([message.id, message.project_id, message.device_id, message.path, expires],
-                          separators=(",", ":")).encode()
-        mac = hmac.new(self._key(), body, hashlib.sha256).digest()[:16]
-        return (base64.urlsafe_b64encode(body).rstrip(b"=") + b"." +
-                base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
+        return callback_token(self._key(), message, self.token_ttl, now)
 
     def read_token(self, token: str, now: float | None = None) -> dict[str, str] | None:
         """What a token says, or None when it is forged, altered or expired."""
@@ -234,6 +229,21 @@ class PredictionResults:
                                 headers={"Retry-After": str(int(exc.retry_after))})
         self.received += 1
         return JSONResponse({"accepted": True, "duplicate": not added, "message_id": message.id})
+
+
+def token_key(webhook_secret: str) -> bytes:
+    """The key callback tokens are signed with, derived from the webhook secret."""
+    return hmac.new(webhook_secret.encode(), b"iot-pipelines callback token v2", hashlib.sha256).digest()
+
+
+def callback_token(key: bytes, message: Message, ttl: float = TOKEN_TTL, now: float | None = None) -> str:
+    """``base64(json [message id, project, device, path, expires]) . base64(HMAC)[:16]``."""
+    expires = int((time.time() if now is None else now) + ttl)
+    body = json.dumps([message.id, message.project_id, message.device_id, message.path, expires],
+                      separators=(",", ":")).encode()
+    mac = hmac.new(key, body, hashlib.sha256).digest()[:16]
+    return (base64.urlsafe_b64encode(body).rstrip(b"=") + b"." +
+            base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
 
 
 def result_document(prediction: dict[str, Any], frame_id: str) -> dict[str, Any]:
