@@ -38,8 +38,9 @@ async def test_self_signed_certificate_made_once_and_kept(tmp_path):
 
 async def test_a_given_certificate_and_key(tmp_path):
     certfile, keyfile = self_signed(tmp_path / "mine" / "x.db", "127.0.0.1")
-    async with serving(tmp_path, "--http-cert", certfile, "--http-key", keyfile) as srv:
-        async with httpx.AsyncClient(base_url=srv.url, verify=ssl.create_default_context(cafile=certfile)) as c:
-            assert (await c.get("/healthz")).status_code == 200
+    verify = ssl.create_default_context(cafile=certfile)
+    async with serving(tmp_path, "--http-cert", certfile, "--http-key", keyfile) as srv, \
+            httpx.AsyncClient(base_url=srv.url, verify=verify) as c:
+        assert (await c.get("/healthz")).status_code == 200
     out = cli("serve", "--http-cert", certfile, "--http-port", "0", "--store", str(tmp_path / "s.db"))
     assert out.returncode == 2 and "--http-cert and --http-key go together" in out.stderr
