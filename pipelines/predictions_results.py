@@ -173,22 +173,33 @@ class PredictionResults:
     def routes(self) -> list[Route]:
         return [Route(HOOK_PATH, self.receive, methods=["POST"])]
 
-    def _refuse(self, detail: str) -> Response:
+    def _refuse(self, request: Request, detail: str) -> Response:
         self.rejected += 1
+        limiter = _limiter(request)
+        if limiter is not None and request.client is not None:  # wrong tokens count like wrong keys
+            limiter.add(request.client.host, time.monotonic())
         log.warning("prediction webhook rejected: %s", detail)
         return JSONResponse({"title": "Unauthorized", "detail": detail, "status": 401},
                             status_code=401, media_type="application/problem+json")
 
     async def receive(self, request: Request) -> Response:
         # everything that can be checked without the body is checked before reading it
+        limiter = _limiter(request)
+        if limiter is not None and request.client is not None:
+            wait = limiter.blocked_for(request.client.host, time.monotonic())
+            if wait > 0:
+                return JSONResponse({"title": "Too Many Requests", "status": 429,
+                                     "detail": "too many refused callbacks from this address"},
+                                    status_code=429, headers={"Retry-After": str(max(1, round(wait)))},
+                                    media_type="application/problem+json")
         token = request.query_params.get("c")
         where_token = self.read_token(token) if token else None
         if token and where_token is None:
-            return self._refuse("the callback token is not valid or has expired")
+            return self._refuse(request, "the callback token is not valid or has expired")
         try:
             webhook_signature.check_headers(request.headers)
         except webhook_signature.WebhookSignatureError as exc:
-            return self._refuse(str(exc))
+            return self._refuse(request, str(exc))
         try:
             body = await read_body(request, MAX_HOOK_BODY)
         except BodyTooLarge as exc:
@@ -196,7 +207,7 @@ class PredictionResults:
         try:
             webhook_signature.verify(self.webhook_secret, request.headers, body)
         except webhook_signature.WebhookSignatureError as exc:
-            return self._refuse(str(exc))
+            return self._refuse(request, str(exc))
         try:
             prediction = loads_bounded(body)
         except ValueError as exc:
@@ -209,7 +220,7 @@ class PredictionResults:
         recorded = await self.router.store.lookup_prediction(prediction["id"])
         if recorded is not None and where_token is not None \
                 and recorded["message_id"] != where_token["message_id"]:
-            return self._refuse("the callback token belongs to another prediction")
+            return self._refuse(request, "the callback token belongs to another prediction")
         where = recorded or where_token
         if where is None:
             return _problem(404, f"prediction {prediction['id']} was not created by this router")
@@ -229,6 +240,12 @@ class PredictionResults:
                                 headers={"Retry-After": str(int(exc.retry_after))})
         self.received += 1
         return JSONResponse({"accepted": True, "duplicate": not added, "message_id": message.id})
+
+
+def _limiter(request: Request) -> Any:
+    """The HTTP face's per-client counter of refused credentials, if the app has one."""
+    auth = getattr(request.app.state, "authenticator", None)
+    return auth.failures if auth is not None else None
 
 
 def token_key(webhook_secret: str) -> bytes:

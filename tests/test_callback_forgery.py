@@ -96,3 +96,16 @@ async def test_one_result_per_prediction_whatever_the_webhook_id(service):
     assert len({a["message_id"] for a in answers}) == 1
     books = await service.router.store.counters()
     assert books["ingested"] == 1 and books["duplicates"] == 2
+
+
+async def test_refused_callbacks_are_rate_limited_per_client(service):
+    secret = service.results.webhook_secret
+    body = prediction("p-guess")
+    async with httpx.AsyncClient() as c:
+        codes = []
+        for i in range(11):  # guessing tokens
+            r = await c.post(f"{service.http_url}{HOOK_PATH}?c=guess{i}.AAAA", content=body,
+                             headers=webhook_signature.sign(secret, f"w{i}", None, body))
+            codes.append(r.status_code)
+        assert codes[:10] == [401] * 10 and codes[10] == 429
+        assert 1 <= int(r.headers["retry-after"]) <= 60
