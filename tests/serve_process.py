@@ -35,6 +35,7 @@ class Served:
     url: str
     store: Path
     stderr_path: Path
+    proc_line: str = ""  # the whole "ready ..." line (CoAP addresses follow the HTTP URL)
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -69,7 +70,7 @@ async def serving(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> 
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()  # type: ignore[union-attr]
         assert line.startswith("ready "), (line, err.read_text())
-        yield Served(proc, line.split()[1], tmp / "data" / "store.db", err)
+        yield Served(proc, line.split()[1], tmp / "data" / "store.db", err, line)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
