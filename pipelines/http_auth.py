@@ -194,7 +194,9 @@ class KeyStore:
         """id -> (hash, scope, name) of every key not revoked; {} if the store has no table yet."""
         if self.path == ":memory:" or not Path(self.path).exists():
             return {}
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        # read from the event loop once a second: never wait long for a busy database (the
+        # caller keeps the keys it had, and tries again a second later)
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=0.05)
         try:
             rows = conn.execute("SELECT id, hash, scope, name FROM api_keys WHERE revoked_at IS NULL").fetchall()
         except sqlite3.OperationalError:  # no table: no key was ever created
