@@ -190,17 +190,17 @@ class KeyStore:
             conn.close()
         return value
 
-    def active(self) -> dict[str, tuple[str, str, str]]:
+    def active(self, timeout: float = 5.0) -> dict[str, tuple[str, str, str]]:
         """id -> (hash, scope, name) of every key not revoked; {} if the store has no table yet."""
         if self.path == ":memory:" or not Path(self.path).exists():
             return {}
-        # read from the event loop once a second: never wait long for a busy database (the
-        # caller keeps the keys it had, and tries again a second later)
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=0.05)
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout)
         try:
             rows = conn.execute("SELECT id, hash, scope, name FROM api_keys WHERE revoked_at IS NULL").fetchall()
-        except sqlite3.OperationalError:  # no table: no key was ever created
-            return {}
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # no key was ever created
+                return {}
+            raise  # busy or broken: the caller must not take it for "no keys"
         finally:
             conn.close()
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
@@ -261,6 +261,7 @@ class Authenticator:
         # exact header bytes through a SipHash-keyed dict: no timing to learn a key from.
         self._checked: dict[bytes, Principal] = {}
         self._loaded_at = -1e9
+        self._loaded_ok = False
         self._said_open = False
         self.rejected = 0
 
@@ -270,11 +271,19 @@ class Authenticator:
         if now - self._loaded_at >= self.refresh_every:
             self._loaded_at = now
             try:
-                active = self.keys.active() if self.keys is not None else {}
+                # re-read from the event loop once a second: never wait long for a busy database
+                # (the keys it had are kept, and it tries again a second later); the first read
+                # may wait, and if it fails the request fails: never open because of an error
+                active = (self.keys.active(0.05 if self._loaded_ok else 5.0)
+                          if self.keys is not None else {})
                 if active != self._active:
                     self._checked = {}
                 self._active = active
-            except sqlite3.Error as exc:  # keep the last known keys; never fail open
+                self._loaded_ok = True
+            except sqlite3.Error as exc:
+                if not self._loaded_ok:
+                    self._loaded_at = -1e9  # the next request tries again
+                    raise
                 log.warning("could not re-read the API keys (%s); keeping the last %d",
                             exc, len(self._active))
         return self._active

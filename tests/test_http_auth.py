@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 
 import httpx
+import pytest
 
 from tests.serve_process import cli, serve_command, serving
 
@@ -111,3 +112,13 @@ def test_store_keeps_only_hashes(tmp_path):
     _, key = make_key(tmp_path, "admin")
     rows = sqlite3.connect(tmp_path / "data" / "store.db").execute("SELECT hash, scope FROM api_keys").fetchall()
     assert len(rows) == 1 and rows[0][1] == "admin" and len(rows[0][0]) == 64 and key not in rows[0][0]
+
+
+def test_an_unreadable_key_table_never_means_open(tmp_path):
+    from pipelines.http_auth import Authenticator
+    store = tmp_path / "store.db"
+    store.write_bytes(b"this is not an SQLite database, and certainly not one without keys" * 100)
+    auth = Authenticator(store, host="127.0.0.1")
+    for _ in range(2):  # and not on the next request either
+        with pytest.raises(sqlite3.DatabaseError):
+            auth.authenticate(None)
