@@ -22,8 +22,9 @@ Usage::
 
 What the middleware does, before any route reads a body:
 
-- open paths (``/healthz``, ``/readyz``, ``/metrics`` unless ``protect_metrics``, and the
-  prediction callback, which has its own signature and token) pass without a key;
+- open paths (``/healthz``, and on loopback also ``/readyz`` and ``/metrics``, none of them
+  with ``protect_metrics``; and the prediction callback, which has its own signature and
+  token) pass without a key;
 - with no key at all in the store and a loopback address, everything is open (what the
   demo and the tests rely on), logged once; ``request.scope["auth"]`` is then the
   :data:`OPEN` principal (admin);
@@ -250,7 +251,10 @@ class Authenticator:
         self.keys = KeyStore(store_path) if store_path is not None else None
         self.host = host
         self.protect_metrics = protect_metrics
-        self.open_paths = frozenset(open_paths) | (frozenset() if protect_metrics else HEALTH_PATHS)
+        # health and metrics stay open on loopback; on other addresses only /healthz (it says
+        # nothing but "ok"), since /metrics names devices' pipelines and queues
+        health = HEALTH_PATHS if is_local(host) else frozenset({"/healthz"})
+        self.open_paths = frozenset(open_paths) | (frozenset() if protect_metrics else health)
         self.failures = _Failures(max_failures, failure_window)
         self.max_uploads = max_uploads
         self.refresh_every = refresh_every

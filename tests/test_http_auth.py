@@ -87,6 +87,10 @@ async def test_every_interface_with_a_key_answers_401_without_it_and_200_with_it
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
             assert (await c.get("/v1/unmatched")).status_code == 401
             assert (await c.get("/v1/unmatched", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+            # off loopback, metrics need the key too; /healthz (just "ok") does not
+            assert (await c.get("/metrics")).status_code == 401
+            assert (await c.get("/metrics", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+            assert (await c.get("/healthz")).status_code == 200
 
 
 async def test_loopback_without_keys_stays_open_and_says_so_once(tmp_path):

@@ -115,6 +115,11 @@ class _Stop:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if (args.http_tls != "off" or args.http_cert) and not args.replicate and not args.public_url:
+        print("pipeline run: the local predictions service cannot call back a router that serves TLS "
+              "with its own certificate yet: run without --http-tls here, or use `pipeline serve` "
+              "with --http-tls, or give --public-url", file=sys.stderr)
+        return 2
     console = Console(stderr=False, highlight=False)
     interactive = sys.stdout.isatty() and not args.plain_output
     data = Path(args.data)
