@@ -17,10 +17,11 @@ The registry is written in exactly the format the router reads::
         project_id: demo
         psk: "<key text>"
 
-Keys (16 characters, URL-safe base64 of 96 bits) are random (``secrets``) unless a
-``key_seed`` is given: then they are derived from it with SHA-256, so the same key seed always
-gives the same keys (for reproducible benchmarks; anyone who knows the key seed knows them, so
-never for a fleet reachable by others). ``seed`` only chooses the scenes.
+Keys (32 characters, URL-safe base64 of 192 bits, as long as ``pipeline devices add`` makes)
+are random (``secrets``) unless a ``key_seed`` is given: then they are derived from it with
+SHA-256, so the same key seed always gives the same keys (for reproducible benchmarks; anyone
+who knows the key seed knows them, so never for a fleet reachable by others). ``seed`` only
+chooses the scenes.
 """
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ import yaml
 from device_sim.scenes import SCENE_NAMES
 
 MAX_DEVICES = 999
-# 12 random bytes -> 16 key characters. The tinydtls inside DTLSSocket 0.2.3 fails handshakes
-# (alert 80) with keys longer than 18 bytes, so keys stay short enough for it.
-KEY_BYTES = 12
+# 24 random bytes -> 32 key characters (a 32-byte key, like `pipeline devices add` generates).
+KEY_BYTES = 24
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -42,6 +42,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from pipelines.commands.serve import add_rate_limit_arguments
 from pipelines.file_perms import make_private
 from pipelines.gc_tuning import tune_for_serving
 from pipelines.http_auth import NoKeysError
@@ -86,6 +87,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--transport", choices=("coaps", "coap"), default="coaps",
                    help="how the simulated cameras talk: coaps (DTLS-PSK, default) or coap (implies --plain)")
     p.add_argument("--block-size", type=int, default=1024, help="cameras' Block1 size (16..1024)")
+    add_rate_limit_arguments(p)
     p.add_argument("--plain-output", action="store_true", help="log lines instead of the live view")
     from pipelines.commands.serve import add_http_security_arguments
     add_http_security_arguments(p)
@@ -187,7 +189,8 @@ async def _run(args: argparse.Namespace) -> int:
         http_host = args.http_host or args.host
         coap_host = args.coap_host or args.host
         coap = CoapSettings(host=coap_host, dtls_port=args.coap_port, plain_enabled=args.plain,
-                            port=args.plain_port, registry_path=registry_path)
+                            port=args.plain_port, registry_path=registry_path,
+                            rate_limit=args.rate_limit, rate_burst=args.rate_burst)
         settings = ServiceSettings(
             router=RouterSettings(pipelines=args.pipelines or ["pipeline.yaml"],
                                   store_path=data / "store.db", secrets_file=secrets_file,
