@@ -51,3 +51,16 @@ async def test_a_coap_port_in_use_is_reported_as_such(tmp_path):
         taken.close()
     assert proc.returncode == 2 and not out.startswith(b"ready")
     assert b"in use" in err and b"Set of Tasks" not in err
+
+
+def test_pipeline_run_on_every_interface_needs_a_key_and_then_works(tmp_path):
+    """The issue's own reproduction: ``pipeline run --host 0.0.0.0``, over DTLS."""
+    data = tmp_path / "data"
+    argv = ("run", "--data", str(data), "--host", "0.0.0.0", "--http-port", "0", "--coap-port", "0",
+            "--devices", "1", "--interval", "0.5", "--duration", "4", "--plain-output")
+    refused = cli(*argv)
+    assert refused.returncode == 2 and "pipeline keys create --scope admin" in refused.stderr
+    assert cli("keys", "create", "--scope", "admin", "--store", str(data / "store.db")).returncode == 0
+    ran = cli(*argv)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert "every frame accounted for" in ran.stdout and "http://127.0.0.1:" in ran.stdout
