@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from golioth_sdk import SdkRouter, build_all
+from golioth_sdk import Sdk, SdkRouter, find_sdk
 
 PIPELINES = """
 pipelines:
@@ -67,11 +67,11 @@ def peak_per_second(ts: list[float]) -> int:
     return best
 
 
-async def run_basics(builds, tmp: Path, seconds: int) -> list[float]:
+async def run_basics(sdk: Sdk, tmp: Path, seconds: int) -> list[float]:
     router = SdkRouter(tmp, PIPELINES, "--rate-limit", "0", "--log-level", "DEBUG")
     key = router.add_device("basics-1")
     await router.start()
-    device = await router.run(builds.basics, "basics-1", key, hil=False)
+    device = await router.run(sdk.program("golioth_basics"), "basics-1", key)
     try:
         await device.wait_for("Golioth CoAP client connected", 60)
         await asyncio.sleep(seconds)
@@ -81,7 +81,7 @@ async def run_basics(builds, tmp: Path, seconds: int) -> list[float]:
     return arrivals(router.log)
 
 
-async def run_lightdb(builds, tmp: Path) -> list[float]:
+async def run_lightdb(sdk: Sdk, tmp: Path) -> list[float]:
     router = SdkRouter(tmp, PIPELINES, "--rate-limit", "0", "--log-level", "DEBUG")
     dev = "lightdb-1"
     key = router.add_device(dev)
@@ -97,7 +97,7 @@ async def run_lightdb(builds, tmp: Path) -> list[float]:
                                  (("true", True), ("false", False), ("int", 14), ("str", "16"),
                                   ("obj", {"a": "16", "b": 12}))]
                               + [put("observed/int", 0), put("observed/cbor/int", 0), put("desired/ready", True)])
-    device = await router.run(builds.hil_lightdb, dev, key, hil=True)
+    device = await router.run(sdk.program("hil-lightdb"), dev, key)
     try:
         await device.wait_for("LightDB State reported data is ready", 60)
         for value, path in ((15, "observed/int"), (17, "observed/int"), (19, "observed/cbor/int"),
@@ -114,12 +114,12 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=25, help="golioth_basics run time after connecting")
     args = ap.parse_args()
-    builds = build_all()
+    sdk = find_sdk()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "b").mkdir()
         (Path(d) / "l").mkdir()
-        runs = {"golioth_basics": await run_basics(builds, Path(d) / "b", args.seconds),
-                "HIL lightdb": await run_lightdb(builds, Path(d) / "l")}
+        runs = {"golioth_basics": await run_basics(sdk, Path(d) / "b", args.seconds),
+                "HIL lightdb": await run_lightdb(sdk, Path(d) / "l")}
     rates = (5, 10, 20, 50)
     print(f"{'program':16} {'requests':>8} {'peak/1s':>8} " + " ".join(f"{f'burst@{r}/s':>11}" for r in rates))
     for name, ts in runs.items():

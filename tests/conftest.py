@@ -15,7 +15,8 @@ def classifier(tmp_path_factory) -> Classifier:
 
 @pytest.fixture(scope="session")
 def golioth_sdk():
-    """Golioth's Firmware SDK Linux programs, built once (cached by SDK contents): see golioth_sdk.py."""
-    from golioth_sdk import build_all
+    """Golioth's Firmware SDK: ``.program(name)`` builds a Linux program once (cached by SDK
+    contents) and ``.path`` is the SDK checkout; see golioth_sdk.py."""
+    from golioth_sdk import find_sdk
 
-    return build_all()
+    return find_sdk()

@@ -2,7 +2,8 @@
 
 ``golioth_basics`` runs ``BASICS_SECONDS`` (60 s by default, to fit the suite's time budget;
 ``GOLIOTH_BASICS_SECONDS=120`` runs the issue's 2 minutes) on one DTLS session; its logs, state
-and stream write are stored; the router's default rate limit refuses none of its requests.
+and stream write are stored; the router's default rate limit refuses none of its requests,
+and its OTA manifest, settings and RPC observations are answered (no 4.04 errors: issue 12).
 The SDK's own HIL programs ``stream``, ``connection`` and ``lightdb`` meet what their
 ``tests/hil/tests/<name>/test_*.py`` check against Golioth's cloud, checked here through the
 ``pipeline`` CLI (the store) instead of Golioth's REST API; where those tests set state "from
@@ -47,7 +48,7 @@ async def test_golioth_basics_runs_on_one_session_with_its_data_stored(golioth_s
     key = router.add_device("basics-1")
     await router.start()
     try:
-        device = await router.run(golioth_sdk.basics, "basics-1", key, hil=False)
+        device = await router.run(golioth_sdk.program("golioth_basics"), "basics-1", key)
         try:
             await device.wait_for(CONNECTED, 60)
             await device.wait_for(r"Callback got my_int = 42", 30)
@@ -65,6 +66,11 @@ async def test_golioth_basics_runs_on_one_session_with_its_data_stored(golioth_s
     assert device.count(r"Start CoAP session") == 1, device.tail()
     assert device.count(r"Ending session|Receive timeout|Failed to connect|NACK") == 0, device.tail()
     assert device.count(r"4\.29") == 0
+    # OTA, settings and RPC are served (issue 12): the manifest and the RPC observation arrive,
+    # and none of the SDK's errors for a service that answers 4.04 is logged
+    assert device.count(r"Received OTA manifest") >= 1 and device.count(r"RPC observation established") >= 1
+    assert device.count(r"Error in OTA manifest observation|Periodic OTA manifest fetch failed|Settings error"
+                        r"|Failed to observe settings|Error response on observed RPC|4\.04") == 0, device.tail()
     state = router.cli("state", "basics-1", "--project", PROJECT)
     assert state["my_int"] == 42 and state["counter"] >= hellos
     logs = router.cli("logs", "--limit", "1000")
@@ -94,13 +100,13 @@ def _hash(doc: object) -> str:  # as tests/hil/tests/stream/test_stream.py
 
 
 async def test_hil_stream_block_uploads_through_the_sdks_own_pipeline(golioth_sdk, tmp_path):
-    hil = golioth_sdk.sdk / "tests" / "hil" / "tests" / "stream"
+    hil = golioth_sdk.path / "tests" / "hil" / "tests" / "stream"
     pipeline_file = (hil / "pipelines" / "data_json.yaml").read_text()  # loaded unchanged
     router = SdkRouter(tmp_path, pipeline_file)
     key = router.add_device("stream-1")
     await router.start()
     try:
-        device = await router.run(golioth_sdk.hil_stream, "stream-1", key, hil=True)
+        device = await router.run(golioth_sdk.program("hil-stream"), "stream-1", key)
         try:
             await device.wait_for(CONNECTED, 120)
             await device.wait_for("All stream data has been sent", 60)
@@ -122,7 +128,7 @@ async def test_hil_connection_stays_up_while_idle(golioth_sdk, tmp_path):
     key = router.add_device("conn-1")
     await router.start()
     try:
-        device = await router.run(golioth_sdk.hil_connection, "conn-1", key, hil=True)
+        device = await router.run(golioth_sdk.program("hil-connection"), "conn-1", key)
         try:
             i = await device.wait_for(CONNECTED, 120)
             i = await device.wait_for("Stopping client", 15, i)
@@ -179,7 +185,7 @@ async def test_hil_lightdb_set_get_delete_observe(golioth_sdk, tmp_path):
                  "hil/lightdb/desired/ready": True}
         answers = await router.netns_client([_put(router, dev, p, v) for p, v in cloud.items()])
         assert {a["code"] for a in answers} == {"2.04"}, answers
-        device = await router.run(golioth_sdk.hil_lightdb, dev, key, hil=True)
+        device = await router.run(golioth_sdk.program("hil-lightdb"), dev, key)
         try:
             await device.wait_for(CONNECTED, 120)
             await device.wait_for("LightDB State reported data is ready", 30)
