@@ -1,0 +1,155 @@
+"""aiocoap's plain UDP transport, receiving whole datagrams and answering the ones it cannot read.
+
+Usage (what ``CoapIngest`` does for plain CoAP)::
+
+    transport = await IngestUDP6.create_server_transport_endpoint(
+        mman, log=ctx.log, loop=loop, bind=(host, port), multicast=[])
+
+What it changes in ``aiocoap.transports.udp6.MessageInterfaceUDP6`` (aiocoap 0.4.17), and why:
+
+* **Whole datagrams.** aiocoap reads with a 4,096-byte buffer and ignores ``MSG_TRUNC``, so a
+  bigger datagram was decoded from its first 4,096 bytes and acknowledged: the device got 2.04
+  for bytes it never sent. We read up to ``MAX_DATAGRAM`` (65,535, more than any UDP payload),
+  and should a datagram still be cut (``MSG_TRUNC``, a smaller ``max_datagram``), it is answered
+  4.13 Request Entity Too Large with Size1 (the largest datagram we read) and a Block1 hint, and
+  never reaches the resources.
+* **Undecodable datagrams.** ``Message.decode`` raises ``UnicodeDecodeError`` for a Uri-Path
+  that is not UTF-8 (and aiocoap lets it escape from the receive callback: one ERROR traceback
+  per datagram), and logs a warning per unparsable datagram. Here: a message-format error in a
+  CON gets RST (RFC 7252 §4.2; anything else is dropped), an option value of the wrong form in a
+  request gets 4.02 Bad Option (§5.4.3: treated as an unrecognised critical option). Each is
+  counted (``datagram_counts.DATAGRAMS``, exported on ``/metrics``) and logged at most once a
+  minute, summarised.
+
+Upstream (aiocoap): the receive buffer size and the ``MSG_TRUNC`` check belong in
+``util/asyncio/recvmsg.py``; ``UnicodeDecodeError`` from ``StringOption.decode`` should become
+``UnparsableMessage`` (or a 4.02) in ``Message.decode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import struct
+import warnings
+
+import aiocoap
+from aiocoap import error
+from aiocoap.message import Direction
+from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
+from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+
+from pipelines.ingest.datagram_counts import DATAGRAMS
+
+log = logging.getLogger("coap-ingest")
+
+MAX_DATAGRAM = 65_535      # bytes: no UDP payload is larger (IPv4 65,507; IPv6 65,527)
+MAX_BLOCK_SZX = 6          # the Block1 size hinted with 4.13: 1024-byte blocks
+
+
+def _header(data: bytes) -> tuple[int, int, int, bytes] | None:
+    """(type, code, message id, token) of a datagram that starts like CoAP, else None."""
+    if len(data) < 4:
+        return None
+    vttkl, code, mid = struct.unpack_from("!BBH", data)
+    tkl = vttkl & 0x0F
+    if vttkl >> 6 != 1 or tkl > 8 or len(data) < 4 + tkl:
+        return None
+    return (vttkl >> 4) & 0x03, code, mid, bytes(data[4:4 + tkl])
+
+
+def _is_request(code: int) -> bool:
+    return 1 <= code <= 31
+
+
+class IngestUDP6(MessageInterfaceUDP6):
+    """``MessageInterfaceUDP6`` that reads whole datagrams and answers undecodable ones."""
+
+    max_datagram = MAX_DATAGRAM
+    block_szx = MAX_BLOCK_SZX
+
+    def connection_made(self, transport):
+        transport.max_size = self.max_datagram  # aiocoap's recvmsg buffer, 4,096 by default
+        super().connection_made(transport)
+
+    def datagram_msg_received(self, data, ancdata, flags, address):
+        pktinfo = None
+        for cmsg_level, cmsg_type, cmsg_data in ancdata:
+            if cmsg_level == socket.IPPROTO_IPV6 and cmsg_type == socket.IPV6_PKTINFO:
+                pktinfo = cmsg_data
+        remote = UDP6EndpointAddress(address, self, pktinfo=pktinfo)
+        if flags & socket.MSG_TRUNC:
+            self._truncated(data, remote)
+            return
+        try:
+            message = aiocoap.Message.decode(data, remote)
+        except error.UnparsableMessage as exc:
+            self._unparsable(data, remote, str(exc))
+            return
+        except (UnicodeDecodeError, ValueError, OverflowError) as exc:
+            self._bad_option(data, remote, exc)
+            return
+        message.direction = Direction.INCOMING
+        try:
+            self._ctx.dispatch_message(message)
+        except Exception as exc:  # aiocoap would re-raise into the event loop: a traceback each
+            DATAGRAMS.note("dispatch_error", f"{type(exc).__name__}: {exc}"[:120], log, exc_info=exc)
+
+    # -- answers to what cannot be read ----------------------------------------------------
+
+    def _reply(self, remote: UDP6EndpointAddress, mtype: int, code: int | Code, mid: int, token: bytes,
+               payload: bytes = b"") -> aiocoap.Message:
+        with warnings.catch_warnings():  # setting type, MID and token by hand is the point here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            msg = aiocoap.Message(mtype=mtype, mid=mid, token=token, code=code, payload=payload)
+        msg.remote = remote
+        return msg
+
+    def _answer(self, msg: aiocoap.Message) -> None:
+        try:
+            self.send(msg)
+        except Exception as exc:  # a send failure must not end the receive loop
+            DATAGRAMS.note("answer_failed", f"{type(exc).__name__}: {exc}"[:120], log)
+
+    def _answer_request(self, remote, head, code: Code, reason: str) -> aiocoap.Message | None:
+        mtype, _code, mid, token = head
+        if mtype == aiocoap.CON:
+            msg = self._reply(remote, aiocoap.ACK, code, mid, token, reason.encode())
+        elif mtype == aiocoap.NON:
+            msg = self._reply(remote, aiocoap.NON, code, random.getrandbits(16), token, reason.encode())
+        else:
+            return None
+        return msg
+
+    def _truncated(self, data: bytes, remote: UDP6EndpointAddress) -> None:
+        head = _header(data)
+        DATAGRAMS.note("truncated", f"datagram over {self.max_datagram} bytes from {remote.hostinfo}", log)
+        if head is None or not _is_request(head[1]):
+            return
+        msg = self._answer_request(remote, head, Code.REQUEST_ENTITY_TOO_LARGE,
+                                   f"datagram over {self.max_datagram} bytes: send the body in Block1 blocks")
+        if msg is not None:
+            msg.opt.size1 = self.max_datagram
+            msg.opt.block1 = BlockOption.BlockwiseTuple(0, False, self.block_szx)
+            self._answer(msg)
+
+    def _unparsable(self, data: bytes, remote: UDP6EndpointAddress, why: str) -> None:
+        DATAGRAMS.note("unparsable", f"{why} ({len(data)} bytes from {remote.hostinfo})", log)
+        head = _header(data)
+        if head is not None and head[0] == aiocoap.CON:
+            self._answer(self._reply(remote, aiocoap.RST, Code.EMPTY, head[2], b""))
+
+    def _bad_option(self, data: bytes, remote: UDP6EndpointAddress, exc: Exception) -> None:
+        what = "an option value is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "an option value is malformed"
+        DATAGRAMS.note("undecodable_option", f"{what} ({len(data)} bytes from {remote.hostinfo})", log)
+        head = _header(data)
+        if head is None:
+            return
+        if _is_request(head[1]):
+            msg = self._answer_request(remote, head, Code.BAD_OPTION, what)
+            if msg is not None:
+                self._answer(msg)
+        elif head[0] == aiocoap.CON:
+            self._answer(self._reply(remote, aiocoap.RST, Code.EMPTY, head[2], b""))

@@ -1,0 +1,425 @@
+"""CoAP ingest under malformed and hostile datagrams (issue 17): a 2.04 is a promise that these
+exact bytes are stored and can be delivered.
+
+Datagrams are built here, raw: aiocoap's encoder for well-formed ones, bytes by hand for the
+rest; they go through a bare UDP socket to a real ``CoapIngest`` on a real ``Router`` whose
+webhook posts to a real HTTP server that records what arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import socket
+import struct
+import time
+import warnings
+from pathlib import Path
+
+import aiocoap
+import cbor2
+import httpx
+import pytest
+from aiocoap import Code
+from aiocoap.optiontypes import BlockOption
+
+from pipelines.ingest.coap import CoapIngest, CoapSettings
+from pipelines.ingest.datagram_counts import DATAGRAMS
+from pipelines.message import Message
+from pipelines.router import Router, RouterSettings
+from pipelines.service import RouterService, ServiceSettings
+
+try:
+    from tests.http_recorder import HTTPRecorder
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from http_recorder import HTTPRecorder
+
+REGISTRY = "project_id: demo\ndevices:\n  - id: cam-01\n    psk: cam-01-secret\n"
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def datagram(mid: int, token: bytes, path: list[str], payload: bytes = b"", *, code=Code.POST,
+             mtype=aiocoap.CON, query=("d=cam-01",), cf: int | None = 0, **opts) -> bytes:
+    with warnings.catch_warnings():  # setting MID, type and token by hand is what we want here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m = aiocoap.Message(mtype=mtype, mid=mid, token=token, code=code, payload=payload)
+    m.opt.uri_path = path
+    m.opt.uri_query = list(query)
+    if cf is not None:
+        m.opt.content_format = cf
+    for name, value in opts.items():
+        setattr(m.opt, name, value)
+    return m.encode()
+
+
+def with_option(data: bytes, number: int, value: bytes) -> bytes:
+    """``data`` (a message without payload marker issues) with one more raw option appended:
+    re-encoded through aiocoap's option table so deltas stay right."""
+    m = aiocoap.Message.decode(data)
+    from aiocoap.options import OptionNumber
+    from aiocoap.optiontypes import OpaqueOption
+    m.opt.add_option(OpaqueOption(OptionNumber(number), value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = aiocoap.Message(mtype=m.mtype, mid=m.mid, token=m.token, code=m.code, payload=m.payload)
+    out.opt = m.opt
+    return out.encode()
+
+
+class Raw:
+    """A bare UDP socket to the server."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        self.addr = ("127.0.0.1", port)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, self.addr)
+
+    def _receive(self, mid: int | None, timeout: float) -> aiocoap.Message | None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            msg = aiocoap.Message.decode(data)
+            if mid is None or msg.mid == mid:
+                return msg
+        return None
+
+    async def receive(self, mid: int | None = None, timeout: float = 10.0) -> aiocoap.Message:
+        msg = await asyncio.to_thread(self._receive, mid, timeout)
+        assert msg is not None, f"no answer with message id {mid} in {timeout} s"
+        return msg
+
+    async def burst(self, datagrams: list[bytes]) -> None:
+        """Send from a thread, so the server (on this event loop) reads while they arrive."""
+        def run() -> None:
+            for i, d in enumerate(datagrams):
+                self.sock.sendto(d, self.addr)
+                if i % 50 == 49:
+                    time.sleep(0.002)  # the kernel's receive queue is some 200 KB
+        await asyncio.to_thread(run)
+
+    async def ask(self, data: bytes, attempts: int = 4) -> aiocoap.Message:
+        """Send and wait for the answer with this message id, retransmitting as CoAP does (the
+        server answers a retransmission from its exchange cache)."""
+        mid = struct.unpack_from("!H", data, 2)[0]
+        for _ in range(attempts - 1):
+            self.send(data)
+            msg = await asyncio.to_thread(self._receive, mid, 2.0)
+            if msg is not None:
+                return msg
+        self.send(data)
+        return await self.receive(mid)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def delivered(hook: HTTPRecorder, message_id: str):
+    return next((r for r in hook.requests if r.headers.get("Ce-Id") == message_id), None)
+
+
+async def expect_delivered(hook: HTTPRecorder, answer: aiocoap.Message, body: bytes):
+    assert answer.code == Code.CHANGED, (answer.code, answer.payload)
+    got = await wait_for(lambda: delivered(hook, answer.payload.decode()), what="delivery")
+    assert hashlib.sha256(got.body).hexdigest() == hashlib.sha256(body).hexdigest()
+    return got
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+@pytest.fixture
+def hook():
+    with HTTPRecorder() as server:
+        yield server
+
+
+@pytest.fixture
+def registry_path(tmp_path: Path) -> Path:
+    path = tmp_path / "devices.yaml"
+    path.write_text(REGISTRY)
+    return path
+
+
+def pipelines_yaml(tmp_path: Path, hook: HTTPRecorder) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(f"""\
+pipelines:
+  everything:
+    steps:
+      - name: out
+        destination: {{type: webhook, version: v1, parameters: {{url: "{hook.url('/hook')}"}}}}
+""")
+    return path
+
+
+@pytest.fixture
+async def router(tmp_path: Path, hook: HTTPRecorder):
+    settings = RouterSettings(pipelines=[pipelines_yaml(tmp_path, hook)], store_path=tmp_path / "s.db")
+    async with Router(settings) as r:
+        yield r
+
+
+def settings(registry_path: Path, **kw) -> CoapSettings:
+    base = dict(host="127.0.0.1", port=0, dtls_port=0, plain_enabled=True, dtls_enabled=False,
+                registry_path=registry_path, rate_limit=0)
+    base.update(kw)
+    return CoapSettings(**base)
+
+
+@pytest.fixture
+async def server(router, registry_path: Path):
+    async with CoapIngest(router, settings(registry_path)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def raw(server):
+    r = Raw(server.port)
+    yield r
+    r.close()
+
+
+# -- 1. datagrams over 4,096 bytes ----------------------------------------------------------
+
+@pytest.mark.parametrize("size", [4_097, 8_000, 65_000])
+async def test_big_single_datagram_is_delivered_whole(server, raw, hook, size):
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    answer = await raw.ask(datagram(100, b"big", [".s", "big"], body, cf=42))
+    got = await expect_delivered(hook, answer, body)
+    assert len(got.body) == size
+
+
+async def test_truncated_datagram_gets_4_13_with_size1_and_block1_hint(router, registry_path, hook):
+    async with CoapIngest(router, settings(registry_path, max_datagram=2048, max_block_szx=5)) as srv:
+        raw = Raw(srv.port)
+        try:
+            before = DATAGRAMS.counts().get("truncated", 0)
+            answer = await raw.ask(datagram(101, b"t", [".s", "big"], b"y" * 3000))
+            assert answer.code == Code.REQUEST_ENTITY_TOO_LARGE
+            assert answer.mtype == aiocoap.ACK and answer.token == b"t"
+            assert answer.opt.size1 == 2048
+            assert answer.opt.block1 == (0, False, 5)
+            assert DATAGRAMS.counts()["truncated"] == before + 1
+            ok = await raw.ask(datagram(102, b"s", [".s", "small"], b"z" * 1000))
+            await expect_delivered(hook, ok, b"z" * 1000)
+            assert srv.stats["accepted"] == 1  # the truncated one never reached the pipelines
+        finally:
+            raw.close()
+
+
+# -- 2. what a path may hold -------------------------------------------------------------------
+
+async def test_non_ascii_paths_are_delivered_percent_encoded(server, raw, hook):
+    for i, segment in enumerate(["café", "温度", "🌡️", "a%20b"]):
+        answer = await raw.ask(datagram(200 + i, b"p", [".s", segment], b"v%d" % i))
+        got = await expect_delivered(hook, answer, b"v%d" % i)
+        encoded = "".join(c if 0x21 <= ord(c) <= 0x7E and c not in '"%' else
+                          "".join(f"%{b:02X}" for b in c.encode()) for c in segment)
+        assert got.headers["Ce-Type"] == f"io.golioth.data.v1/.s/{encoded}"
+
+
+@pytest.mark.parametrize(("segment", "why"), [
+    ("a\x00b", "U+0000"), ("a\r\nb", "U+000D"), ("a b", "U+0020"), ("x\u200by", "U+200B"),
+    ("a+b", "'+'"), ("#", "'#'"), (".", "'.'"), ("..", "'..'"), ("\ue000", "U+E000"),
+])
+async def test_unusable_path_is_refused_with_a_reason(server, raw, hook, segment, why):
+    answer = await raw.ask(datagram(300, b"q", [".s", "ok", segment], b"never"))
+    assert answer.code == Code.BAD_REQUEST
+    assert why in answer.payload.decode()
+    assert server.stats["accepted"] == 0
+
+
+async def test_long_path_is_refused(server, raw):
+    answer = await raw.ask(datagram(301, b"q", [".s"] + ["é" * 40] * 4, b"never"))
+    assert answer.code == Code.BAD_REQUEST and b"bytes of UTF-8" in answer.payload
+
+
+async def test_stored_message_with_control_characters_in_path_still_delivers(router, hook):
+    """A message stored before paths were checked (a dead letter to replay, say) is delivered:
+    the path is percent-encoded in Ce-Type, not a 'request could not be built' failure."""
+    msg = Message.new(device_id="cam-01", project_id="demo", path="/caf\u00e9\x00\r\nx",
+                      content_type="text/plain", payload=b"old")
+    await router.accept(msg)
+    got = await wait_for(lambda: delivered(hook, msg.id), what="delivery")
+    assert got.headers["Ce-Type"] == "io.golioth.data.v1/.s/caf%C3%A9%00%0D%0Ax"
+    assert got.body == b"old"
+
+
+# -- 3. state documents ------------------------------------------------------------------------
+
+async def put_state(raw: Raw, mid: int, path: list[str], payload: bytes, cf: int = 50, **opts):
+    return await raw.ask(datagram(mid, b"st", [".d", *path], payload, code=Code.PUT, cf=cf, **opts))
+
+
+async def get_state(raw: Raw, mid: int, path: list[str], accept: int | None = None):
+    opts = {} if accept is None else {"accept": accept}
+    return await raw.ask(datagram(mid, b"gt", [".d", *path], code=Code.GET, cf=None, **opts))
+
+
+@pytest.mark.parametrize(("payload", "cf", "why"), [
+    (b'"\\ud800"', 50, b"surrogate"),
+    (b'{"a":"x\\udfff"}', 50, b"surrogate"),
+    (b"NaN", 50, b"NaN"),
+    (b'{"t": Infinity}', 50, b"Infinity"),
+    (b"1e400", 50, b"finite"),
+    (b"[" * 900 + b"]" * 900, 50, b"nested"),
+    (b"[" * 5000 + b"]" * 5000, 50, b"nested"),
+    (cbor2.dumps(b"\x00\x01"), 60, b"byte string"),
+    (cbor2.dumps({"u": cbor2.undefined}), 60, b"undefined"),
+    (cbor2.dumps({1: "one"}), 60, b"not text"),
+    (cbor2.dumps({"s": {1, 2}}), 60, b"set"),
+    (cbor2.dumps(cbor2.CBORTag(99, "x")), 60, b"tag 99"),
+    (cbor2.dumps(2 ** 70), 60, b"64 bits"),
+    (cbor2.dumps(float("nan")), 60, b"finite"),
+    (b"\xff\xfe", 50, b"not valid JSON"),
+])
+async def test_state_writes_json_cannot_hold_are_refused(server, raw, payload, cf, why):
+    answer = await put_state(raw, 400, ["b"], payload, cf)
+    assert answer.code == Code.BAD_REQUEST, (answer.code, answer.payload)
+    assert why in answer.payload, answer.payload
+    doc = await get_state(raw, 401, [""])
+    assert doc.code == Code.CONTENT and json.loads(doc.payload) == {}
+
+
+async def test_cbor_datetime_is_stored_as_rfc3339_text(server, raw):
+    import datetime as dt
+    when = dt.datetime(2026, 12, 4, 15, 0, 0, tzinfo=dt.UTC)
+    answer = await put_state(raw, 410, ["seen"], cbor2.dumps({"at": when}, datetime_as_timestamp=True), 60)
+    assert answer.code == Code.CHANGED
+    doc = await get_state(raw, 411, ["seen"])
+    assert json.loads(doc.payload) == {"at": "2026-12-04T15:00:00Z"}
+
+
+async def test_poisoned_stored_document_is_served_and_observers_keep_hearing(server, router):
+    """A document stored before writes were checked (here: written straight into the store)."""
+    await router.set_state("demo", "cam-01", "/b", "\ud800")
+    await router.set_state("demo", "cam-01", "/n", float("nan"))
+    client = await aiocoap.Context.create_client_context()
+    try:
+        base = f"coap://127.0.0.1:{server.port}/.d"
+        r = await client.request(aiocoap.Message(code=Code.GET, uri=f"{base}/b?d=cam-01")).response
+        assert r.code == Code.CONTENT and json.loads(r.payload) == "\ufffd"
+        r = await client.request(aiocoap.Message(code=Code.GET, uri=f"{base}/?d=cam-01")).response
+        assert r.code == Code.CONTENT and json.loads(r.payload) == {"b": "\ufffd", "n": None}
+        r = await client.request(aiocoap.Message(code=Code.GET, uri=f"{base}/?d=cam-01", accept=60)).response
+        assert r.code == Code.CONTENT and cbor2.loads(r.payload) == {"b": "\ufffd", "n": None}
+        obs = client.request(aiocoap.Message(code=Code.GET, uri=f"{base}/b?d=cam-01", observe=0))
+        first = await obs.response
+        assert first.code == Code.CONTENT
+        updates = obs.observation.__aiter__()
+        await router.set_state("demo", "cam-01", "/b", "\udc00 again")   # poisoned again
+        assert json.loads((await asyncio.wait_for(updates.__anext__(), 10)).payload) == "\ufffd again"
+        put = aiocoap.Message(code=Code.PUT, uri=f"{base}/b?d=cam-01", payload=b'"fine"', content_format=50)
+        assert (await client.request(put).response).code == Code.CHANGED
+        assert json.loads((await asyncio.wait_for(updates.__anext__(), 10)).payload) == "fine"
+        obs.observation.cancel()
+    finally:
+        await client.shutdown()
+
+
+# -- 4. undecodable datagrams --------------------------------------------------------------
+
+async def test_undecodable_uri_path_is_answered_counted_and_logged_once(server, raw, hook, caplog):
+    caplog.set_level(logging.WARNING)
+    before = DATAGRAMS.counts().get("undecodable_option", 0)
+    bad = bytes([0x40, 0x02, 0x12, 0x34, 0xB1, 0xFF])  # CON POST, Uri-Path = one byte 0xFF
+    answer = await raw.ask(bad)
+    assert answer.code == Code.BAD_OPTION and answer.mtype == aiocoap.ACK and b"UTF-8" in answer.payload
+    # NON: counted and answered 4.02 without a traceback each
+    await raw.burst([bytes([0x50, 0x02]) + struct.pack("!H", i) + b"\xb1\xff" for i in range(300)])
+    ok = await raw.ask(datagram(9999, b"ok", [".s", "after"], b"still here"))
+    await expect_delivered(hook, ok, b"still here")
+    await wait_for(lambda: DATAGRAMS.counts()["undecodable_option"] >= before + 301, what="counts")
+    records = [r for r in caplog.records if "refused datagrams" in r.getMessage() or r.levelno >= logging.ERROR]
+    assert len(records) <= 1, [r.getMessage() for r in records]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_unparsable_con_gets_rst_and_metrics_count_it(server, raw, router, hook):
+    before = DATAGRAMS.counts().get("unparsable", 0)
+    raw.send(bytes([0x40, 0x02, 0x22, 0x22, 0xF0]))  # option delta 15 without payload marker
+    rst = await raw.receive(0x2222)
+    assert rst.mtype == aiocoap.RST and rst.code == Code.EMPTY
+    from pipelines.metrics import RouterMetrics
+    text, _ = await RouterMetrics(router).render()
+    line = next(ln for ln in text.decode().splitlines()
+                if ln.startswith('pipeline_coap_datagrams_refused_total{reason="unparsable"}'))
+    assert float(line.split()[-1]) >= before + 1
+
+
+# -- 6. protocol corners ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("number", "value", "code"), [
+    (2049, b"x", Code.BAD_OPTION), (9, b"", Code.BAD_OPTION), (19, b"\x08", Code.BAD_OPTION),
+    (35, b"coap://elsewhere/x", Code.PROXYING_NOT_SUPPORTED), (39, b"coap", Code.PROXYING_NOT_SUPPORTED),
+])
+async def test_unknown_critical_and_proxy_options(server, raw, number, value, code):
+    answer = await raw.ask(with_option(datagram(500, b"o", [".s", "x"], b"no"), number, value))
+    assert answer.code == code, answer
+    answer = await raw.ask(with_option(datagram(501, b"o", [".d", "x"], b"1", code=Code.PUT, cf=50),
+                                       number, value))
+    assert answer.code == code
+    assert server.stats["accepted"] == 0
+
+
+async def test_elective_unknown_option_is_ignored(server, raw, hook):
+    answer = await raw.ask(with_option(datagram(502, b"e", [".s", "x"], b"yes"), 2048, b"x"))
+    await expect_delivered(hook, answer, b"yes")
+
+
+async def test_repeated_block1_is_refused(server, raw):
+    data = datagram(503, b"r", [".s", "x"], b"a" * 64, block1=BlockOption.BlockwiseTuple(0, True, 2))
+    data = with_option(data, 27, bytes([0x1A]))  # a second Block1 (num 1, more, szx 2)
+    answer = await raw.ask(data)
+    assert answer.code == Code.BAD_OPTION and b"27" in answer.payload
+    assert len(server.server.uploads) == 0
+
+
+async def test_if_none_match_and_if_match_on_state(server, raw):
+    assert (await put_state(raw, 600, ["c"], b"1", if_none_match=True)).code == Code.CHANGED
+    again = await put_state(raw, 601, ["c"], b"2", if_none_match=True)
+    assert again.code == Code.PRECONDITION_FAILED
+    assert (await put_state(raw, 602, ["missing"], b"1", if_match=[b""])).code == Code.PRECONDITION_FAILED
+    assert (await put_state(raw, 603, ["c"], b"3", if_match=[b""])).code == Code.CHANGED
+    got = await get_state(raw, 604, ["c"])
+    assert json.loads(got.payload) == 3 and got.opt.etag
+    assert (await put_state(raw, 605, ["c"], b"4", if_match=[b"stale123"])).code == Code.PRECONDITION_FAILED
+    assert (await put_state(raw, 606, ["c"], b"4", if_match=[got.opt.etag])).code == Code.CHANGED
+    assert json.loads((await get_state(raw, 607, ["c"])).payload) == 4
+
+
+async def test_metrics_endpoint_shows_coap_refusals(tmp_path, registry_path, hook):
+    """The counters are on the service's /metrics page, as an operator scrapes them."""
+    svc_settings = ServiceSettings(router=RouterSettings(pipelines=[pipelines_yaml(tmp_path, hook)],
+                                                         store_path=tmp_path / "m.db"),
+                                   http_port=0, coap=settings(registry_path))
+    async with RouterService(svc_settings) as svc:
+        raw = Raw(svc.coap_port)
+        try:
+            raw.send(bytes([0x40, 0x02, 0x33, 0x33, 0xB1, 0xFF]))
+            await raw.receive(0x3333)
+        finally:
+            raw.close()
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{svc.http_url}/metrics")).text
+    assert 'pipeline_coap_datagrams_refused_total{reason="undecodable_option"}' in text
