@@ -476,3 +476,45 @@ async def test_new_token_per_block_client_cannot_start_a_second_upload_at_once(s
     assert other.code == Code.CONFLICT
     done = await raw.ask(block(33, b"t4", 2, False, b"3"))
     await expect_delivered(hook, done, b"1" * 1024 + b"2" * 1024 + b"3")
+
+
+# -- 5. memory that stays -----------------------------------------------------------------------
+
+async def test_exchange_memory_does_not_outlive_its_table(router, registry_path, hook):
+    """Each acknowledged block left a 247 s timer (holding the remote) and its whole request
+    (a 1 KB payload) behind the cached response; the table now expires its own entries."""
+    async with CoapIngest(router, settings(registry_path, max_recent_exchanges=50)) as srv:
+        raw = Raw(srv.port)
+        try:
+            loop = asyncio.get_running_loop()
+            def live_timers() -> int:  # the event loop's pending timers
+                return sum(not h.cancelled() for h in loop._scheduled)
+            timers_before = live_timers()
+            for i in range(200):  # 200 half uploads from one endpoint, each to its own path
+                answer = await raw.ask(block(1000 + i, b"m%d" % i, 0, True, bytes([i % 256]) * 1024,
+                                             path=f"p{i}"))
+                assert answer.code == Code.CONTINUE
+            assert live_timers() < timers_before + 20
+            table = srv.exchange_tables[0]
+            assert len(table) <= 50
+            assert all(v is None or v.request is None for v in table.values())
+            table.expire(now=time.monotonic() + 300)  # after EXCHANGE_LIFETIME
+            assert len(table) == 0
+            # the newest retransmission is still answered from the cache before that
+        finally:
+            raw.close()
+
+
+async def test_single_datagrams_count_against_the_upload_memory_cap(router, registry_path, hook):
+    async with CoapIngest(router, settings(registry_path, max_held_bytes=3000)) as srv:
+        raw = Raw(srv.port)
+        try:
+            assert (await raw.ask(block(1, b"h", 0, True, b"h" * 1024))).code == Code.CONTINUE
+            assert (await raw.ask(block(2, b"h", 1, True, b"h" * 1024))).code == Code.CONTINUE
+            big = await raw.ask(datagram(3, b"b", [".s", "big"], b"B" * 2000))
+            assert big.code == Code.SERVICE_UNAVAILABLE and big.opt.max_age == 2
+            small = await raw.ask(datagram(4, b"s", [".s", "small"], b"s" * 500))
+            await expect_delivered(hook, small, b"s" * 500)
+            assert srv.server.uploads.held_bytes == 2048
+        finally:
+            raw.close()

@@ -57,6 +57,7 @@ from aiocoap.optiontypes import BlockOption
 from aiocoap.pipe import error_to_message, run_driving_pipe
 
 from pipelines.devices import DeviceRegistry, Resolver
+from pipelines.gc_tuning import give_back_memory
 from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
 from pipelines.ingest.coap_datagrams import MAX_DATAGRAM, IngestUDP6
@@ -240,6 +241,10 @@ async def _reassemble(server: _Server, uploads: Block1Assembler, request: aiocoa
         if too_big is not None:
             raise _Refusal(_refused_to_message(too_big))
         server.check_rate(who)
+        if uploads.held_bytes + len(request.payload) > uploads.max_held_bytes:  # datagrams up to 64 KB
+            server.count("refused_163")
+            raise _Refusal(_error(Code.SERVICE_UNAVAILABLE, "too much upload data held; try again later",
+                                  max_age=uploads.busy_retry_after))
         uploads.held_bytes += len(request.payload)
         return request.payload, None
     if block1.block_number == 0:
@@ -590,8 +595,13 @@ class CoapIngest:
         interval = max(0.2, min(s.block_expiry / 2, s.registry_refresh))
         while True:
             await asyncio.sleep(interval)
+            before = self.server.uploads.held_bytes + self.server.state_uploads.held_bytes
             self.server.uploads.sweep()
             self.server.state_uploads.sweep()
+            for table in self.exchange_tables:
+                table.expire()
+            if before - (self.server.uploads.held_bytes + self.server.state_uploads.held_bytes) >= 1 << 20:
+                give_back_memory()  # expired uploads freed megabytes: let RSS come down too
             try:
                 if self.server.registry.refresh():
                     log.info("device registry reloaded: %d devices", len(self.server.registry))
