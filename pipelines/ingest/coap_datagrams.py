@@ -19,7 +19,8 @@ What it changes in ``aiocoap.transports.udp6.MessageInterfaceUDP6`` (aiocoap 0.4
   CON gets RST (RFC 7252 §4.2; anything else is dropped), an option value of the wrong form in a
   request gets 4.02 Bad Option (§5.4.3: treated as an unrecognised critical option). Each is
   counted (``datagram_counts.DATAGRAMS``, exported on ``/metrics``) and logged at most once a
-  minute, summarised.
+  minute, summarised. So is a message whose type and code do not fit (a request in an ACK,
+  a reserved code class), which aiocoap logs as a warning each.
 
 Upstream (aiocoap): the receive buffer size and the ``MSG_TRUNC`` check belong in
 ``util/asyncio/recvmsg.py``; ``UnicodeDecodeError`` from ``StringOption.decode`` should become
@@ -64,6 +65,22 @@ def _is_request(code: int) -> bool:
     return 1 <= code <= 31
 
 
+def _fits(message: aiocoap.Message) -> bool:
+    """Whether type and code go together (what ``MessageManager.dispatch_message`` handles).
+    A code of a reserved class (1, 6, 7), a request in an ACK or RST, or a response in an RST is
+    a message format error (RFC 7252 3, 4.2): a CON gets RST, the rest is dropped. An empty NON
+    (the Golioth SDK's keep-alive) fits: aiocoap answers nothing and the ingest filters its
+    log line."""
+    code, mtype = message.code, message.mtype
+    if code == Code.EMPTY:
+        return True
+    if code.is_request():
+        return mtype in (aiocoap.CON, aiocoap.NON)
+    if code.is_response():
+        return mtype != aiocoap.RST
+    return False
+
+
 class IngestUDP6(MessageInterfaceUDP6):
     """``MessageInterfaceUDP6`` that reads whole datagrams and answers undecodable ones."""
 
@@ -92,10 +109,45 @@ class IngestUDP6(MessageInterfaceUDP6):
             self._bad_option(data, remote, exc)
             return
         message.direction = Direction.INCOMING
+        if not _fits(message):  # aiocoap would log a warning for each and drop it
+            DATAGRAMS.note("misfit", f"code {int(message.code)} in a {message.mtype.name} "
+                           f"from {remote.hostinfo}", log)
+            if message.mtype == aiocoap.CON:
+                self._answer(self._reply(remote, aiocoap.RST, Code.EMPTY, message.mid, b""))
+            return
+        if message.code.is_request() and self._token_in_use(message):
+            DATAGRAMS.note("token_in_use", f"token {message.token.hex() or '(empty)'} reused by "
+                           f"{remote.hostinfo} while a request with it is in progress", log)
+            head = (message.mtype, int(message.code), message.mid, message.token)
+            answer = self._answer_request(remote, head, Code.BAD_REQUEST,
+                                          "token already in use by a request in progress (RFC 7252 5.3.1)")
+            if answer is not None:
+                self._answer(answer)
+            return
         try:
             self._ctx.dispatch_message(message)
         except Exception as exc:  # aiocoap would re-raise into the event loop: a traceback each
             DATAGRAMS.note("dispatch_error", f"{type(exc).__name__}: {exc}"[:120], log, exc_info=exc)
+
+    def _token_in_use(self, message: aiocoap.Message) -> bool:
+        """A new request (not a retransmission) on a token whose request from the same endpoint
+        is still in progress. aiocoap matches a response to its request by (endpoint, token):
+        it would answer one request with the other's response (a 2.04 carrying another
+        message's id) and cache that answer for the retransmissions. Clients SHOULD NOT reuse a
+        token that is in use (RFC 7252 5.3.1); such a request is answered 4.00 here. Observe
+        re-registrations, which reuse the token on purpose (RFC 7641 3.3.1), are let through."""
+        manager = self._ctx
+        pending = getattr(manager, "_piggyback_opportunities", {}).get((message.remote, message.token))
+        if pending is not None:
+            return pending[0] != message.mid
+        running = getattr(getattr(manager, "token_manager", None), "incoming_requests", None)
+        entry = running.get((message.token, message.remote)) if running else None
+        if entry is None:
+            return False
+        earlier = getattr(entry[0], "request", None)
+        if earlier is None or earlier.opt.observe is not None or message.opt.observe is not None:
+            return False
+        return earlier.mid != message.mid
 
     # -- answers to what cannot be read ----------------------------------------------------
 
