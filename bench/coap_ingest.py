@@ -12,6 +12,12 @@ processes from the servers. Compared, in one run:
   (SO_REUSEPORT) with an ingest-only ``Router`` (``run_engine=False``) writing the shared
   SQLite store, plus one engine process routing the inbox.
 
+Hostile traffic (``--junk-rate``, default 1,000/s): the one-process router measured again while
+a junk sender (its own process, bounded: it stops with the run or after ``--junk-seconds`` at
+the latest) sends random and malformed datagrams (random bytes, Uri-Path bytes that are not
+UTF-8, cut options, unknown critical options, orphan Block1 blocks, 8 KB datagrams) from 64
+source ports; printed against the same router without junk, same run (target: 0.9x or better).
+
 A frame counts when its 2.04 arrived (the router has stored it durably). Prints frames/s,
 blocks/s, p50/p99 upload time and the ratio to the bare resource. Usage::
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -186,6 +193,61 @@ def serve_router(port: int, dtls: bool, registry: str, workdir: str, run_engine:
             sink.kill()
 
 
+# -- junk (hostile traffic) ---------------------------------------------------------------------
+
+def junk_datagrams(seed: int, n: int = 4096) -> list[bytes]:
+    """Malformed and hostile datagrams: what the router must answer or drop without harm."""
+    import random
+    import struct
+
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        mid = struct.pack("!H", i & 0xFFFF)
+        kind = i % 7
+        if kind == 0:
+            out.append(rnd.randbytes(rnd.randint(0, 60)))                           # noise
+        elif kind == 1:
+            out.append(b"\x40\x02" + mid + b"\xb1\xff")                             # Uri-Path 0xFF
+        elif kind == 2:
+            out.append(b"\x40\x02" + mid + b"\xbd\x05.s")                           # option cut short
+        elif kind == 3:                                                              # option 2049
+            out.append(b"\x40\x02" + mid + b"\xb2.s\xe1\x06\xe9x")
+        elif kind == 4:                                                              # orphan block 5
+            out.append(b"\x41\x02" + mid + b"j\xb2.s\x06images\x47d=junk0\xc1\x5e\xff" + b"x" * 1024)
+        elif kind == 5:
+            out.append(b"\x60\x45" + mid)                                            # stray ACK
+        else:
+            out.append(b"\x50\x02" + mid + b"\xb2.s\x04junk\xff" + rnd.randbytes(8000))  # 8 KB NON
+    return out
+
+
+def send_junk(port: int, rate: float, max_seconds: float, seed: int, stop, sent_out) -> None:
+    """``rate`` junk datagrams/s from 64 ports until ``stop`` or ``max_seconds``, whichever first."""
+    datagrams = junk_datagrams(seed)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
+    for s in socks:
+        s.setblocking(False)
+    sent = 0
+    t0 = time.monotonic()
+    try:
+        while not stop.is_set() and time.monotonic() - t0 < max_seconds:
+            due = int((time.monotonic() - t0) * rate)
+            while sent < due:
+                with contextlib.suppress(OSError):
+                    socks[sent % 64].sendto(datagrams[sent % len(datagrams)], ("127.0.0.1", port))
+                sent += 1
+            for s in socks:  # drain the answers so the sockets' queues never fill
+                with contextlib.suppress(OSError):
+                    while True:
+                        s.recv(70_000)
+            time.sleep(0.005)
+    finally:
+        for s in socks:
+            s.close()
+        sent_out.put((sent, time.monotonic() - t0))
+
+
 # -- clients ----------------------------------------------------------------------------------
 
 @dataclass
@@ -289,8 +351,27 @@ def run_clients(port: int, dtls: bool, lean: bool, devices: list[str], frames: i
     out.put(asyncio.run(main_lean() if lean else main_aiocoap()))
 
 
-def measure(name: str, port: int, args, devices: list[str]) -> dict:
+def measure(name: str, port: int, args, devices: list[str], junk_rate: float = 0.0) -> dict:
     ctx = mp.get_context("spawn")
+    junk_stop = ctx.Event()
+    junk_out = ctx.Queue()
+    junk = None
+    if junk_rate:
+        junk = ctx.Process(target=send_junk, args=(port, junk_rate, args.junk_seconds, args.seed,
+                                                   junk_stop, junk_out))
+        junk.start()
+    try:
+        row = _measure(ctx, name, port, args, devices)
+    finally:
+        junk_stop.set()
+        if junk is not None:
+            sent, seconds = junk_out.get(timeout=30)
+            junk.join(10)
+            row["junk_per_s"] = sent / seconds if seconds else 0.0
+    return row
+
+
+def _measure(ctx, name: str, port: int, args, devices: list[str]) -> dict:
     go = ctx.Event()
     ready = ctx.Semaphore(0)
     out = ctx.Queue()
@@ -364,6 +445,10 @@ def main() -> int:
                     help="load generator: lean (bench/coap_load.py, little CPU per device; the default "
                          "for plain CoAP) or aiocoap's client (the default with --dtls)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--junk-rate", type=float, default=1000.0,
+                    help="junk datagrams/s for the hostile-traffic row (0: no such row; plain CoAP only)")
+    ap.add_argument("--junk-seconds", type=float, default=300.0,
+                    help="the junk sender stops after this long at the latest")
     args = ap.parse_args()
     if args.client is None:
         args.client = "aiocoap" if args.dtls else "lean"
@@ -388,6 +473,16 @@ def main() -> int:
         rows.append(with_servers(
             [(serve_router, (port, args.dtls, str(registry), str(work), True, True, False))],
             lambda: measure("router (1 process, pipelines running)", port, args, devices)))
+        hostile = None
+        if args.junk_rate and not args.dtls:
+            work = Path(tmp) / "hostile"
+            work.mkdir()
+            port = free_udp_port()
+            hostile = with_servers(
+                [(serve_router, (port, args.dtls, str(registry), str(work), True, True, False))],
+                lambda port=port: measure(f"router + {args.junk_rate:,.0f} junk datagrams/s", port, args,
+                                          devices, junk_rate=args.junk_rate))
+            honest = rows[-1]
 
         for n in [int(x) for x in args.workers.split(",") if x.strip()]:
             work = Path(tmp) / f"workers{n}"
@@ -414,6 +509,17 @@ def main() -> int:
         print(f"{r['name']:<40} {r['frames']:>6} {r['fps']:>8.1f} {r['bps']:>8.0f} {r['p50']:>7.0f} "
               f"{r['p99']:>7.0f} {r['cpu_ms']:>12.1f} {r['client_cpu_ms']:>10.1f} {r['fps'] / base['fps']:>11.2f} "
               f"{r['cpu_ms'] / base['cpu_ms']:>11.2f}  {r['failures'] or '-'}")
+    if hostile is not None:
+        print(f"\nHostile traffic: the one-process router with a junk sender beside the cameras "
+              f"(measured {hostile.get('junk_per_s', 0):,.0f} junk datagrams/s), same run.")
+        h = (f"{'server':<40} {'frames':>6} {'frames/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms/frame':>12} "
+             f"{'fps vs no junk':>14}  failures")
+        print(h)
+        print("-" * len(h))
+        for r in (honest, hostile):
+            print(f"{r['name']:<40} {r['frames']:>6} {r['fps']:>8.1f} {r['p50']:>7.0f} {r['p99']:>7.0f} "
+                  f"{r['cpu_ms']:>12.1f} {r['fps'] / honest['fps']:>14.2f}  {r['failures'] or '-'}")
+        print("(target: 0.90 or better; CPU ms/frame includes the server's work on the junk)")
     print("\nWith cores to spare (each server process on a core of its own, the load generator elsewhere):\n"
           "frames/s a process can take = 1000 / its CPU ms per frame; N ingest workers share the frames,\n"
           "the one engine process routes them all. A projection from measured CPU, not a measurement:\n"

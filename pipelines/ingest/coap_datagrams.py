@@ -42,6 +42,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
+from pipelines.ingest.coap_options import option_refusal
 from pipelines.ingest.datagram_counts import DATAGRAMS
 
 log = logging.getLogger("coap-ingest")
@@ -114,6 +115,15 @@ class IngestUDP6(MessageInterfaceUDP6):
                            f"from {remote.hostinfo}", log)
             if message.mtype == aiocoap.CON:
                 self._answer(self._reply(remote, aiocoap.RST, Code.EMPTY, message.mid, b""))
+            return
+        if message.code.is_request() and (refusal := option_refusal(message.opt)) is not None:
+            # answered here, statelessly, before aiocoap builds a pipe and a task for it (the
+            # Site checks again, for transports that do not come through here)
+            DATAGRAMS.note("bad_option", f"{refusal[1]} from {remote.hostinfo}", log)
+            head = (message.mtype, int(message.code), message.mid, message.token)
+            answer = self._answer_request(remote, head, Code(refusal[0]), refusal[1])
+            if answer is not None:
+                self._answer(answer)
             return
         if message.code.is_request() and self._token_in_use(message):
             DATAGRAMS.note("token_in_use", f"token {message.token.hex() or '(empty)'} reused by "

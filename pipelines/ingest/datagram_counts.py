@@ -9,12 +9,19 @@ One table per process (``DATAGRAMS``), exported by ``pipelines.metrics`` as
 ``pipeline_coap_datagrams_refused_total{reason=...}``. This module imports nothing heavy so the
 metrics page can read it without loading aiocoap.
 
-Reasons: ``truncated`` (longer than the receive buffer: answered 4.13), ``unparsable`` (not a
-CoAP message: a CON gets RST, the rest is dropped), ``undecodable_option`` (an option value of
-the wrong form, e.g. a Uri-Path that is not UTF-8: answered 4.02), ``dispatch_error`` (aiocoap
-failed on a message it had decoded: logged once per interval with its traceback),
-``misfit`` (type and code do not go together: a CON gets RST), ``token_in_use`` (a new request on a token whose request is still in progress: answered 4.00,
-see ``coap_datagrams``).
+Reasons:
+
+* ``truncated``: longer than the receive buffer; answered 4.13 with Size1.
+* ``unparsable``: not a CoAP message; a CON gets RST, the rest is dropped.
+* ``undecodable_option``: an option value of the wrong form (a Uri-Path that is not UTF-8);
+  answered 4.02.
+* ``bad_option``: unknown critical, repeated or proxy options; 4.02 / 5.05, answered before
+  aiocoap's request machinery.
+* ``misfit``: type and code do not go together; a CON gets RST.
+* ``token_in_use``: a new request on a token whose request is still in progress; 4.00 (see
+  ``coap_datagrams``).
+* ``dispatch_error``: aiocoap failed on a message it had decoded; logged once per interval with
+  its traceback.
 """
 
 from __future__ import annotations
