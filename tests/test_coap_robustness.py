@@ -265,6 +265,33 @@ async def test_stored_message_with_control_characters_in_path_still_delivers(rou
     assert got.body == b"old"
 
 
+async def test_dead_letter_with_such_a_path_replays_and_delivers(router, hook):
+    """A dead letter of such a message (as the old code made them: "request could not be
+    built") is delivered when replayed."""
+    from http_recorder import Reply
+    hook.script(Reply(400))  # the first attempt fails for good: a dead letter
+    msg = Message.new(device_id="cam-01", project_id="demo", path="/🌡️/a\rb",
+                      content_type="text/plain", payload=b"replay me")
+    await router.accept(msg)
+    letters = await wait_for_async(lambda: router.store.dead_letters(), what="a dead letter")
+    assert await router.replay_dead_letter(letters[0].id)
+    got = await wait_for(lambda: next((r for r in hook.requests[1:] if r.headers.get("Ce-Id") == msg.id), None),
+                         what="the replayed delivery")
+    assert got.body == b"replay me"
+    assert got.headers["Ce-Type"] == "io.golioth.data.v1/.s/%F0%9F%8C%A1%EF%B8%8F/a%0Db"
+
+
+async def wait_for_async(fetch, timeout: float = 10.0, what: str = "condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        value = await fetch()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 # -- 3. state documents ------------------------------------------------------------------------
 
 async def put_state(raw: Raw, mid: int, path: list[str], payload: bytes, cf: int = 50, **opts):

@@ -30,6 +30,14 @@ path without a distinct Request-Tag (RFC 9175) -> 4.09; tokens longer than 8 byt
 A retransmitted request (same Message ID) is answered from aiocoap's exchange cache and never
 ingested twice.
 
+A 2.04 is a promise that these exact bytes are stored and can be delivered: plain CoAP reads
+whole datagrams, answers the unreadable ones (``coap_datagrams``: 4.13 when cut, RST / 4.02
+when undecodable, counted on ``/metrics``, logged once a minute); paths follow
+``pipelines.stream_paths`` (4.00 otherwise); state writes are checked by
+``pipelines.state_validation`` (4.00 with the reason) and reads never fail; unknown critical
+options get 4.02, proxy options 5.05 (``coap_options``); If-Match / If-None-Match on ``/.d``
+give 4.12 when they fail.
+
 Scale-out: with ``reuse_port=True`` several processes can each run a ``CoapIngest`` on the
 same ports (SO_REUSEPORT); the kernel keeps each client on one process, so per-client Block1
 and DTLS state stays together.
@@ -60,7 +68,7 @@ from pipelines.devices import DeviceRegistry, Resolver
 from pipelines.gc_tuning import give_back_memory
 from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
-from pipelines.ingest.coap_datagrams import MAX_DATAGRAM, IngestUDP6
+from pipelines.ingest.coap_datagrams import MAX_DATAGRAM, RECEIVE_BUFFER, IngestUDP6
 from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport, device_from_claims
 from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
 from pipelines.ingest.coap_options import option_refusal
@@ -127,6 +135,7 @@ class CoapSettings:
     max_recent_exchanges: int = 30_000  # duplicate-detection entries kept (3-4 KB each), newest first
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
     max_datagram: int = MAX_DATAGRAM  # plain CoAP receive buffer; a longer datagram gets 4.13
+    receive_buffer: int = RECEIVE_BUFFER  # kernel receive queue asked for, bytes (0: OS default)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -566,7 +575,8 @@ class CoapIngest:
                     created: list[Any] = []
 
                     interface = type("IngestUDP6", (IngestUDP6,), {"max_datagram": s.max_datagram,
-                                                                   "block_szx": s.max_block_szx})
+                                                                   "block_szx": s.max_block_szx,
+                                                                   "receive_buffer": s.receive_buffer})
 
                     async def plain(mman):
                         t = await interface.create_server_transport_endpoint(

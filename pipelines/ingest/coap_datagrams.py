@@ -13,6 +13,8 @@ What it changes in ``aiocoap.transports.udp6.MessageInterfaceUDP6`` (aiocoap 0.4
   and should a datagram still be cut (``MSG_TRUNC``, a smaller ``max_datagram``), it is answered
   4.13 Request Entity Too Large with Size1 (the largest datagram we read) and a Block1 hint, and
   never reaches the resources.
+* **A deeper receive queue** (``set_receive_buffer``, 4 MB asked): bursts (hostile or not) do
+  not push honest datagrams out of the kernel's queue.
 * **Undecodable datagrams.** ``Message.decode`` raises ``UnicodeDecodeError`` for a Uri-Path
   that is not UTF-8 (and aiocoap lets it escape from the receive callback: one ERROR traceback
   per datagram), and logs a warning per unparsable datagram. Here: a message-format error in a
@@ -29,6 +31,7 @@ Upstream (aiocoap): the receive buffer size and the ``MSG_TRUNC`` check belong i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -49,6 +52,26 @@ log = logging.getLogger("coap-ingest")
 
 MAX_DATAGRAM = 65_535      # bytes: no UDP payload is larger (IPv4 65,507; IPv6 65,527)
 MAX_BLOCK_SZX = 6          # the Block1 size hinted with 4.13: 1024-byte blocks
+RECEIVE_BUFFER = 4 << 20   # bytes of kernel receive queue asked for (see set_receive_buffer)
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Ask the kernel for a ``size``-byte receive queue; returns what it granted.
+
+    The default (``net.core.rmem_default``, some 200 KB) holds a few dozen datagrams: a burst
+    of junk, or a moment the process spends elsewhere (a store commit), and honest blocks are
+    dropped, each costing its device a 2 s retransmission. ``SO_RCVBUFFORCE`` (root or
+    CAP_NET_ADMIN) may exceed ``net.core.rmem_max``; otherwise ``SO_RCVBUF`` is capped by it
+    (raise ``net.core.rmem_max`` for big fleets)."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
 def _header(data: bytes) -> tuple[int, int, int, bytes] | None:
@@ -88,8 +111,13 @@ class IngestUDP6(MessageInterfaceUDP6):
     max_datagram = MAX_DATAGRAM
     block_szx = MAX_BLOCK_SZX
 
+    receive_buffer = RECEIVE_BUFFER
+
     def connection_made(self, transport):
         transport.max_size = self.max_datagram  # aiocoap's recvmsg buffer, 4,096 by default
+        sock = transport.get_extra_info("socket")
+        if sock is not None and self.receive_buffer:
+            self.receive_buffer_bytes = set_receive_buffer(sock, self.receive_buffer)
         super().connection_made(transport)
 
     def datagram_msg_received(self, data, ancdata, flags, address):
