@@ -134,7 +134,7 @@ class IngestUDP6(MessageInterfaceUDP6):
         except error.UnparsableMessage as exc:
             self._unparsable(data, remote, str(exc))
             return
-        except (UnicodeDecodeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # UnicodeDecodeError (a Uri-Path not UTF-8) and anything else
             self._bad_option(data, remote, exc)
             return
         message.direction = Direction.INCOMING
