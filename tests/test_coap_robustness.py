@@ -545,3 +545,31 @@ async def test_single_datagrams_count_against_the_upload_memory_cap(router, regi
             assert srv.server.uploads.held_bytes == 2048
         finally:
             raw.close()
+
+
+# -- libcoap's client against the same rules ------------------------------------------------------
+
+async def test_libcoap_client_sees_the_same_answers(server, hook):
+    """libcoap percent-decodes the URI into Uri-Path: a non-ASCII path is delivered, a NUL is
+    refused with the reason; a NaN state and an unknown critical option are refused."""
+    import shutil
+    libcoap = shutil.which("coap-client-openssl")
+    assert libcoap, "coap-client-openssl (libcoap3-bin) is installed by ./dev"
+    base = f"coap://127.0.0.1:{server.port}"
+
+    async def run(*args: str) -> tuple[str, str]:
+        proc = await asyncio.create_subprocess_exec(libcoap, *args, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        return out.decode().strip(), err.decode().strip()
+
+    message_id, _ = await run("-m", "post", "-e", "from libcoap", f"{base}/.s/caf%C3%A9?d=cam-01")
+    got = await wait_for(lambda: delivered(hook, message_id), what="delivery")
+    assert got.body == b"from libcoap" and got.headers["Ce-Type"] == "io.golioth.data.v1/.s/caf%C3%A9"
+    _, err = await run("-m", "post", "-e", "x", f"{base}/.s/a%00b?d=cam-01")
+    assert err.startswith("4.00") and "U+0000" in err
+    _, err = await run("-m", "put", "-e", "NaN", "-t", "50", f"{base}/.d/x?d=cam-01")
+    assert err.startswith("4.00") and "NaN" in err
+    _, err = await run("-m", "post", "-e", "x", "-O", "2049,x", f"{base}/.s/a?d=cam-01")
+    assert err.startswith("4.02")
+    assert server.stats["accepted"] == 1
