@@ -37,6 +37,7 @@ from starlette.routing import BaseRoute, Route
 from pipelines.ingest import Overloaded
 from pipelines.message import Message
 from pipelines.metrics import RouterMetrics
+from pipelines.stream_paths import path_problem
 
 if TYPE_CHECKING:
     from pipelines.router import Router
@@ -81,6 +82,9 @@ def ingest_route(router: Router) -> Route:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_INGEST_BODY):
             return JSONResponse({"error": f"body over {MAX_INGEST_BODY} bytes"}, status_code=413)
+        problem = path_problem(p["path"].split("/"))  # what any path may hold: pipelines.stream_paths
+        if problem is not None:
+            return JSONResponse({"error": problem}, status_code=400)
         body = await request.body()
         if len(body) > MAX_INGEST_BODY:
             return JSONResponse({"error": f"body over {MAX_INGEST_BODY} bytes"}, status_code=413)
