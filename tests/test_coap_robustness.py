@@ -80,7 +80,7 @@ class Raw:
     def send(self, data: bytes) -> None:
         self.sock.sendto(data, self.addr)
 
-    def _receive(self, mid: int | None, timeout: float) -> aiocoap.Message | None:
+    def _receive(self, mid: int | None, timeout: float, token: bytes | None = None) -> aiocoap.Message | None:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             self.sock.settimeout(left)
@@ -89,7 +89,7 @@ class Raw:
             except TimeoutError:
                 return None
             msg = aiocoap.Message.decode(data)
-            if mid is None or msg.mid == mid:
+            if (mid is None or msg.mid == mid) and (token is None or msg.token == token):
                 return msg
         return None
 
@@ -111,13 +111,13 @@ class Raw:
         """Send and wait for the answer with this message id, retransmitting as CoAP does (the
         server answers a retransmission from its exchange cache)."""
         mid = struct.unpack_from("!H", data, 2)[0]
-        for _ in range(attempts - 1):
+        token = data[4:4 + (data[0] & 0x0F)] if data[0] >> 4 == 0x4 else None  # a CON: ACK has its token
+        for _ in range(attempts):
             self.send(data)
-            msg = await asyncio.to_thread(self._receive, mid, 2.0)
+            msg = await asyncio.to_thread(self._receive, mid, 2.0, token)
             if msg is not None:
                 return msg
-        self.send(data)
-        return await self.receive(mid)
+        raise AssertionError(f"no answer with message id {mid} after {attempts} attempts")
 
     def close(self) -> None:
         self.sock.close()
