@@ -573,3 +573,18 @@ async def test_libcoap_client_sees_the_same_answers(server, hook):
     _, err = await run("-m", "post", "-e", "x", "-O", "2049,x", f"{base}/.s/a?d=cam-01")
     assert err.startswith("4.02")
     assert server.stats["accepted"] == 1
+
+
+def test_screen_is_usable_by_any_transport():
+    """``screen`` (what the DTLS transport calls per decrypted datagram) answers without a socket."""
+    from pipelines.ingest.coap_datagrams import screen
+    out = screen(bytes([0x40, 0x02, 0x12, 0x34, 0xB1, 0xFF]), None, None)
+    answer = aiocoap.Message.decode(out.reply)
+    assert out.message is None and answer.code == Code.BAD_OPTION and answer.mid == 0x1234
+    out = screen(bytes([0x40, 0x02, 0x12, 0x35, 0xF0]), None, None)      # format error in a CON
+    assert aiocoap.Message.decode(out.reply).mtype == aiocoap.RST
+    out = screen(datagram(7, b"t", [".s", "x"], b"y" * 100), None, None, truncated=True, max_datagram=64)
+    answer = aiocoap.Message.decode(out.reply)
+    assert answer.code == Code.REQUEST_ENTITY_TOO_LARGE and answer.opt.size1 == 64 and answer.opt.block1
+    good = datagram(8, b"g", [".s", "x"], b"fine")
+    assert screen(good, None, None).message.payload == b"fine"

@@ -5,6 +5,12 @@ Usage (what ``CoapIngest`` does for plain CoAP)::
     transport = await IngestUDP6.create_server_transport_endpoint(
         mman, log=ctx.log, loop=loop, bind=(host, port), multicast=[])
 
+Another transport (DTLS) screens each decrypted datagram the same way::
+
+    out = screen(data, remote, message_manager, truncated=record_was_cut)
+    if out.reply is not None: send out.reply back to remote (an RST, a 4.02 / 4.00 / 4.13)
+    if out.message is not None: message_manager.dispatch_message(out.message)
+
 What it changes in ``aiocoap.transports.udp6.MessageInterfaceUDP6`` (aiocoap 0.4.17), and why:
 
 * **Whole datagrams.** aiocoap reads with a 4,096-byte buffer and ignores ``MSG_TRUNC``, so a
@@ -37,6 +43,8 @@ import random
 import socket
 import struct
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import aiocoap
 from aiocoap import error
@@ -105,12 +113,116 @@ def _fits(message: aiocoap.Message) -> bool:
     return False
 
 
+def _refusal(head: tuple[int, int, int, bytes], code: int, reason: bytes) -> bytes | None:
+    """The answer to a request (``head`` = type, code, message id, token) with ``code`` and a
+    diagnostic payload, encoded here (RFC 7252 3: header, token, payload marker, payload)
+    without building a Message: junk comes in thousands per second, and this is most of what
+    it costs. None for a request that is neither CON nor NON."""
+    mtype, _code, mid, token = head
+    if mtype == aiocoap.CON:
+        first, mid_out = 0x60 | len(token), mid            # version 1, ACK, the request's id
+    elif mtype == aiocoap.NON:
+        first, mid_out = 0x50 | len(token), random.getrandbits(16)
+    else:
+        return None
+    return struct.pack("!BBH", first, code, mid_out) + token + (b"\xff" + reason if reason else b"")
+
+
+def _reset(mid: int) -> bytes:
+    """RST for a CON that cannot be processed (RFC 7252 4.2)."""
+    return struct.pack("!BBH", 0x70, 0, mid)
+
+
+def token_in_use(manager: Any, message: aiocoap.Message) -> bool:
+    """A new request (not a retransmission) on a token whose request from the same endpoint
+    is still in progress. aiocoap matches a response to its request by (endpoint, token): it
+    would answer one request with the other's response (a 2.04 carrying another message's id)
+    and cache that answer for the retransmissions. Clients SHOULD NOT reuse a token that is in
+    use (RFC 7252 5.3.1); such a request is answered 4.00. Observe re-registrations, which
+    reuse the token on purpose (RFC 7641 3.3.1), are let through. ``manager``: aiocoap's
+    ``MessageManager`` (a message interface's ``_ctx``)."""
+    pending = getattr(manager, "_piggyback_opportunities", {}).get((message.remote, message.token))
+    if pending is not None:
+        return pending[0] != message.mid
+    running = getattr(getattr(manager, "token_manager", None), "incoming_requests", None)
+    entry = running.get((message.token, message.remote)) if running else None
+    if entry is None:
+        return False
+    earlier = getattr(entry[0], "request", None)
+    if earlier is None or earlier.opt.observe is not None or message.opt.observe is not None:
+        return False
+    return earlier.mid != message.mid
+
+
+@dataclass
+class Screened:
+    """What to do with one incoming datagram: dispatch ``message``, or send ``reply`` (if any)."""
+
+    message: aiocoap.Message | None = None
+    reply: bytes | None = None
+
+
+def screen(data: bytes, remote: Any, manager: Any, *, truncated: bool = False,
+           max_datagram: int = MAX_DATAGRAM, block_szx: int = MAX_BLOCK_SZX) -> Screened:
+    """Decode one datagram for aiocoap, or say how to answer it: the checks of this module, for
+    any transport (plain UDP here; the DTLS transport calls it for each decrypted record, with
+    ``truncated`` when the record did not fit its buffer). Counts and logs what it refuses."""
+    if truncated:
+        DATAGRAMS.note("truncated", f"datagram over {max_datagram} bytes", log)
+        head = _header(data)
+        if head is None or not _is_request(head[1]) or head[0] not in (aiocoap.CON, aiocoap.NON):
+            return Screened()
+        with warnings.catch_warnings():  # setting type, MID and token by hand is the point here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            msg = aiocoap.Message(mtype=aiocoap.ACK if head[0] == aiocoap.CON else aiocoap.NON,
+                                  mid=head[2] if head[0] == aiocoap.CON else random.getrandbits(16),
+                                  token=head[3], code=Code.REQUEST_ENTITY_TOO_LARGE,
+                                  payload=f"datagram over {max_datagram} bytes: send the body in "
+                                          "Block1 blocks".encode())
+        msg.opt.size1 = max_datagram
+        msg.opt.block1 = BlockOption.BlockwiseTuple(0, False, block_szx)
+        return Screened(reply=msg.encode())
+    try:
+        message = aiocoap.Message.decode(data, remote)
+    except error.UnparsableMessage as exc:
+        DATAGRAMS.note("unparsable", f"{exc} ({len(data)} bytes)", log)
+        head = _header(data)
+        return Screened(reply=_reset(head[2]) if head is not None and head[0] == aiocoap.CON else None)
+    except Exception as exc:  # UnicodeDecodeError (a Uri-Path not UTF-8) and anything else
+        what = "an option value is not UTF-8" if isinstance(exc, UnicodeDecodeError) else \
+            "an option value is malformed"
+        DATAGRAMS.note("undecodable_option", what, log)
+        head = _header(data)
+        if head is None:
+            return Screened()
+        if _is_request(head[1]):
+            return Screened(reply=_refusal(head, Code.BAD_OPTION, what.encode()))
+        return Screened(reply=_reset(head[2]) if head[0] == aiocoap.CON else None)
+    message.direction = Direction.INCOMING
+    if not _fits(message):  # aiocoap would log a warning for each and drop it
+        DATAGRAMS.note("misfit", f"code {int(message.code)} in a {message.mtype.name}", log)
+        return Screened(reply=_reset(message.mid) if message.mtype == aiocoap.CON else None)
+    if message.code.is_request():
+        head = (message.mtype, 0, message.mid, message.token)
+        refusal = option_refusal(message.opt)
+        if refusal is not None:
+            # answered here, statelessly, before aiocoap builds a pipe and a task for it (the
+            # Site checks again, for transports that do not screen)
+            DATAGRAMS.note("bad_option", refusal[1], log)
+            return Screened(reply=_refusal(head, refusal[0], refusal[1].encode()))
+        if token_in_use(manager, message):
+            DATAGRAMS.note("token_in_use", f"token {message.token.hex() or '(empty)'} reused while a "
+                           "request with it is in progress", log)
+            return Screened(reply=_refusal(head, Code.BAD_REQUEST,
+                                           b"token already in use by a request in progress (RFC 7252 5.3.1)"))
+    return Screened(message=message)
+
+
 class IngestUDP6(MessageInterfaceUDP6):
     """``MessageInterfaceUDP6`` that reads whole datagrams and answers undecodable ones."""
 
     max_datagram = MAX_DATAGRAM
     block_szx = MAX_BLOCK_SZX
-
     receive_buffer = RECEIVE_BUFFER
 
     def connection_made(self, transport):
@@ -126,139 +238,17 @@ class IngestUDP6(MessageInterfaceUDP6):
             if cmsg_level == socket.IPPROTO_IPV6 and cmsg_type == socket.IPV6_PKTINFO:
                 pktinfo = cmsg_data
         remote = UDP6EndpointAddress(address, self, pktinfo=pktinfo)
-        if flags & socket.MSG_TRUNC:
-            self._truncated(data, remote)
+        out = screen(data, remote, self._ctx, truncated=bool(flags & socket.MSG_TRUNC),
+                     max_datagram=self.max_datagram, block_szx=self.block_szx)
+        if out.reply is not None:
+            ancdata = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
+            try:
+                self.transport.sendmsg(out.reply, ancdata, 0, address)
+            except Exception as exc:  # a send failure must not end the receive loop
+                DATAGRAMS.note("answer_failed", f"{type(exc).__name__}: {exc}"[:120], log)
+        if out.message is None:
             return
         try:
-            message = aiocoap.Message.decode(data, remote)
-        except error.UnparsableMessage as exc:
-            self._unparsable(data, remote, str(exc))
-            return
-        except Exception as exc:  # UnicodeDecodeError (a Uri-Path not UTF-8) and anything else
-            self._bad_option(data, remote, exc)
-            return
-        message.direction = Direction.INCOMING
-        if not _fits(message):  # aiocoap would log a warning for each and drop it
-            DATAGRAMS.note("misfit", f"code {int(message.code)} in a {message.mtype.name} "
-                           f"from {remote.hostinfo}", log)
-            if message.mtype == aiocoap.CON:
-                self._reset(remote, message.mid)
-            return
-        if message.code.is_request() and (refusal := option_refusal(message.opt)) is not None:
-            # answered here, statelessly, before aiocoap builds a pipe and a task for it (the
-            # Site checks again, for transports that do not come through here)
-            DATAGRAMS.note("bad_option", refusal[1], log)
-            self._refuse_request(remote, (message.mtype, 0, message.mid, message.token), refusal[0],
-                                 refusal[1].encode())
-            return
-        if message.code.is_request() and self._token_in_use(message):
-            DATAGRAMS.note("token_in_use", f"token {message.token.hex() or '(empty)'} reused by "
-                           f"{remote.hostinfo} while a request with it is in progress", log)
-            self._refuse_request(remote, (message.mtype, 0, message.mid, message.token), Code.BAD_REQUEST,
-                                 b"token already in use by a request in progress (RFC 7252 5.3.1)")
-            return
-        try:
-            self._ctx.dispatch_message(message)
+            self._ctx.dispatch_message(out.message)
         except Exception as exc:  # aiocoap would re-raise into the event loop: a traceback each
             DATAGRAMS.note("dispatch_error", f"{type(exc).__name__}: {exc}"[:120], log, exc_info=exc)
-
-    def _token_in_use(self, message: aiocoap.Message) -> bool:
-        """A new request (not a retransmission) on a token whose request from the same endpoint
-        is still in progress. aiocoap matches a response to its request by (endpoint, token):
-        it would answer one request with the other's response (a 2.04 carrying another
-        message's id) and cache that answer for the retransmissions. Clients SHOULD NOT reuse a
-        token that is in use (RFC 7252 5.3.1); such a request is answered 4.00 here. Observe
-        re-registrations, which reuse the token on purpose (RFC 7641 3.3.1), are let through."""
-        manager = self._ctx
-        pending = getattr(manager, "_piggyback_opportunities", {}).get((message.remote, message.token))
-        if pending is not None:
-            return pending[0] != message.mid
-        running = getattr(getattr(manager, "token_manager", None), "incoming_requests", None)
-        entry = running.get((message.token, message.remote)) if running else None
-        if entry is None:
-            return False
-        earlier = getattr(entry[0], "request", None)
-        if earlier is None or earlier.opt.observe is not None or message.opt.observe is not None:
-            return False
-        return earlier.mid != message.mid
-
-    # -- answers to what cannot be read ----------------------------------------------------
-
-    def _reply(self, remote: UDP6EndpointAddress, mtype: int, code: int | Code, mid: int, token: bytes,
-               payload: bytes = b"") -> aiocoap.Message:
-        with warnings.catch_warnings():  # setting type, MID and token by hand is the point here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            msg = aiocoap.Message(mtype=mtype, mid=mid, token=token, code=code, payload=payload)
-        msg.remote = remote
-        return msg
-
-    def _answer(self, msg: aiocoap.Message) -> None:
-        try:
-            self.send(msg)
-        except Exception as exc:  # a send failure must not end the receive loop
-            DATAGRAMS.note("answer_failed", f"{type(exc).__name__}: {exc}"[:120], log)
-
-    def _answer_request(self, remote, head, code: Code, reason: str) -> aiocoap.Message | None:
-        mtype, _code, mid, token = head
-        if mtype == aiocoap.CON:
-            msg = self._reply(remote, aiocoap.ACK, code, mid, token, reason.encode())
-        elif mtype == aiocoap.NON:
-            msg = self._reply(remote, aiocoap.NON, code, random.getrandbits(16), token, reason.encode())
-        else:
-            return None
-        return msg
-
-    def _refuse_request(self, remote: UDP6EndpointAddress, head, code: int, reason: bytes) -> None:
-        """Answer a request with ``code`` and a diagnostic payload, encoded here (RFC 7252 3:
-        header, token, payload marker, payload) without building a Message: junk traffic
-        comes in thousands per second, and this is most of what it costs."""
-        mtype, _code, mid, token = head
-        if mtype == aiocoap.CON:
-            first, mid_out = 0x60 | len(token), mid            # version 1, ACK
-        elif mtype == aiocoap.NON:
-            first, mid_out = 0x50 | len(token), random.getrandbits(16)
-        else:
-            return
-        data = struct.pack("!BBH", first, code, mid_out) + token + (b"\xff" + reason if reason else b"")
-        ancdata = [] if remote.pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, remote.pktinfo)]
-        try:
-            self.transport.sendmsg(data, ancdata, 0, remote.sockaddr)
-        except Exception as exc:  # a send failure must not end the receive loop
-            DATAGRAMS.note("answer_failed", f"{type(exc).__name__}: {exc}"[:120], log)
-
-    def _reset(self, remote: UDP6EndpointAddress, mid: int) -> None:
-        """RST for a CON that cannot be processed (RFC 7252 4.2): 4 bytes, encoded here."""
-        ancdata = [] if remote.pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, remote.pktinfo)]
-        try:
-            self.transport.sendmsg(struct.pack("!BBH", 0x70, 0, mid), ancdata, 0, remote.sockaddr)
-        except Exception as exc:
-            DATAGRAMS.note("answer_failed", f"{type(exc).__name__}: {exc}"[:120], log)
-
-    def _truncated(self, data: bytes, remote: UDP6EndpointAddress) -> None:
-        head = _header(data)
-        DATAGRAMS.note("truncated", f"datagram over {self.max_datagram} bytes from {remote.hostinfo}", log)
-        if head is None or not _is_request(head[1]):
-            return
-        msg = self._answer_request(remote, head, Code.REQUEST_ENTITY_TOO_LARGE,
-                                   f"datagram over {self.max_datagram} bytes: send the body in Block1 blocks")
-        if msg is not None:
-            msg.opt.size1 = self.max_datagram
-            msg.opt.block1 = BlockOption.BlockwiseTuple(0, False, self.block_szx)
-            self._answer(msg)
-
-    def _unparsable(self, data: bytes, remote: UDP6EndpointAddress, why: str) -> None:
-        DATAGRAMS.note("unparsable", f"{why} ({len(data)} bytes)", log)
-        head = _header(data)
-        if head is not None and head[0] == aiocoap.CON:
-            self._reset(remote, head[2])
-
-    def _bad_option(self, data: bytes, remote: UDP6EndpointAddress, exc: Exception) -> None:
-        what = "an option value is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "an option value is malformed"
-        DATAGRAMS.note("undecodable_option", what, log)
-        head = _header(data)
-        if head is None:
-            return
-        if _is_request(head[1]):
-            self._refuse_request(remote, head, Code.BAD_OPTION, what.encode())
-        elif head[0] == aiocoap.CON:
-            self._reset(remote, head[2])
