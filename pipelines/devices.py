@@ -16,6 +16,11 @@ Usage::
     entry.psk                                      # bytes, or None when the key is not available
     registry.lookup("demo", "cam-01")              # by project and device id
 
+An entry without ``psk`` authenticates by certificate (DTLS with a device certificate issued by
+the project CA: CN = device id, O = project id). Keys are at most ``MAX_PSK_KEY`` bytes and
+identities at most ``MAX_PSK_IDENTITY`` bytes (the DTLS server's limits): longer ones are refused
+when the registry is loaded, naming the device and line.
+
 Errors name the file and line (``DeviceRegistryError``). Keys never appear in ``repr``,
 logs or error messages. ``registry.refresh()`` re-reads the file if it changed on disk.
 """
@@ -32,6 +37,11 @@ from typing import Any
 import yaml
 
 Resolver = Callable[[str], "str | None"]
+
+#: The one limit on PSK identities (``<device>@<project>``, UTF-8 bytes): OpenSSL's PSK_MAX_IDENTITY_LEN.
+MAX_PSK_IDENTITY = 256
+#: The one limit on pre-shared keys, in bytes (RFC 4279 allows more; 64 covers what devices use).
+MAX_PSK_KEY = 64
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _REF_RE = re.compile(r"^\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))$")
@@ -217,6 +227,12 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
                 except ValueError as exc:
                     raise fail(line, f"device {device_id}: psk ({source}): {exc}") from None
         entry = DeviceEntry(device_id, project_id, psk, source, line)
+        if len(entry.identity.encode()) > MAX_PSK_IDENTITY:
+            raise fail(line, f"device {device_id}: identity '<device>@<project>' is "
+                             f"{len(entry.identity.encode())} bytes; DTLS allows at most {MAX_PSK_IDENTITY}")
+        if psk is not None and len(psk) > MAX_PSK_KEY:
+            raise fail(line, f"device {device_id}: psk ({source}) is {len(psk)} bytes; "
+                             f"DTLS allows at most {MAX_PSK_KEY}")
         if entry.identity in seen:
             first = seen[entry.identity]
             raise fail(line, f"device {entry.identity} is listed twice (first on line {first})")
