@@ -587,3 +587,38 @@ def test_screen_is_usable_by_any_transport():
     assert answer.code == Code.REQUEST_ENTITY_TOO_LARGE and answer.opt.size1 == 64 and answer.opt.block1
     good = datagram(8, b"g", [".s", "x"], b"fine")
     assert screen(good, None, None).message.payload == b"fine"
+
+
+# -- the same checks inside DTLS ------------------------------------------------------------------
+
+async def test_dtls_screens_decrypted_datagrams_like_plain_coap(router, registry_path, hook):
+    """An undecodable Uri-Path and an unknown critical option inside a DTLS session are answered
+    4.02 through the session (not dropped, no traceback), and the session goes on serving."""
+    from dtls_peer import DtlsPeer
+
+    async with CoapIngest(router, settings(registry_path, dtls_enabled=True, plain_enabled=False)) as srv:
+        peer = DtlsPeer(srv.dtls_port)
+        try:
+            await peer.handshake(b"cam-01@demo", b"cam-01-secret")
+
+            async def ask(data: bytes) -> aiocoap.Message:
+                peer.conn.send(data)
+                for out in peer._out():
+                    peer.send_raw(out)
+                while True:
+                    peer.conn.bio_write(await peer.recv_raw())
+                    try:
+                        return aiocoap.Message.decode(peer.conn.recv(65536))
+                    except Exception:  # a record without application data: read on
+                        continue
+
+            before = DATAGRAMS.counts().get("undecodable_option", 0)
+            bad = await ask(bytes([0x41, 0x02, 0x00, 0x07, 0x75, 0xB1, 0xFF]))   # token "u", Uri-Path 0xFF
+            assert bad.code == Code.BAD_OPTION and bad.mid == 7 and bad.token == b"u"
+            assert DATAGRAMS.counts()["undecodable_option"] == before + 1
+            opt = await ask(with_option(datagram(8, b"o", [".s", "x"], b"no", query=()), 2049, b"x"))
+            assert opt.code == Code.BAD_OPTION and b"2049" in opt.payload
+            ok = await ask(datagram(9, b"k", [".s", "after"], b"still served", query=()))
+            await expect_delivered(hook, ok, b"still served")
+        finally:
+            peer.close()
