@@ -8,13 +8,15 @@ random moments, the router gets SIGKILL and is started again on the same store a
 the end every frame that got its 2.04 reached the sink under the message id the 2.04 carried,
 with the same sha256.
 
-Plain CoAP: the DTLS transport is being replaced (see the devices issue); this test takes the
-DTLS cameras once the new stack is in.
+Both plain CoAP and CoAP over DTLS-PSK (the simulator's OpenSSL DTLS client, as a device runs
+it): after a kill a DTLS camera's session is gone with the process, so a camera whose request
+fails starts a new session (a new handshake) and the frame again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import aiocoap
+import pytest
 from aiocoap import Code
 from delivery_sink import Sink
 from test_delivery_faults import write_pipelines
@@ -42,9 +45,16 @@ def free_udp_port() -> int:
 
 
 class CoapRouter:
-    def __init__(self, tmp: Path, pipelines: Path, port: int) -> None:
+    def __init__(self, tmp: Path, pipelines: Path, port: int, dtls: bool) -> None:
         self.args = [sys.executable, "-m", "pipelines.cli", "serve", "--pipelines", str(pipelines),
-                     "--store", str(tmp / "store.db"), "--http-port", "0", "--coap-port", str(port)]
+                     "--store", str(tmp / "store.db"), "--http-port", "0"]
+        if dtls:
+            registry = tmp / "devices.yaml"
+            registry.write_text("project_id: demo\ndevices:\n" + "".join(
+                f"  - id: cam-{n}\n    psk: {key_of(n).decode()}\n" for n in range(CAMERAS)))
+            self.args += ["--coap-dtls-port", str(port), "--registry", str(registry)]
+        else:
+            self.args += ["--coap-port", str(port)]
         self.log = tmp / "router.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
@@ -56,7 +66,7 @@ class CoapRouter:
                 env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert self.proc.stdout is not None
         line = (await asyncio.wait_for(self.proc.stdout.readline(), 30)).decode()
-        assert "coap://" in line, f"router did not start: {line!r}; see {self.log}"
+        assert "coap://" in line or "coaps://" in line, f"router did not start: {line!r}; see {self.log}"
         self.starts += 1
 
     async def kill9(self) -> None:
@@ -70,7 +80,20 @@ class CoapRouter:
         return await asyncio.wait_for(self.proc.wait(), 20)
 
 
-async def test_sigkill_during_block1_uploads_loses_no_acknowledged_frame(tmp_path: Path) -> None:
+def key_of(n: int) -> bytes:
+    return f"camera-{n}-key".encode()
+
+
+async def client_context(n: int, dtls: bool) -> aiocoap.Context:
+    if not dtls:
+        return await aiocoap.Context.create_client_context()
+    from device_sim.dtls_transport import dtls_client_context
+    return await dtls_client_context(f"cam-{n}@demo".encode(), key_of(n))
+
+
+@pytest.mark.parametrize("scheme", ["coap", "coaps"])
+async def test_sigkill_during_block1_uploads_loses_no_acknowledged_frame(tmp_path: Path, scheme: str) -> None:
+    dtls = scheme == "coaps"
     seed = int(os.environ.get("COAP_CRASH_SEED") or random.randrange(2 ** 32))
     print(f"\nCOAP_CRASH_SEED={seed}")
     rng = random.Random(seed)
@@ -80,7 +103,7 @@ async def test_sigkill_during_block1_uploads_loses_no_acknowledged_frame(tmp_pat
         pf = write_pipelines(tmp_path, [{"name": "sink", "url": sink.url("/frames"),
                                          "retry": {"initial_backoff": 0.05, "max_backoff": 0.3,
                                                    "max_attempts": 1000}}])
-        router = CoapRouter(tmp_path, pf, port)
+        router = CoapRouter(tmp_path, pf, port, dtls)
         await router.start()
         todo: asyncio.Queue[int] = asyncio.Queue()
         for i in range(FRAMES):
@@ -91,17 +114,22 @@ async def test_sigkill_during_block1_uploads_loses_no_acknowledged_frame(tmp_pat
 
         async def camera(n: int) -> None:
             nonlocal attempts
-            ctx = await aiocoap.Context.create_client_context()
+            ctx = await client_context(n, dtls)
+            query = "" if dtls else f"?d=cam-{n}"
             try:
                 while not todo.empty():
                     i = todo.get_nowait()
                     while True:  # like a device: the frame again until it is acknowledged
                         attempts += 1
                         req = aiocoap.Message(code=Code.POST, payload=frames[i], content_format=42,
-                                              uri=f"coap://127.0.0.1:{port}/.s/frames?d=cam-{n}")
+                                              uri=f"{scheme}://127.0.0.1:{port}/.s/frames{query}")
                         try:
-                            r = await asyncio.wait_for(ctx.request(req).response, 30)
+                            r = await asyncio.wait_for(ctx.request(req).response, 10)
                         except (aiocoap.error.Error, OSError, TimeoutError):
+                            if dtls:  # the session died with the router: a new one, as a device does
+                                with contextlib.suppress(Exception):
+                                    await ctx.shutdown()
+                                ctx = await client_context(n, dtls)
                             await asyncio.sleep(0.1)
                             continue
                         if r.code == Code.CHANGED:
