@@ -12,6 +12,14 @@ processes from the servers. Compared, in one run:
   (SO_REUSEPORT) with an ingest-only ``Router`` (``run_engine=False``) writing the shared
   SQLite store, plus one engine process routing the inbox.
 
+Hostile traffic (``--junk-rate``, default 1,000/s): the one-process router measured again while
+a junk sender (its own process, bounded: it stops with the run or after ``--junk-seconds`` at
+the latest) sends random and malformed datagrams (random bytes, Uri-Path bytes that are not
+UTF-8, cut options, unknown critical options, orphan Block1 blocks, 8 KB datagrams) from 64
+source ports. One router process; runs without and with junk alternate (``--hostile-rounds``
+pairs), so load from outside the bench falls on both alike; printed as the ratio of honest
+frames/s with junk to without (target: 0.9x or better).
+
 A frame counts when its 2.04 arrived (the router has stored it durably). Prints frames/s,
 blocks/s, p50/p99 upload time and the ratio to the bare resource. Usage::
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -189,6 +198,57 @@ def serve_router(port: int, dtls: bool, registry: str, workdir: str, run_engine:
     finally:
         for sink in sinks:
             sink.kill()
+
+
+# -- junk (hostile traffic) ---------------------------------------------------------------------
+
+def junk_datagrams(seed: int, n: int = 4096) -> list[bytes]:
+    """Malformed and hostile datagrams: what the router must answer or drop without harm."""
+    import random
+    import struct
+
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        mid = struct.pack("!H", i & 0xFFFF)
+        kind = i % 7
+        if kind == 0:
+            out.append(rnd.randbytes(rnd.randint(0, 60)))                           # noise
+        elif kind == 1:
+            out.append(b"\x40\x02" + mid + b"\xb1\xff")                             # Uri-Path 0xFF
+        elif kind == 2:
+            out.append(b"\x40\x02" + mid + b"\xbd\x05.s")                           # option cut short
+        elif kind == 3:                                                              # option 2049
+            out.append(b"\x40\x02" + mid + b"\xb2.s\xe1\x06\xe9x")
+        elif kind == 4:                                                              # orphan block 5
+            out.append(b"\x41\x02" + mid + b"j\xb2.s\x06images\x47d=junk0\xc1\x5e\xff" + b"x" * 1024)
+        elif kind == 5:
+            out.append(b"\x60\x45" + mid)                                            # stray ACK
+        else:
+            out.append(b"\x50\x02" + mid + b"\xb2.s\x04junk\xff" + rnd.randbytes(8000))  # 8 KB NON
+    return out
+
+
+def send_junk(port: int, rate: float, max_seconds: float, seed: int, stop, sent_out) -> None:
+    """``rate`` junk datagrams/s from 64 ports until ``stop`` or ``max_seconds``, whichever first."""
+    datagrams = junk_datagrams(seed)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
+    for s in socks:
+        s.setblocking(False)
+    sent = 0
+    t0 = time.monotonic()
+    try:
+        while not stop.is_set() and time.monotonic() - t0 < max_seconds:
+            due = int((time.monotonic() - t0) * rate)
+            while sent < due:
+                with contextlib.suppress(OSError):
+                    socks[sent % 64].sendto(datagrams[sent % len(datagrams)], ("127.0.0.1", port))
+                sent += 1
+            time.sleep(0.005)  # answers are never read: the kernel drops them when the queue is full
+    finally:
+        for s in socks:
+            s.close()
+        sent_out.put((sent, time.monotonic() - t0))
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -383,9 +443,28 @@ def measure_handshakes(port: int, args, devices: list[str]) -> dict:
             "failed": sum(r[1] for r in results)}
 
 
-def measure(name: str, port: int, args, devices: list[str], dtls: bool | None = None) -> dict:
-    dtls = args.dtls if dtls is None else dtls
+def measure(name: str, port: int, args, devices: list[str], dtls: bool | None = None,
+            junk_rate: float = 0.0) -> dict:
     ctx = mp.get_context("spawn")
+    junk_stop = ctx.Event()
+    junk_out = ctx.Queue()
+    junk = None
+    if junk_rate:
+        junk = ctx.Process(target=send_junk, args=(port, junk_rate, args.junk_seconds, args.seed,
+                                                   junk_stop, junk_out))
+        junk.start()
+    try:
+        row = _measure(ctx, name, port, args, devices, args.dtls if dtls is None else dtls)
+    finally:
+        junk_stop.set()
+        if junk is not None:
+            sent, seconds = junk_out.get(timeout=30)
+            junk.join(10)
+            row["junk_per_s"] = sent / seconds if seconds else 0.0
+    return row
+
+
+def _measure(ctx, name: str, port: int, args, devices: list[str], dtls: bool) -> dict:
     go = ctx.Event()
     ready = ctx.Semaphore(0)
     out = ctx.Queue()
@@ -460,6 +539,12 @@ def main() -> int:
                          "for plain CoAP) or aiocoap's client (the default with --dtls)")
     ap.add_argument("--handshake-seconds", type=float, default=5.0, help="with --dtls: how long to measure handshakes")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--junk-rate", type=float, default=1000.0,
+                    help="junk datagrams/s for the hostile-traffic row (0: no such row; plain CoAP only)")
+    ap.add_argument("--hostile-rounds", type=int, default=2,
+                    help="pairs of runs without / with junk, alternating (default: %(default)s)")
+    ap.add_argument("--junk-seconds", type=float, default=300.0,
+                    help="the junk sender stops after this long at the latest")
     args = ap.parse_args()
     if args.client is None:
         args.client = "aiocoap" if args.dtls else "lean"
@@ -484,6 +569,24 @@ def main() -> int:
         rows.append(with_servers(
             [(serve_router, (port, args.dtls, str(registry), str(work), True, True, False))],
             lambda: measure("router (1 process, pipelines running)", port, args, devices)))
+        hostile = None
+        if args.junk_rate and not args.dtls:
+            work = Path(tmp) / "hostile"
+            work.mkdir()
+            port = free_udp_port()
+
+            def pairs(port: int = port) -> dict:
+                # one router process; runs without and with junk alternate, so load from outside
+                # the bench (a shared machine) falls on both alike
+                out = []
+                for _ in range(args.hostile_rounds):
+                    out.append(measure("router, no junk", port, args, devices))
+                    out.append(measure(f"router + {args.junk_rate:,.0f} junk/s", port, args, devices,
+                                       junk_rate=args.junk_rate))
+                return {"frames": sum(r["frames"] for r in out), "pairs": out}
+
+            hostile = with_servers(
+                [(serve_router, (port, args.dtls, str(registry), str(work), True, True, False))], pairs)
 
         dtls_extra = []
         if args.dtls:   # the same router and clients over plain CoAP, and handshakes/s
@@ -546,6 +649,24 @@ def main() -> int:
         print(f"handshakes: {handshakes['frames']} in {args.handshake_seconds:g} s from {args.client_procs} "
               f"client processes = {handshakes['fps']:.0f}/s ({handshakes['failed']} failed); server CPU "
               f"{handshakes['cpu_ms']:.2f} ms per handshake")
+    if hostile is not None:
+        runs = hostile["pairs"]
+        junk_rate = statistics.mean(r.get("junk_per_s", 0.0) for r in runs[1::2])
+        print(f"\nHostile traffic: one router process, runs without and with a junk sender "
+              f"({junk_rate:,.0f} junk datagrams/s measured) alternating, same run.")
+        h = f"{'run':<40} {'frames':>6} {'frames/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'fps vs no junk':>14}  failures"
+        print(h)
+        print("-" * len(h))
+        ratios = []
+        for clean, junk in zip(runs[0::2], runs[1::2], strict=True):
+            ratios.append(junk["fps"] / clean["fps"])
+            for r in (clean, junk):
+                print(f"{r['name']:<40} {r['frames']:>6} {r['fps']:>8.1f} {r['p50']:>7.0f} {r['p99']:>7.0f} "
+                      f"{r['fps'] / clean['fps']:>14.2f}  {r['failures'] or '-'}")
+        total = statistics.median(ratios)
+        print(f"honest frames/s with junk vs without: median {total:.2f} over {len(ratios)} pairs "
+              f"(per pair {', '.join(f'{x:.2f}' for x in ratios)}); target 0.90 or better. Server CPU of the\n"
+              f"whole hostile run: {hostile['cpu_ms']:.1f} ms per frame (frames with and without junk together)")
     print("\nWith cores to spare (each server process on a core of its own, the load generator elsewhere):\n"
           "frames/s a process can take = 1000 / its CPU ms per frame; N ingest workers share the frames,\n"
           "the one engine process routes them all. A projection from measured CPU, not a measurement:\n"

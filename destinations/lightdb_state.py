@@ -12,6 +12,7 @@ from destinations.base import read_json
 from destinations.registry import register
 from pipelines.components import ComponentError, Destination
 from pipelines.message import Message
+from pipelines.state_validation import StateRejected, check_state_value
 
 
 @register
@@ -31,5 +32,9 @@ class LightDBState(Destination):
         value = read_json(self, message)
         if self.context.state is None:
             raise ComponentError("no device state store in this context")
-        await self.context.state.merge_state(message.project_id, message.device_id,
-                                             self.params.path or message.path, value)
+        path = self.params.path or message.path
+        try:  # what a device's own state write must pass too (pipelines.state_validation)
+            value = check_state_value(value, depth=len([p for p in path.split("/") if p]))
+        except StateRejected as exc:
+            raise ComponentError(f"{self.type}: not stored: {exc}") from None
+        await self.context.state.merge_state(message.project_id, message.device_id, path, value)

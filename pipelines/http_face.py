@@ -47,6 +47,7 @@ from pipelines.ingest import Overloaded
 from pipelines.message import Message
 from pipelines.metrics import RouterMetrics
 from pipelines.secrets import redact_tree
+from pipelines.stream_paths import path_problem
 
 if TYPE_CHECKING:
     from pipelines.router import Router
@@ -118,6 +119,9 @@ def ingest_route(router: Router) -> Route:
         if message_id is not None and not _MESSAGE_ID.match(message_id):
             return JSONResponse({"error": "Message-Id must be 1-128 of A-Z a-z 0-9 - _ . :"},
                                 status_code=400)
+        problem = path_problem(p["path"].split("/"))  # what any path may hold: pipelines.stream_paths
+        if problem is not None:
+            return JSONResponse({"error": problem}, status_code=400)
         try:
             body = await read_body(request, MAX_INGEST_BODY)
         except BodyTooLarge as exc:

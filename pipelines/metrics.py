@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pipelines.ingest.datagram_counts import DATAGRAMS
 from pipelines.store import books_gaps
 
 if TYPE_CHECKING:
@@ -68,6 +69,12 @@ class _Snapshot:
         for book, gap in books_gaps(self.books).items():
             gaps.add_metric([book], gap)
         yield gaps
+        refused = CounterMetricFamily("pipeline_coap_datagrams_refused",
+                                      "CoAP datagrams not taken as they came (this process), by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(DATAGRAMS.counts().items()):
+            refused.add_metric([reason], n)
+        yield refused
         depth = GaugeMetricFamily("pipeline_queue_depth", "deliveries waiting per destination step",
                                   labels=["pipeline", "step"])
         # every destination step, empty queues included (a missing series reads as "unknown")

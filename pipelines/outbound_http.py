@@ -19,8 +19,10 @@ POST only fills in the message's own CloudEvents values.
 What goes on the wire: the payload bytes as they are; ``Content-Type`` = the message's;
 CloudEvents binary-mode headers (``Ce-Specversion: 1.0``, ``Ce-Id`` = message id,
 ``Ce-Source`` = device id, ``Ce-Subject`` = project id, ``Ce-Type:
-io.golioth.data.v1/.s<path>``, ``Ce-Time`` RFC 3339); then the user's headers, which win
-over ours (compared case-insensitively).
+io.golioth.data.v1/.s<path>``, ``Ce-Time`` RFC 3339), ``Ce-*`` values percent-encoded as the
+CloudEvents HTTP binding asks (non-ASCII paths such as ``/café`` become ``/caf%C3%A9``; plain
+ASCII values are unchanged); then the user's headers, which win over ours (compared
+case-insensitively).
 
 ``extra`` is ``ComponentContext.extra``: ``extra["url_overrides"]`` maps URL bases to others
 (``{"https://api.replicate.com": "http://127.0.0.1:5010"}`` sends Replicate calls to the local
@@ -56,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipelines.components import DeliveryError
 from pipelines.http_backend import AsyncioBackend
 from pipelines.message import Message
+from pipelines.stream_paths import ce_header_value
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,10 @@ def cloudevents_headers(message: Message) -> dict[str, str]:
     return {
         "Content-Type": message.content_type,
         "Ce-Specversion": "1.0",
-        "Ce-Id": message.id,
-        "Ce-Source": message.device_id,
-        "Ce-Subject": message.project_id,
-        "Ce-Type": f"io.golioth.data.v1/.s{path}",
+        "Ce-Id": ce_header_value(message.id),
+        "Ce-Source": ce_header_value(message.device_id),
+        "Ce-Subject": ce_header_value(message.project_id),
+        "Ce-Type": ce_header_value(f"io.golioth.data.v1/.s{path}"),
         "Ce-Time": rfc3339(message.timestamp),
     }
 
@@ -192,8 +195,9 @@ def _raw_headers(message: Message, user: dict[bytes, tuple[bytes, bytes]]) -> li
     """What ``build_headers`` gives, as raw pairs: our headers (ASCII, as ``httpx.Headers``
     encodes a dict) with the user's in place of ours of the same name, then the user's others."""
     path = message.path if message.path.startswith("/") else "/" + message.path
-    values = (message.content_type, "1.0", message.id, message.device_id, message.project_id,
-              f"io.golioth.data.v1/.s{path}", rfc3339(message.timestamp))
+    values = (message.content_type, "1.0", ce_header_value(message.id), ce_header_value(message.device_id),
+              ce_header_value(message.project_id), ce_header_value(f"io.golioth.data.v1/.s{path}"),
+              rfc3339(message.timestamp))
     if not user:
         return [(name, value.encode("ascii")) for name, value in zip(_CE_NAMES, values, strict=True)]
     out = []

@@ -77,3 +77,13 @@ async def test_logs_refuses_an_unknown_level_or_a_non_object(router):
         await make("logs", router).deliver(msg({"level": "loud", "msg": "x"}))
     with pytest.raises(ComponentError, match="JSON object"):
         await make("logs", router).deliver(msg([1, 2]))
+
+
+@pytest.mark.parametrize(("payload", "why"), [
+    (b'{"t": NaN}', "NaN"), (b'{"t": 1e400}', "finite"), (b'"\\ud800"', "surrogate"),
+    (b"[" * 40 + b"]" * 40, "nested too deeply"),
+])
+async def test_lightdb_state_refuses_what_json_cannot_serve(router, payload, why):
+    with pytest.raises(ComponentError, match=why):
+        await make("lightdb-state", router).deliver(msg(payload, path="/env/x"))
+    assert await router.get_state("p", "d1") == {}

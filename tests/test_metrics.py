@@ -93,6 +93,8 @@ async def test_readyz_and_http_ingest_push_back_when_a_queue_is_full(tmp_path: P
                     assert rows[0].message.path == "/img/raw"
                 r = await http.post("/v1/ingest/demo/cam-1/x", content=b"", headers={"Message-Id": "bad id!"})
                 assert r.status_code == 400 and "Message-Id" in r.json()["error"]
+                r = await http.post("/v1/ingest/demo/cam-1/a%0Db", content=b"x")  # a CR in the path
+                assert r.status_code == 400 and "U+000D" in r.json()["error"]
                 for i in range(3):
                     await http.post("/v1/ingest/demo/cam-1/x", content=b"x", headers={"Message-Id": f"m{i}"})
 

@@ -65,11 +65,15 @@ def v5_props(content_type: str) -> Properties:
 def test_stream_topic_parsing() -> None:
     st = parse_stream_topic("demo/cam-1/stream/images/raw")
     assert (st.project_id, st.device_id, st.path) == ("demo", "cam-1", "/images/raw")
+    assert parse_stream_topic("demo/cam-1/stream/café/温度").path == "/café/温度"
     for bad, why in [("demo/cam-1/stream", "<project-id>/<device-id>/stream/<path>"),
                      ("demo/cam-1/state/x", "<project-id>/<device-id>/stream/<path>"),
                      ("demo/c m/stream/x", "letters, digits"),
                      ("demo/cam-1/stream/a//b", "empty segment"),
-                     ("demo/cam-1/stream/", "empty")]:
+                     ("demo/cam-1/stream/", "empty"),
+                     ("demo/cam-1/stream/a\x00b", "U\\+0000"),
+                     ("demo/cam-1/stream/a\r\nb", "U\\+000D"),
+                     ("demo/cam-1/stream/..", "'..'")]:
         with pytest.raises(TopicError, match=why):
             parse_stream_topic(bad)
 

@@ -32,6 +32,14 @@ path without a distinct Request-Tag (RFC 9175) -> 4.09; tokens longer than 8 byt
 A retransmitted request (same Message ID) is answered from aiocoap's exchange cache and never
 ingested twice.
 
+A 2.04 is a promise that these exact bytes are stored and can be delivered: plain CoAP reads
+whole datagrams, answers the unreadable ones (``coap_datagrams``: 4.13 when cut, RST / 4.02
+when undecodable, counted on ``/metrics``, logged once a minute); paths follow
+``pipelines.stream_paths`` (4.00 otherwise); state writes are checked by
+``pipelines.state_validation`` (4.00 with the reason) and reads never fail; unknown critical
+options get 4.02, proxy options 5.05 (``coap_options``); If-Match / If-None-Match on ``/.d``
+give 4.12 when they fail.
+
 Scale-out: with ``reuse_port=True`` several processes can each run a ``CoapIngest`` on the
 same ports (SO_REUSEPORT); the kernel keeps each client on one process, so per-client Block1
 and DTLS state stays together.
@@ -42,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -57,18 +66,21 @@ import cbor2
 from aiocoap import Code, resource
 from aiocoap.optiontypes import BlockOption
 from aiocoap.pipe import error_to_message, run_driving_pipe
-from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from pipelines.devices import DeviceRegistry, Resolver
+from pipelines.gc_tuning import give_back_memory
 from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
+from pipelines.ingest.coap_datagrams import MAX_DATAGRAM, RECEIVE_BUFFER, IngestUDP6
 from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
 from pipelines.ingest.coap_keepalive import answer_empty_non
+from pipelines.ingest.coap_options import option_refusal
 from pipelines.ingest.dtls_server import DtlsOptions, DtlsServerTransport, add_dtls_server, device_from_claims
 from pipelines.ingest.rate_limit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
-from pipelines.json_limits import JSONTooDeep, check_depth, loads_bounded
 from pipelines.message import Message
 from pipelines.state_doc import StateTooLarge
+from pipelines.state_validation import StateRejected, parse_state_cbor, parse_state_json, readable_state
+from pipelines.stream_paths import path_problem
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +115,6 @@ logging.getLogger(LOGGER_NAME).addFilter(_KeepAliveFilter())
 
 MAX_TOKEN_LENGTH = 8
 MAX_LIMITED_DEVICES = 10_000  # per-device 4.29 counters kept for /metrics
-MAX_PATH_LENGTH = 256
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -132,6 +143,8 @@ class CoapSettings:
     dtls: DtlsOptions = field(default_factory=DtlsOptions)  # timeouts, caps, certificates (cert/key/ca)
     max_recent_exchanges: int = 30_000  # duplicate-detection entries kept (3-4 KB each), newest first
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
+    max_datagram: int = MAX_DATAGRAM  # plain CoAP receive buffer; a longer datagram gets 4.13
+    receive_buffer: int = RECEIVE_BUFFER  # kernel receive queue asked for, bytes (0: OS default)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -151,7 +164,7 @@ def _max_age(seconds: float) -> int:
 
 def _error(code: Code | int, reason: str, *, max_age: float | None = None,
            size1: int | None = None) -> aiocoap.Message:
-    msg = aiocoap.Message(code=Code(code), payload=reason.encode()[:200])
+    msg = aiocoap.Message(code=Code(code), payload=reason.encode()[:200].decode("utf-8", "ignore").encode())
     if max_age is not None:
         msg.opt.max_age = _max_age(max_age)
     if size1 is not None:
@@ -233,12 +246,10 @@ def _path_of(request: aiocoap.Message, skip: int = 0) -> str:
     segments = list(request.opt.uri_path[skip:])
     if segments and segments[-1] == "":
         segments.pop()  # trailing slash
-    if any(s == "" or "/" in s for s in segments):
-        raise _Refusal(_error(Code.BAD_REQUEST, "path segments must be non-empty and not contain '/'"))
-    path = "/" + "/".join(segments)
-    if len(path) > MAX_PATH_LENGTH:
-        raise _Refusal(_error(Code.BAD_REQUEST, f"path longer than {MAX_PATH_LENGTH} characters"))
-    return path
+    problem = path_problem(segments)  # what a path may hold: pipelines.stream_paths
+    if problem is not None:
+        raise _Refusal(_error(Code.BAD_REQUEST, problem))
+    return "/" + "/".join(segments)
 
 
 def _refused_to_message(refused: Refused) -> aiocoap.Message:
@@ -255,6 +266,10 @@ async def _reassemble(server: _Server, uploads: Block1Assembler, request: aiocoa
         if too_big is not None:
             raise _Refusal(_refused_to_message(too_big))
         server.check_rate(who)
+        if uploads.held_bytes + len(request.payload) > uploads.max_held_bytes:  # datagrams up to 64 KB
+            server.count("refused_163")
+            raise _Refusal(_error(Code.SERVICE_UNAVAILABLE, "too much upload data held; try again later",
+                                  max_age=uploads.busy_retry_after))
         uploads.held_bytes += len(request.payload)
         return request.payload, None
     if block1.block_number == 0:
@@ -331,34 +346,54 @@ class StreamResource(_Base):
 
 
 def _encode_state(value: Any, accept: int | None) -> aiocoap.Message:
+    """The document as served: never fails, even for one stored before writes were checked."""
+    value = readable_state(value)
     if accept == CF_CBOR:
-        return aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(value), content_format=CF_CBOR)
-    if accept not in (None, CF_JSON):
+        msg = aiocoap.Message(code=Code.CONTENT, payload=cbor2.dumps(value), content_format=CF_CBOR)
+    elif accept not in (None, CF_JSON):
         return _error(Code.NOT_ACCEPTABLE, "state is served as JSON (50) or CBOR (60)")
-    payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-    return aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_JSON)
+    else:
+        payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        msg = aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_JSON)
+    msg.opt.etag = state_etag(value)
+    return msg
 
 
-def _decode_state(payload: bytes, content_format: int | None) -> Any:
-    if content_format in (None, CF_JSON):
-        try:
-            return loads_bounded(payload)
-        except JSONTooDeep as exc:
-            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not usable JSON: {exc}")) from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid JSON: {exc}")) from None
-        except RecursionError:
-            raise _Refusal(_error(Code.BAD_REQUEST, "payload is not usable JSON: nested too deeply")) from None
-    if content_format == CF_CBOR:
-        try:
-            value = cbor2.loads(payload)
-        except Exception as exc:  # cbor2 raises several types for bad input
-            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid CBOR: {exc}")) from None
-        try:
-            check_depth(value)
-        except JSONTooDeep as exc:
-            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not usable: {exc}")) from None
-        return value
+def state_etag(value: Any) -> bytes:
+    """The ETag of the value at a state path (for If-Match): 8 bytes of its canonical JSON's hash."""
+    text = json.dumps(readable_state(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).digest()[:8]
+
+
+async def _check_preconditions(server: _Server, request: aiocoap.Message, who: _Who, path: str) -> None:
+    """If-None-Match (fails when a value exists at the path) and If-Match (fails when none does,
+    or when none of the given ETags is the current one; an empty If-Match means "exists"):
+    4.12 Precondition Failed (RFC 7252 §5.10.8). Checked just before the write; concurrent
+    writes to one document between the check and the write are not excluded."""
+    if_match = request.opt.if_match
+    if not (if_match or request.opt.if_none_match):
+        return
+    current = await server.target.get_state(who.project_id, who.device_id, path)
+    if request.opt.if_none_match and current is not None:
+        raise _Refusal(_error(Code.PRECONDITION_FAILED, f"If-None-Match: {path} has a value"))
+    if if_match:
+        if current is None:
+            raise _Refusal(_error(Code.PRECONDITION_FAILED, f"If-Match: {path} has no value"))
+        tags = [t for t in if_match if t]
+        if tags and state_etag(current) not in tags:
+            raise _Refusal(_error(Code.PRECONDITION_FAILED, f"If-Match: {path} has another ETag"))
+
+
+def _decode_state(payload: bytes, content_format: int | None, path: str) -> Any:
+    """The checked value of a state write (``pipelines.state_validation``), or a 4.00 / 4.15."""
+    depth = path.count("/") - (path == "/")
+    try:
+        if content_format in (None, CF_JSON):
+            return parse_state_json(payload, depth)
+        if content_format == CF_CBOR:
+            return parse_state_cbor(payload, depth)
+    except StateRejected as exc:
+        raise _Refusal(_error(Code.BAD_REQUEST, str(exc))) from None
     raise _Refusal(_error(Code.UNSUPPORTED_CONTENT_FORMAT, "state takes JSON (50) or CBOR (60)"))
 
 
@@ -394,9 +429,10 @@ class StateResource(_Base, resource.ObservableResource):
         path = _path_of(request)
         body, block1 = await _reassemble(server, server.state_uploads, request, who, path)
         try:
-            value = _decode_state(body, request.opt.content_format)
+            value = _decode_state(body, request.opt.content_format, path)
         finally:
             server.state_uploads.release(len(body))
+        await _check_preconditions(server, request, who, path)
         try:
             await server.target.set_state(who.project_id, who.device_id, path, value, merge=merge)
         except StateTooLarge as exc:
@@ -417,6 +453,7 @@ class StateResource(_Base, resource.ObservableResource):
         who = self.server.who(request)
         path = _path_of(request)
         self.server.check_rate(who)
+        await _check_preconditions(self.server, request, who, path)
         await self.server.target.delete_state(who.project_id, who.device_id, path)
         return aiocoap.Message(code=Code.DELETED)
 
@@ -452,10 +489,10 @@ class StateResource(_Base, resource.ObservableResource):
                 dirty.clear()
                 try:
                     value = await self.server.target.get_state(who.project_id, who.device_id, path)
-                except Exception:
+                    response = _encode_state(value, request.opt.accept)
+                except Exception:  # the next change tries again: an observer is never silenced
                     log.exception("reading state for an observer of %s %s failed", who.device_id, path)
                     continue
-                response = _encode_state(value, request.opt.accept)
                 if response.payload != last:  # a change elsewhere in the document is not news here
                     last = response.payload
                     serverobservation.trigger(response)
@@ -481,6 +518,10 @@ class _IngestSite(resource.Site):
 
     async def render_to_pipe(self, pipe):
         request = pipe.request
+        refusal = option_refusal(request.opt)  # unknown critical, repeated, proxy options
+        if refusal is not None:
+            pipe.add_response(_error(*refusal), is_last=True)
+            return
         uri_path = request.opt.uri_path
         if not uri_path and request.code.is_request() and request.opt.uri_path_abbrev is None:
             # The Golioth Linux SDK's keep-alive: a request with no path (a CON DELETE). Golioth
@@ -584,8 +625,12 @@ class CoapIngest:
                 if s.plain_enabled:
                     created: list[Any] = []
 
+                    interface = type("IngestUDP6", (IngestUDP6,), {"max_datagram": s.max_datagram,
+                                                                   "block_szx": s.max_block_szx,
+                                                                   "receive_buffer": s.receive_buffer})
+
                     async def plain(mman):
-                        t = await MessageInterfaceUDP6.create_server_transport_endpoint(
+                        t = await interface.create_server_transport_endpoint(
                             mman, log=ctx.log, loop=loop, bind=(s.host, s.port), multicast=[])
                         created.append(t)
                         return t
@@ -616,8 +661,13 @@ class CoapIngest:
         interval = max(0.2, min(s.block_expiry / 2, s.registry_refresh))
         while True:
             await asyncio.sleep(interval)
+            before = self.server.uploads.held_bytes + self.server.state_uploads.held_bytes
             self.server.uploads.sweep()
             self.server.state_uploads.sweep()
+            for table in self.exchange_tables:
+                table.expire()
+            if before - (self.server.uploads.held_bytes + self.server.state_uploads.held_bytes) >= 1 << 20:
+                give_back_memory()  # expired uploads freed megabytes: let RSS come down too
             try:
                 if self.server.registry.refresh():
                     log.info("device registry reloaded: %d devices", len(self.server.registry))

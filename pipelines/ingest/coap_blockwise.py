@@ -15,6 +15,23 @@ Usage (one assembler per server; the CoAP resource calls it for every Block1 req
 The key should identify one upload: (client endpoint, path, Request-Tag). Offsets are tracked in
 bytes, so a client that switches to a smaller block size after the server asked for one (the
 answer carries the server's SZX, RFC 7959 §2.3) re-indexes and carries on seamlessly.
+
+Tokens (uploads without a distinct Request-Tag share one key; RFC 7959 lets a client keep its
+token for all blocks, as the Golioth SDK and libcoap do, or take a new one per block, as aiocoap
+does). Each upload remembers its block-0 token and learns from its first continuation block
+which kind of client it has:
+
+* **same-token client** (a continuation came with the block-0 token): a block 0 with a *new*
+  token is a new upload, the device having given up on the old one (the Golioth SDK restarts
+  exactly so): it replaces the old upload. A continuation block with a token that is not the
+  upload's gets 4.09 (it belongs to a replaced upload, or to a second upload without
+  Request-Tag) and leaves the upload alone: blocks of two uploads are never mixed.
+* **new-token-per-block client**, or not known yet (only block 0 seen): a block 0 with another
+  token cannot be told from a second upload running at the same time, so it gets 4.09 while
+  the upload is active, unless it repeats the stored block 0 byte for byte (a re-sent block 0:
+  answered as before, nothing appended, so what is acknowledged stays exactly the bytes sent).
+* any upload idle for longer than ``restart_grace`` is stale: a block 0 replaces it.
+* a block 0 with the upload's own token restarts it.
 """
 
 from __future__ import annotations
@@ -64,6 +81,7 @@ class _Transfer:
     last_seen: float
     buf: bytearray = field(default_factory=bytearray)
     blocks: int = 0
+    same_token: bool | None = None  # does the client keep its block-0 token? None: not seen yet
 
 
 class Block1Assembler:
@@ -134,17 +152,26 @@ class Block1Assembler:
 
         now = self._clock()
         tr = self._transfers.get(key)
-        if tr is not None and more and len(payload) == size and tr.buf[num * size:(num + 1) * size] == payload:
+        if tr is not None and tr.same_token and token != tr.token and num > 0:
+            # the client keeps its token for all blocks: this block is not of this upload
+            return Refused(CONFLICT, "this block's token is not the one of the upload in progress from "
+                                     "this endpoint to this path (a newer upload replaced it, or two "
+                                     "run at once): send a Request-Tag to run uploads side by side")
+        if tr is not None and more and len(payload) == size and tr.buf[num * size:(num + 1) * size] == payload \
+                and (num > 0 or token == tr.token or not tr.same_token):
             # a block already received, sent again with a new message id (a duplicate older than
-            # the exchange cache, or a restart with the same bytes): answer as before, go on
+            # the exchange cache): answer as before, append nothing, go on
             tr.last_seen = now
             return Continue(num, min(szx, self.max_szx))
         if num == 0:
+            inherited = None
             if tr is not None:
-                # Same token (a device restarting its upload) or a stale transfer: start over.
-                # Otherwise a second upload from the same endpoint to the same path is running
-                # and its blocks would interleave with this one: refuse it rather than mix bodies.
-                if tr.token == token or now - tr.last_seen > self.restart_grace:
+                # Same token (a device restarting its upload), a same-token client's new upload
+                # (the old one was given up), or a stale transfer: start over. Otherwise a second
+                # upload from the same endpoint to the same path may be running and its blocks
+                # would interleave with this one: refuse it rather than mix bodies.
+                if tr.token == token or tr.same_token or now - tr.last_seen > self.restart_grace:
+                    inherited = tr.same_token  # the same client: its late blocks are recognised
                     self._drop(key)
                 else:
                     return Refused(CONFLICT, "another Block1 upload from this endpoint to this path "
@@ -153,6 +180,8 @@ class Block1Assembler:
                 return Refused(SERVICE_UNAVAILABLE, "too many uploads in progress",
                                max_age=self.busy_retry_after)
             tr = _Transfer(token, content_format, now, now)
+            if inherited and token != b"":
+                tr.same_token = True
             self._transfers[key] = tr
         else:
             if tr is None:
@@ -169,6 +198,8 @@ class Block1Assembler:
                 self._drop(key)
                 return Refused(REQUEST_ENTITY_INCOMPLETE,
                                "Content-Format changed in the middle of an upload; start again")
+            if tr.same_token is None:
+                tr.same_token = token == tr.token
 
         if more and len(payload) != size:
             self._drop(key)

@@ -71,6 +71,8 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
 from pipelines.devices import MAX_PSK_IDENTITY, MAX_PSK_KEY, DeviceEntry, DeviceRegistry
+from pipelines.ingest.coap_datagrams import screen
+from pipelines.ingest.datagram_counts import DATAGRAMS
 from pipelines.ingest.dtls_records import (
     CookieJar,
     first_record_is_client_hello,
@@ -456,12 +458,18 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
     def _dispatch(self, session: _Session, plaintext: bytes) -> None:
         if self._mman is None or session.remote is None:
             return
-        try:
-            message = Message.decode(plaintext, remote=session.remote)
-        except Exception:  # aiocoap raises more than UnparsableMessage on hostile input
+        # the checks plain CoAP gets (coap_datagrams.screen): undecodable messages answered
+        # (RST / 4.02) and counted, unknown critical options, type/code misfits, token reuse
+        out = screen(plaintext, session.remote, self._mman)
+        if out.reply is not None:
+            session.remote.send(out.reply)
+        if out.message is None:
             self.stats["undecodable"] += 1
             return
-        self._mman.dispatch_message(message)
+        try:
+            self._mman.dispatch_message(out.message)
+        except Exception as exc:  # never a traceback per datagram
+            DATAGRAMS.note("dispatch_error", f"{type(exc).__name__}: {exc}"[:120], log, exc_info=exc)
 
     # --- datagrams out -----------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.json_limits import loads_bounded
 from pipelines.message import Message, dumps
 from pipelines.state_doc import deep_merge, get_at, set_at
+from pipelines.stream_paths import path_problem
 
 log = logging.getLogger("pipelines.ingest.mqtt")
 
@@ -140,6 +141,9 @@ def parse_stream_topic(topic: str) -> StreamTopic:
         raise TopicError(f"topic {topic!r}: project and device ids are letters, digits, '.', '_', ':' or '-'")
     if not rest or any(seg == "" for seg in rest.split("/")):
         raise TopicError(f"topic {topic!r}: the stream path is empty or has an empty segment")
+    problem = path_problem(rest.split("/"))  # what any path may hold: pipelines.stream_paths
+    if problem is not None:
+        raise TopicError(f"topic {topic!r}: {problem}")
     return StreamTopic(project_id, device_id, "/" + rest)
 
 
