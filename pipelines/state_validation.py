@@ -34,7 +34,9 @@ from typing import Any
 
 import cbor2
 
-MAX_DEPTH = 32
+from pipelines.json_limits import MAX_JSON_DEPTH
+
+MAX_DEPTH = MAX_JSON_DEPTH  # one nesting limit for every JSON the router takes in
 _MIN_INT, _MAX_INT = -(2 ** 63), 2 ** 64 - 1
 
 

@@ -81,7 +81,7 @@ async def test_logs_refuses_an_unknown_level_or_a_non_object(router):
 
 @pytest.mark.parametrize(("payload", "why"), [
     (b'{"t": NaN}', "NaN"), (b'{"t": 1e400}', "finite"), (b'"\\ud800"', "surrogate"),
-    (b"[" * 40 + b"]" * 40, "nested too deeply"),
+    (b"[" * 70 + b"]" * 70, "nested too deeply"),
 ])
 async def test_lightdb_state_refuses_what_json_cannot_serve(router, payload, why):
     with pytest.raises(ComponentError, match=why):
