@@ -23,7 +23,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from pipelines.ingest import Overloaded
 from pipelines.message import Message
 from pipelines.outbound_http import make_client
 from pipelines.secrets import SecretSource
-from pipelines.state_doc import delete_at, get_at, merge_at, set_at
+from pipelines.state_doc import MAX_STATE_BYTES, delete_at, get_at, merge_at, set_at
 from pipelines.store import InboxRow, RoutingOutcome, Store
 
 log = logging.getLogger("pipelines.router")
@@ -90,6 +90,7 @@ class RouterSettings:
     keep_log_rows: int | None = 100_000        # the logs destination
     keep_unmatched_rows: int | None = 10_000   # messages no pipeline matched
     housekeeping_interval: float = 60.0        # seconds between the pruning rounds
+    max_state_bytes: int = MAX_STATE_BYTES     # a device's whole state document, as JSON
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,7 +98,8 @@ class Router:
     def __init__(self, settings: RouterSettings, *, loaded: LoadResult | None = None) -> None:
         self.settings = settings
         self.loaded = loaded
-        self.store = Store(settings.store_path, synchronous=settings.synchronous)
+        self.store = Store(settings.store_path, synchronous=settings.synchronous,
+                           max_state_bytes=settings.max_state_bytes)
         self.http: httpx.AsyncClient | None = None
         self.engine: Engine | None = None
         self.delivery: Delivery | None = None
@@ -105,6 +107,8 @@ class Router:
         self._routing: set[asyncio.Task] = set()  # messages being routed now
         self._watchers: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self._watched_versions: dict[tuple[str, str], int] = {}
+        # ingest front ends (CoAP) add collectors here for GET /metrics (pipelines.metrics)
+        self.metric_sources: list[Callable[[], Iterable[Any]]] = []
         self._tasks: list[asyncio.Task] = []
         self._inbox_event = asyncio.Event()
         self._in_progress: set[str] = set()

@@ -244,8 +244,8 @@ async def test_plain_needs_device_name_and_valid_path(server, client):
     assert r.code == Code.UNAUTHORIZED and b"?d=" in r.payload
     r = await client.request(request(Code.POST, f"{base}/.s/images?d=bad/id", b"x")).response
     assert r.code == Code.BAD_REQUEST
-    r = await client.request(request(Code.POST, f"{base}/.s/?d=cam-01", b"x")).response
-    assert r.code == Code.BAD_REQUEST and b"stream path missing" in r.payload
+    r = await client.request(request(Code.POST, f"{base}/.s/images/a//b?d=cam-01", b"x")).response
+    assert r.code == Code.BAD_REQUEST and b"non-empty" in r.payload
     r = await client.request(request(Code.POST, f"{base}/nothing?d=cam-01", b"x")).response
     assert r.code == Code.NOT_FOUND
     r = await client.request(request(Code.GET, f"{base}/.s/images?d=cam-01")).response
@@ -627,6 +627,8 @@ async def test_keepalives_and_pings_are_quietly_handled(server, client, hook, ca
     raw = RawClient(server.port)
     try:
         raw.send(bytes([0x50, 0x00, 0x12, 0x35]))  # empty NON: the Golioth SDK's keep-alive
+        pong = await raw.receive()
+        assert pong.mtype == aiocoap.RST and pong.mid == 0x1235  # answered: the SDK stays connected
         raw.send(bytes([0x40, 0x00, 0x12, 0x36]))  # empty CON: a CoAP ping, answered with RST
         pong = await raw.receive()
         assert pong.mtype == aiocoap.RST and pong.mid == 0x1236

@@ -10,7 +10,8 @@ Usage::
 
 Resources (see ``/work/shared/specs/devices.md``):
 
-* ``POST /.s/<path>``: one message into the pipelines, path ``/<path>``; Block1 uploads are
+* ``POST /.s/<path>``: one message into the pipelines, path ``/<path>`` (``POST /.s/``: path
+  ``/``); Block1 uploads are
   reassembled here (``coap_blockwise``) with a body limit, a memory cap and expiry. The
   answer is 2.04 Changed only after ``target.accept`` returned (the message is stored); its
   payload is the message id (ASCII), so a device can correlate the frame with its results.
@@ -62,9 +63,12 @@ from pipelines.devices import DeviceRegistry, Resolver
 from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
 from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
+from pipelines.ingest.coap_keepalive import answer_empty_non
 from pipelines.ingest.dtls_server import DtlsOptions, DtlsServerTransport, add_dtls_server, device_from_claims
-from pipelines.ingest.rate_limit import RateLimiter
+from pipelines.ingest.rate_limit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
+from pipelines.json_limits import JSONTooDeep, check_depth, loads_bounded
 from pipelines.message import Message
+from pipelines.state_doc import StateTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,9 @@ LOGGER_NAME = "coap-ingest"  # aiocoap's own messages about our server go here
 
 
 class _KeepAliveFilter(logging.Filter):
-    """The Golioth SDK sends an empty NON as keep-alive every 9 s; aiocoap warns about each one."""
+    """The Golioth SDK sends an empty NON as keep-alive every 9 s. ``coap_keepalive`` answers them
+    before aiocoap sees them; should one reach aiocoap (a transport added later), its warning
+    about each one is dropped here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()  # msg need not be a str
@@ -96,6 +102,7 @@ class _KeepAliveFilter(logging.Filter):
 logging.getLogger(LOGGER_NAME).addFilter(_KeepAliveFilter())
 
 MAX_TOKEN_LENGTH = 8
+MAX_LIMITED_DEVICES = 10_000  # per-device 4.29 counters kept for /metrics
 MAX_PATH_LENGTH = 256
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -117,8 +124,8 @@ class CoapSettings:
     block_expiry: float = 60.0       # seconds an idle upload is kept
     max_block_szx: int = 6           # 1024-byte blocks; smaller makes clients re-index
     max_state_body: int = 64 << 10   # /.d/ documents
-    rate_limit: float = 20.0         # requests/s per device; 0 disables
-    rate_burst: float | None = None  # bucket size; default = rate_limit
+    rate_limit: float = DEFAULT_RATE    # requests/s per device; 0 disables (rate_limit.py: why)
+    rate_burst: float | None = DEFAULT_BURST  # bucket size; None = rate_limit
     busy_retry_after: float = 2.0    # Max-Age on 5.03 from the memory cap
     reuse_port: bool = False         # SO_REUSEPORT, for --workers N on one port
     max_dtls_sessions: int = 4096
@@ -179,6 +186,9 @@ class _Server:
                                              expiry=settings.block_expiry, max_szx=settings.max_block_szx,
                                              busy_retry_after=settings.busy_retry_after)
         self.stats: dict[str, int] = {"accepted": 0, "bytes": 0, "blocks": 0}
+        # (project, device) -> requests answered 4.29; at most MAX_LIMITED_DEVICES series (plain
+        # CoAP devices name themselves), the rest are counted under device "(other)"
+        self.rate_limited: dict[tuple[str, str], int] = {}
 
     def count(self, what: str, n: int = 1) -> None:
         self.stats[what] = self.stats.get(what, 0) + n
@@ -209,6 +219,10 @@ class _Server:
         wait = self.limiter.take((who.project_id, who.device_id))
         if wait:
             self.count("rate_limited")
+            key = (who.project_id, who.device_id)
+            if key not in self.rate_limited and len(self.rate_limited) >= MAX_LIMITED_DEVICES:
+                key = (who.project_id, "(other)")
+            self.rate_limited[key] = self.rate_limited.get(key, 0) + 1
             raise _Refusal(_error(Code.TOO_MANY_REQUESTS,
                                   f"device {who.device_id} is over {self.settings.rate_limit:g} requests/s",
                                   max_age=wait))
@@ -294,9 +308,7 @@ class StreamResource(_Base):
         """Ingest one request (or one block of it); the stream path follows ``skip`` segments."""
         server = self.server
         who = server.who(request)
-        path = _path_of(request, skip)
-        if path == "/":
-            raise _Refusal(_error(Code.BAD_REQUEST, "stream path missing: POST to /.s/<path>"))
+        path = _path_of(request, skip)  # "/" for POST /.s/ (the SDK's stream to the root path)
         body, block1 = await _reassemble(server, server.uploads, request, who, path)
         try:
             content_type, metadata = content_type_for(request.opt.content_format)
@@ -330,16 +342,23 @@ def _encode_state(value: Any, accept: int | None) -> aiocoap.Message:
 def _decode_state(payload: bytes, content_format: int | None) -> Any:
     if content_format in (None, CF_JSON):
         try:
-            return json.loads(payload)
+            return loads_bounded(payload)
+        except JSONTooDeep as exc:
+            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not usable JSON: {exc}")) from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid JSON: {exc}")) from None
         except RecursionError:
             raise _Refusal(_error(Code.BAD_REQUEST, "payload is not usable JSON: nested too deeply")) from None
     if content_format == CF_CBOR:
         try:
-            return cbor2.loads(payload)
+            value = cbor2.loads(payload)
         except Exception as exc:  # cbor2 raises several types for bad input
             raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid CBOR: {exc}")) from None
+        try:
+            check_depth(value)
+        except JSONTooDeep as exc:
+            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not usable: {exc}")) from None
+        return value
     raise _Refusal(_error(Code.UNSUPPORTED_CONTENT_FORMAT, "state takes JSON (50) or CBOR (60)"))
 
 
@@ -350,12 +369,18 @@ class StateResource(_Base, resource.ObservableResource):
 
     def __init__(self, server: _Server) -> None:
         super().__init__(server)
+        # Observe registrations: id(request) -> the first answer add_observation read, taken by
+        # render_get, which aiocoap calls next with the same request object
+        self._first_answers: dict[int, aiocoap.Message] = {}
 
     async def needs_blockwise_assembly(self, request):
         # GET answers may need Block2 (aiocoap does that); uploads go through our limited spool.
         return request.code in (Code.GET, Code.FETCH)
 
     async def render_get(self, request):
+        first = self._first_answers.pop(id(request), None)
+        if first is not None:  # an Observe registration: add_observation has read the document
+            return first
         who = self.server.who(request)
         path = _path_of(request)
         if request.opt.observe is None:
@@ -372,7 +397,10 @@ class StateResource(_Base, resource.ObservableResource):
             value = _decode_state(body, request.opt.content_format)
         finally:
             server.state_uploads.release(len(body))
-        await server.target.set_state(who.project_id, who.device_id, path, value, merge=merge)
+        try:
+            await server.target.set_state(who.project_id, who.device_id, path, value, merge=merge)
+        except StateTooLarge as exc:
+            return _error(Code.REQUEST_ENTITY_TOO_LARGE, str(exc))
         response = aiocoap.Message(code=Code.CHANGED)
         if block1 is not None:
             response.opt.block1 = block1
@@ -402,9 +430,23 @@ class StateResource(_Base, resource.ObservableResource):
         # One reader per observation, woken by changes: the last read always follows the last
         # write, so a slow read can never deliver an older document after a newer one.
         dirty = asyncio.Event()
+        stop = self.server.target.watch_state(who.project_id, who.device_id, dirty.set)
+        # The first answer is read here, after the watch is in place, and is what the pump
+        # compares with: a change that lands before or during this read wakes the pump, which
+        # then sends only a document that differs from the first answer (one notification per
+        # registration, not a copy of the first answer a few ms later).
+        try:
+            value = await self.server.target.get_state(who.project_id, who.device_id, path)
+        except BaseException:
+            stop()
+            raise
+        first = _encode_state(value, request.opt.accept)
+        if not first.code.is_successful():
+            stop()
+            return  # 4.06: render answers it and the observation ends
+        self._first_answers[id(request)] = first  # render_get answers with it (next, same task)
 
-        async def pump() -> None:
-            last: bytes | None = None
+        async def pump(last: bytes) -> None:
             while True:
                 await dirty.wait()
                 dirty.clear()
@@ -418,12 +460,12 @@ class StateResource(_Base, resource.ObservableResource):
                     last = response.payload
                     serverobservation.trigger(response)
 
-        task = asyncio.get_running_loop().create_task(pump(), name=f"observe {who.device_id}{path}")
-        stop = self.server.target.watch_state(who.project_id, who.device_id, dirty.set)
+        task = asyncio.get_running_loop().create_task(pump(first.payload), name=f"observe {who.device_id}{path}")
 
         def cancelled() -> None:
             stop()
             task.cancel()
+            self._first_answers.pop(id(request), None)
 
         serverobservation.accept(cancelled)
 
@@ -440,6 +482,14 @@ class _IngestSite(resource.Site):
     async def render_to_pipe(self, pipe):
         request = pipe.request
         uri_path = request.opt.uri_path
+        if not uri_path and request.code.is_request() and request.opt.uri_path_abbrev is None:
+            # The Golioth Linux SDK's keep-alive: a request with no path (a CON DELETE). Golioth
+            # answers 4.04 and the SDK takes any answer; cheap, and never rate-limited.
+            self.stream.server.count("keepalives")
+            response = aiocoap.Message(code=Code.NOT_FOUND)
+            response.opt.no_response = request.opt.no_response
+            pipe.add_response(response, is_last=True)
+            return
         if (uri_path and uri_path[0] == ".s" and request.code == Code.POST
                 and request.opt.uri_path_abbrev is None):
             try:
@@ -466,6 +516,8 @@ def build_site(server: _Server) -> resource.Site:
     site = _IngestSite(stream)
     site.add_resource([".s"], stream)
     site.add_resource([".d"], StateResource(server))
+    from pipelines.device_services import add_device_services  # here: they import this module
+    add_device_services(site, server)  # /.u (OTA), /.c (settings), /.rpc
     site.add_resource([".well-known", "core"],
                       resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
     return site
@@ -551,6 +603,10 @@ class CoapIngest:
             self.context = None
             raise
         self.exchange_tables = cap_recent_exchanges(ctx, s.max_recent_exchanges)
+        answer_empty_non(ctx, count=lambda: self.server.count("keepalives"))
+        sources = getattr(self.server.target, "metric_sources", None)
+        if isinstance(sources, list):
+            sources.append(self.collect_metrics)
         self._housekeeping = loop.create_task(self._housekeep(), name="coap-ingest housekeeping")
         log.info("CoAP ingest listening: plain=%s dtls=%s on %s", self.port, self.dtls_port, s.host)
         return self
@@ -568,7 +624,33 @@ class CoapIngest:
             except Exception as exc:  # keep serving with the old registry
                 log.error("device registry not reloaded: %s", exc)
 
+    def collect_metrics(self) -> Iterator[Any]:
+        """Prometheus metric families for ``GET /metrics`` (``pipelines.metrics``)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        limited = CounterMetricFamily("pipeline_coap_rate_limited",
+                                      "CoAP requests answered 4.29 by the per-device rate limit",
+                                      labels=["project", "device"])
+        for (project, device), n in sorted(self.server.rate_limited.items()):
+            limited.add_metric([project, device], n)
+        yield limited
+        stats = self.stats
+        for name, help_text in (("accepted", "stream messages accepted over CoAP"),
+                                ("keepalives", "keep-alives answered (NON Empty: RST; path-less: 4.04)"),
+                                ("overloaded", "requests answered 5.03 because the router was busy")):
+            c = CounterMetricFamily(f"pipeline_coap_{name}", help_text)
+            c.add_metric([], stats.get(name, 0))
+            yield c
+        rate = GaugeMetricFamily("pipeline_coap_rate_limit", "per-device rate limit settings",
+                                 labels=["setting"])
+        rate.add_metric(["requests_per_second"], self.server.limiter.rate)
+        rate.add_metric(["burst"], self.server.limiter.burst)
+        yield rate
+
     async def stop(self) -> None:
+        sources = getattr(self.server.target, "metric_sources", None)
+        if isinstance(sources, list) and self.collect_metrics in sources:
+            sources.remove(self.collect_metrics)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
