@@ -321,6 +321,7 @@ class Camera:
         """Sleep ``seconds``, pinging whenever the link has been quiet for ``keepalive``."""
         deadline = time.monotonic() + max(0.0, seconds)
         while True:
+            _raise_if_cancelled()
             now = time.monotonic()
             if now >= deadline:
                 return
@@ -374,6 +375,7 @@ class Camera:
     async def _observe_loop(self) -> None:
         backoff = self.config.backoff_initial
         while True:
+            _raise_if_cancelled()
             if not self._link_healthy.is_set():
                 await self._link_healthy.wait()
             self._resubscribe.clear()
@@ -501,3 +503,12 @@ def _decode_document(payload: bytes, content_format: int | None) -> Any:
 def _device_number(device_id: str) -> int:
     digits = "".join(ch for ch in device_id if ch.isdigit())
     return int(digits[-6:]) if digits else sum(device_id.encode())
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that something below swallowed: Python 3.11's ``asyncio.wait_for``
+    returns the result instead when its future completes as the task is cancelled (a ping answered
+    just as the camera stops), and the camera's loops would then run on and never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -102,6 +102,7 @@ class _ServerLink(asyncio.DatagramProtocol):
         self._established = False
         self._pending: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
+        self.opened: asyncio.Future | None = None   # the socket being opened
 
     async def open(self, loop: asyncio.AbstractEventLoop) -> None:
         infos = await loop.getaddrinfo(*self.hostport, type=socket.SOCK_DGRAM)
@@ -319,9 +320,16 @@ class DtlsClientTransport(interfaces.MessageInterface):
         hostport = (host, port or 5684)
         link = self._links.get(hostport)
         if link is None:
-            link = _ServerLink(self, hostport)
-            await link.open(self._loop)
-            self._links[hostport] = link
+            # Stored before the first await: concurrent first requests (an observation and an
+            # upload) must share one socket and one session, as on a device.
+            link = self._links[hostport] = _ServerLink(self, hostport)
+            link.opened = asyncio.ensure_future(link.open(self._loop))
+        try:
+            await asyncio.shield(link.opened)
+        except BaseException:
+            if self._links.get(hostport) is link and link.opened.done():
+                del self._links[hostport]
+            raise
         return link.remote
 
     async def recognize_remote(self, remote: Any) -> bool:
