@@ -400,9 +400,9 @@ def run_case(case: str, work: Path, frames: list[tuple[int, bytes]], cameras: in
                 pub.probe(120.0)
                 pub.run(1, warm)
                 spies = [] if profile is None or case == "node-red" else [subprocess.Popen(
-                    [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(p.pid), "--rate", "200", "--format", "raw",
-                     "--output", str(profile / f"{case}-{i}.txt")], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL) for i, p in enumerate(procs)]
+                    [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(p.pid),
+                     "--rate", "200", "--format", "raw", "--output", str(profile / f"{case}-{i}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i, p in enumerate(procs)]
                 cpu0 = sum(cpu_seconds(p.pid) for p in procs)
                 broker_cpu0 = cpu_seconds(broker.proc.pid)  # type: ignore[union-attr]
                 t0 = time.monotonic()

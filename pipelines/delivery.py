@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from pipelines.components import ComponentError, DeliveryError, Destination
-from pipelines.engine import RuntimePipeline, RuntimeStep
+from pipelines.engine import RuntimePipeline, RuntimeStep, rebuild_message
 from pipelines.metrics import LatencyHistogram
 from pipelines.retry import RetryPolicy
 from pipelines.secrets import redact
@@ -78,10 +79,12 @@ class QueueWorker:
     stays in ``_held`` from the moment it is read until its outcome is committed, so a
     later read never hands out a row already being worked on."""
 
-    def __init__(self, store: Store, pipeline: str, step: RuntimeStep) -> None:
+    def __init__(self, store: Store, pipeline: str, step: RuntimeStep,
+                 runtime: RuntimePipeline | None = None) -> None:
         assert step.destination is not None
         self.store = store
         self.pipeline = pipeline
+        self.runtime = runtime  # rebuilds the request of rows stored with rebuild set
         self.step = step
         self.destination: Destination = step.destination
         cfg = step.config
@@ -193,6 +196,12 @@ class QueueWorker:
             if self.bucket:
                 await self.bucket.take()
             try:
+                if row.rebuild:  # the routed message is stored: make the step's request again
+                    if self.runtime is None:
+                        raise ComponentError(f"delivery {row.seq} needs its pipeline to rebuild the request")
+                    message = await rebuild_message(self.runtime, row.step_index, row.step, row.message)
+                    # from here on it is the request: a dead letter keeps these exact bytes
+                    row = dataclasses.replace(row, message=message, rebuild=False)
                 if self.timeout:
                     # asyncio.timeout rather than wait_for: no extra task per delivery
                     async with asyncio.timeout(self.timeout):
@@ -266,7 +275,7 @@ class Delivery:
         for p in pipelines:
             for s in p.steps:
                 if s.destination is not None:
-                    w = QueueWorker(store, p.name, s)
+                    w = QueueWorker(store, p.name, s, p)
                     self.workers[w.key] = w
 
     async def start(self) -> None:

@@ -14,8 +14,12 @@ socket-attribute table and issues ``getpeername`` and a fresh ``poll`` object. O
 webhook delivery path that was about a quarter of the CPU per POST. This backend does the
 same job with an ``asyncio.Protocol``: reads come from the protocol's buffer, writes go
 straight to the transport (waiting only when asyncio says its buffer is full), timeouts use
-``asyncio.timeout``, and the liveness check looks at the buffer first and then polls the
-socket with one ``poll`` object kept per connection.
+``asyncio.timeout``, and the liveness check looks at what the protocol has seen (data, EOF,
+a lost connection). Only a connection idle for ``POLL_IDLE_AFTER`` seconds or more also has
+its socket polled (one ``poll`` object kept per connection), for a FIN that arrived after the
+event loop last looked: that is when an idle timeout can close a connection, and polling every
+idle connection each time any request starts or ends was 8% of an mqtt-worker's CPU
+(``bench/frames_to_webhook.py``).
 
 The HTTP itself (h11, pooling, keep-alive, TLS via ``ssl``) stays httpcore's and httpx's;
 errors are httpcore's own types (``ConnectError``, ``ReadTimeout``, ...), which httpx maps
@@ -27,12 +31,15 @@ from __future__ import annotations
 import asyncio
 import select
 import ssl
+import time
 import typing
 
 import httpcore
 
 # pause reading above this much unread data; resume below half of it
 READ_HIGH_WATER = 1 << 20
+# poll the socket of connections idle at least this long (servers' idle timeouts are longer)
+POLL_IDLE_AFTER = 0.5
 
 
 class _Protocol(asyncio.Protocol):
@@ -93,6 +100,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._transport = transport
         self._protocol = protocol
         self._poll: select.poll | None = None
+        self._last_read = time.monotonic()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         p = self._protocol
@@ -106,6 +114,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             finally:
                 p.read_waiter = None
         if p.buffer:
+            self._last_read = time.monotonic()
             data = bytes(p.buffer[:max_bytes])
             del p.buffer[:max_bytes]
             if p.reading_paused and len(p.buffer) < READ_HIGH_WATER // 2:
@@ -175,6 +184,8 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         p = self._protocol
         if p.buffer or p.eof or self._transport.is_closing():
             return True
+        if time.monotonic() - self._last_read < POLL_IDLE_AFTER:
+            return False  # answered just now: no idle timeout can have closed it
         # the event loop may not have seen the socket since the server's FIN arrived
         if self._poll is None:
             sock = self._transport.get_extra_info("socket")

@@ -17,7 +17,9 @@ runs in its own SAVEPOINT, so one failing write never takes its neighbours down.
 Tables: ``inbox`` (accepted, not yet routed), ``deliveries`` (one queue per destination
 step), ``payloads`` (the bytes of inbox and delivery rows, stored once and shared by
 reference count: a frame that goes unchanged to two destinations is written once),
-``dead_letters`` (each with its own copy of the exact bytes), ``state`` (device documents),
+``dead_letters`` (each with its own copy of the exact bytes). A delivery row with ``rebuild``
+set holds the routed message rather than the request its step sends (see
+``pipelines.engine``): a frame is then written once, not once more as the request body, ``state`` (device documents),
 ``stream``, ``logs``, ``unmatched``, ``counters`` (the accounting books), ``predictions`` (correlation of a
 prediction with the frame that caused it), ``webhooks_seen`` (idempotency).
 
@@ -60,7 +62,8 @@ CREATE TABLE IF NOT EXISTS deliveries(
   project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL,
   content_type TEXT NOT NULL, timestamp REAL NOT NULL, metadata TEXT NOT NULL, payload_id INTEGER NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
-  first_attempt_at REAL, last_status INTEGER, last_error TEXT, created_at REAL NOT NULL
+  first_attempt_at REAL, last_status INTEGER, last_error TEXT, created_at REAL NOT NULL,
+  rebuild INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries(pipeline, step, next_attempt_at);
 CREATE TABLE IF NOT EXISTS dead_letters(
@@ -157,6 +160,8 @@ class DeliveryRow:
     attempts: int
     first_attempt_at: float | None
     message: Message
+    # message is the routed one: pipelines.engine.rebuild_message makes the step's request
+    rebuild: bool = False
 
 
 @dataclass
@@ -317,6 +322,8 @@ class Store:
             if old and "payload_id" not in old:
                 raise StoreError(f"{self.path} was written by an older version of the router (payloads "
                                  "were kept per row); move it aside and start with a new store")
+            if old and "rebuild" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
+                conn.execute("ALTER TABLE deliveries ADD COLUMN rebuild INTEGER NOT NULL DEFAULT 0")
             conn.executescript(SCHEMA)
             conn.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)",
                              [(c,) for c in COUNTERS])
@@ -653,9 +660,10 @@ class Store:
         for d, pid in zip(items, pids, strict=True):
             seqs.append(conn.execute(
                 "INSERT INTO deliveries(message_id, pipeline, step, step_index, project_id, device_id,"
-                " path, content_type, timestamp, metadata, payload_id, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (d.message.id, d.pipeline, d.step, d.step_index, *_meta_values(d.message), pid, now)
+                " path, content_type, timestamp, metadata, payload_id, created_at, rebuild)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (d.message.id, d.pipeline, d.step, d.step_index, *_meta_values(d.message), pid, now,
+                 int(d.rebuild))
             ).lastrowid)
         Store._bump(conn, "deliveries_enqueued", len(items))
         return seqs  # type: ignore[return-value]
@@ -688,10 +696,10 @@ class Store:
             rows = conn.execute(
                 "SELECT d.seq, d.pipeline, d.step, d.step_index, d.attempts, d.first_attempt_at,"
                 " d.message_id, d.project_id, d.device_id, d.path, d.content_type, d.timestamp,"
-                " d.metadata, p.data FROM deliveries d JOIN payloads p ON p.id = d.payload_id"
+                " d.metadata, p.data, d.rebuild FROM deliveries d JOIN payloads p ON p.id = d.payload_id"
                 f" WHERE d.seq IN ({','.join('?' * len(seqs))})", seqs).fetchall()
             by_seq = {r[0]: r for r in rows}
-            return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6))
+            return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6), bool(r[14]))
                     for r in (by_seq[s] for s in seqs if s in by_seq)]
         return await self._run(op)
 
@@ -1012,6 +1020,7 @@ class PendingDelivery:
     pipeline: str
     step: str
     step_index: int
+    rebuild: bool = False  # message is the routed one, not the step's request (pipelines.engine)
 
 
 @dataclass
