@@ -54,7 +54,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.components import DeliveryError
-from pipelines.http_backend import AsyncioBackend
+from pipelines.http_backend import use_asyncio_pool
 from pipelines.message import Message
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,7 @@ def make_client(*, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, limits: htt
     limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=100)
     if not urllib.request.getproxies():
         transport = httpx.AsyncHTTPTransport(limits=limits, verify=verify)
-        pool = getattr(transport, "_pool", None)
-        if hasattr(pool, "_network_backend"):
-            pool._network_backend = AsyncioBackend()  # type: ignore[union-attr]
+        if use_asyncio_pool(getattr(transport, "_pool", None)):
             return httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
     return httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify)
 
