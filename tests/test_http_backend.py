@@ -49,6 +49,7 @@ def test_make_client_uses_the_asyncio_backend(monkeypatch):
     {},
     {"authorization": "Bearer t0ken", "CE-TYPE": "custom.type", "X-Extra": "é"},
     {"x-a": "1", "content-type": "text/plain", "X-A": "2", "ce-id": "mine"},
+    {"User-Agent": "cam-router/1", "accept": "application/json"},  # replace httpx's defaults
 ])
 async def test_same_request_on_the_wire_as_stock_httpx_with_build_headers(headers):
     """post_message's cached header building gives what build_headers + stock httpx gave."""
