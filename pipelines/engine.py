@@ -121,6 +121,9 @@ class Engine:
         self.pipelines = pipelines
         # deliveries after deterministic transformers carry the routed message (module docstring)
         self.rebuild = rebuild
+        # pipelines whose transformers are all deterministic: routing them is local work
+        self._local = {p.name: all(s.transformer is None or s.transformer.deterministic for s in p.steps)
+                       for p in pipelines}
         self.by_name = {p.name: p for p in pipelines}
         # per (pipeline, step): transformer failures, for metrics
         self.transform_failed: dict[tuple[str, str], int] = {}
@@ -131,6 +134,11 @@ class Engine:
             return delivery.message
         return await rebuild_message(self.by_name[delivery.pipeline], delivery.step_index, delivery.step,
                                      delivery.message)
+
+    def routes_locally(self, message: Message) -> bool:
+        """True when routing ``message`` runs only deterministic transformers (no network, no
+        waiting): cheap enough to do before the message is acknowledged."""
+        return all(self._local[p.name] for p in self.matching(message))
 
     def matching(self, message: Message) -> list[RuntimePipeline]:
         return [p for p in self.pipelines

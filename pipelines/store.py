@@ -493,18 +493,27 @@ class Store:
         return await self._run(op)
 
     async def add_inbox_many(self, messages: Sequence[Message],
-                             dedup_keys: Sequence[str | None] | None = None) -> list[bool]:
+                             dedup_keys: Sequence[str | None] | None = None,
+                             outcomes: Sequence[RoutingOutcome | None] | None = None) -> list[bool]:
         """``add_inbox`` for many messages in one store operation (one transaction, one
         thread hand-off): one answer per message, in order, each as ``add_inbox`` would have
         given it had the messages been added one after the other (a second message with
         the same id, or the same dedup key, in one batch is a duplicate). All are committed
-        when it returns, or none (it raises)."""
+        when it returns, or none (it raises).
+
+        ``outcomes`` (routed at ingest, see ``Router.accept_many``): a message with an
+        outcome is not put in the inbox but recorded as routed at once, as ``finish_message``
+        would (its deliveries share its payload row): one transaction and one write of its
+        bytes instead of an inbox row written, read back and deleted."""
         messages = list(messages)
         if not messages:
             return []
         keys = list(dedup_keys) if dedup_keys is not None else [None] * len(messages)
         if len(keys) != len(messages):
             raise ValueError(f"{len(keys)} dedup keys for {len(messages)} messages")
+        routed = list(outcomes) if outcomes is not None else [None] * len(messages)
+        if len(routed) != len(messages):
+            raise ValueError(f"{len(routed)} outcomes for {len(messages)} messages")
         now = time.time()
         rows = [(m.id, *_meta_values(m)) for m in messages]
 
@@ -531,14 +540,34 @@ class Store:
             if new_keys:
                 conn.executemany("INSERT INTO webhooks_seen(webhook_id, seen_at) VALUES (?, ?)", new_keys)
             if taken:
-                # we hold the write lock (BEGIN IMMEDIATE), so the ids after the largest are ours
+                # we hold the write lock (BEGIN IMMEDIATE), so the ids after the largest are ours;
+                # a message routed at ingest that nothing wanted needs no payload row
                 first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM payloads").fetchone()[0]
+                kept = [i for i in taken if routed[i] is None or routed[i].matched]  # type: ignore[union-attr]
+                pids = {i: first + n for n, i in enumerate(kept)}
                 conn.executemany("INSERT INTO payloads(id, refs, data) VALUES (?, 1, ?)",
-                                 [(first + n, messages[i].payload) for n, i in enumerate(taken)])
+                                 [(pids[i], messages[i].payload) for i in kept])
                 conn.executemany(
                     "INSERT INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
                     " metadata, payload_id, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    [(*rows[i], first + n, now) for n, i in enumerate(taken)])
+                    [(*rows[i], pids[i], now) for i in kept if routed[i] is None])
+                unmatched = []
+                for i in taken:
+                    outcome, m = routed[i], messages[i]
+                    if outcome is None:
+                        continue
+                    if not outcome.matched:
+                        unmatched.append((m.id, m.project_id, m.device_id, m.path, m.content_type, now))
+                        continue
+                    Store._bump(conn, "routed")
+                    Store._insert_deliveries(conn, outcome.deliveries, now, (m.payload, pids[i]))
+                    Store._insert_dead(conn, outcome.dead, now)
+                    Store._bump(conn, "runs_completed", outcome.runs_completed)
+                    Store._bump(conn, "runs_dead", outcome.runs_dead)
+                if unmatched:
+                    conn.executemany("INSERT INTO unmatched(message_id, project_id, device_id, path,"
+                                     " content_type, time) VALUES (?,?,?,?,?,?)", unmatched)
+                    Store._bump(conn, "unmatched", len(unmatched))
             Store._bump(conn, "ingested", len(taken))
             Store._bump(conn, "duplicates", len(messages) - len(taken))
             return answers
