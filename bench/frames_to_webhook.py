@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -375,6 +376,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` (by thread id: the main thread's is ``pid``)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):  # a thread that just ended
+            out[int(task.name)] = cpu_seconds_of(task / "stat")
+    return out
+
+
+def cpu_seconds_of(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -404,6 +419,7 @@ def run_case(case: str, work: Path, frames: list[tuple[int, bytes]], cameras: in
                      "--rate", "200", "--format", "raw", "--output", str(profile / f"{case}-{i}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i, p in enumerate(procs)]
                 cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+                threads0 = [thread_cpu(p.pid) for p in procs]
                 broker_cpu0 = cpu_seconds(broker.proc.pid)  # type: ignore[union-attr]
                 t0 = time.monotonic()
                 pub.run(warm, len(frames))
@@ -411,6 +427,11 @@ def run_case(case: str, work: Path, frames: list[tuple[int, bytes]], cameras: in
                 cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
                 broker_cpu = cpu_seconds(broker.proc.pid) - broker_cpu0  # type: ignore[union-attr]
                 rss = max(peak_rss_mb(p.pid) for p in procs)
+                threads = []  # per process: CPU ms per frame of its busiest threads
+                for p, before in zip(procs, threads0, strict=True):
+                    after = thread_cpu(p.pid)
+                    used = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
+                    threads.append([("main" if t == p.pid else f"t{t - p.pid}", s) for s, t in used[:4]])
                 for spy in spies:
                     spy.send_signal(2)  # SIGINT: py-spy writes what it sampled
                     spy.wait(30)
@@ -440,7 +461,7 @@ def run_case(case: str, work: Path, frames: list[tuple[int, bytes]], cameras: in
     return {"case": case, "rate": rate, "cpu_ms": 1000 * cpu / max(1, len(arrivals)), "cores": cpu / wall,
             "broker_ms": 1000 * broker_cpu / max(1, len(arrivals)), "rss": rss, "procs": len(procs),
             "lost": main - len(arrivals), "dups": stats["duplicates"], "bad": stats["bad"],
-            "bad_samples": stats["bad_samples"]}
+            "bad_samples": stats["bad_samples"], "threads": threads}
 
 
 LABELS = {"baseline": "hand-written subscriber -> POST (no durability)", "node-red": "Node-RED 5 (no durability)"}
@@ -473,6 +494,9 @@ def main() -> None:
             print(f"running {case} ...", flush=True)
             r = run_case(case, work, frames, args.cameras, args.warmup, args.window, args.profile)
             results.append(r)
+            seen = max(1, args.frames - r["lost"])
+            print("  CPU ms/frame by thread:", "; ".join(
+                ", ".join(f"{name} {1000 * s / seen:.2f}" for name, s in proc) for proc in r["threads"]))
             if r["bad_samples"]:
                 print("  bad requests:", r["bad_samples"])
             if r["lost"]:

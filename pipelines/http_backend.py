@@ -276,12 +276,13 @@ class AsyncioConnectionPool(httpcore.AsyncConnectionPool):
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         closing: list[httpcore.AsyncConnectionInterface] = []
         connections = self._connections
-        # closed, expired, and idle ones over the keep-alive limit go (as httpcore does)
+        # closed, expired, and idle ones over the keep-alive limit go (as httpcore does; only an
+        # idle connection can have expired: httpcore's has_expired is False while one is busy)
         for connection in list(connections):
             if connection.is_closed():
                 connections.remove(connection)
-            elif connection.has_expired() or (
-                    connection.is_idle() and len(connections) > self._max_keepalive_connections):
+            elif connection.is_idle() and (connection.has_expired()
+                                           or len(connections) > self._max_keepalive_connections):
                 connections.remove(connection)
                 closing.append(connection)
         for pool_request in self._requests:
