@@ -17,12 +17,12 @@ The three step rules:
   the message as it was before this step.
 
 Rebuilt deliveries: when every transformer between the message and a destination is
-``deterministic`` (a pure function of the message), the delivery carries the routed message
-itself with ``rebuild=True`` instead of the transformed one. The store then keeps the frame's
-bytes once (the inbox row's payload passes to the delivery) rather than writing the
-request body a second time, and the delivery worker recomputes the body with
-``rebuild_message`` just before sending. The transformers still run at routing time, so a
-message they reject becomes a dead letter then, as always.
+``deterministic`` (a pure function of the message), the delivery also carries the routed
+message as its ``source``. The store then keeps that (the frame's bytes, once: the inbox
+row's payload passes to the delivery) rather than writing the request body a second time,
+and the delivery worker recomputes the request with ``rebuild_message`` just before sending.
+The transformers still run at routing time, so a message they reject becomes a dead letter
+then, as always; ``PendingDelivery.message`` is the request, as for any delivery.
 """
 
 from __future__ import annotations
@@ -128,13 +128,6 @@ class Engine:
         # per (pipeline, step): transformer failures, for metrics
         self.transform_failed: dict[tuple[str, str], int] = {}
 
-    async def request_of(self, delivery: PendingDelivery) -> Message:
-        """The message ``delivery``'s destination is given (rebuilt if it was stored so)."""
-        if not delivery.rebuild:
-            return delivery.message
-        return await rebuild_message(self.by_name[delivery.pipeline], delivery.step_index, delivery.step,
-                                     delivery.message)
-
     def routes_locally(self, message: Message) -> bool:
         """True when routing ``message`` runs only deterministic transformers (no network, no
         waiting): cheap enough to do before the message is acknowledged."""
@@ -195,11 +188,9 @@ class Engine:
                                             len(out.payload), preview=out.payload[:300],
                                             seconds=time.perf_counter() - t0))
             if step.destination is not None:
-                if pure and (step.transformer is None or step.transformer.deterministic):
-                    deliveries.append(PendingDelivery(message, pipeline.name, step.name, step.index,
-                                                      rebuild=out is not message))
-                else:
-                    deliveries.append(PendingDelivery(out, pipeline.name, step.name, step.index))
+                rebuildable = pure and (step.transformer is None or step.transformer.deterministic)
+                deliveries.append(PendingDelivery(out, pipeline.name, step.name, step.index,
+                                                  source=message if rebuildable and out is not message else None))
                 if trace:
                     traces.append(StepTrace(pipeline.name, step.name, "enqueued", out.content_type,
                                             len(out.payload)))

@@ -664,8 +664,9 @@ class Store:
         items = list(items)
         groups: dict[int, list[int]] = {}  # id(bytes) -> indexes of items carrying them
         blobs: dict[int, bytes] = {}
-        for i, d in enumerate(items):
-            data = d.message.payload
+        stored = [d.source if d.source is not None else d.message for d in items]
+        for i, m in enumerate(stored):
+            data = m.payload
             groups.setdefault(id(data), []).append(i)
             blobs[id(data)] = data
         pids: list[int] = [0] * len(items)
@@ -686,13 +687,12 @@ class Store:
             elif not inbox_refs:
                 _release_payloads(conn, {inbox_payload[1]: 1})
         seqs = []
-        for d, pid in zip(items, pids, strict=True):
+        for d, m, pid in zip(items, stored, pids, strict=True):
             seqs.append(conn.execute(
                 "INSERT INTO deliveries(message_id, pipeline, step, step_index, project_id, device_id,"
                 " path, content_type, timestamp, metadata, payload_id, created_at, rebuild)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (d.message.id, d.pipeline, d.step, d.step_index, *_meta_values(d.message), pid, now,
-                 int(d.rebuild))
+                (m.id, d.pipeline, d.step, d.step_index, *_meta_values(m), pid, now, int(d.rebuild))
             ).lastrowid)
         Store._bump(conn, "deliveries_enqueued", len(items))
         return seqs  # type: ignore[return-value]
@@ -1049,7 +1049,14 @@ class PendingDelivery:
     pipeline: str
     step: str
     step_index: int
-    rebuild: bool = False  # message is the routed one, not the step's request (pipelines.engine)
+    # the routed message the request was made from by deterministic steps only: the store
+    # keeps it (the frame, shared with the inbox row) instead of the request, and the delivery
+    # worker makes the request again (pipelines.engine.rebuild_message)
+    source: Message | None = None
+
+    @property
+    def rebuild(self) -> bool:
+        return self.source is not None
 
 
 @dataclass

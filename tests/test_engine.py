@@ -9,7 +9,7 @@ import yaml
 
 from pipelines.components import ComponentContext
 from pipelines.config import load_pipelines
-from pipelines.engine import Engine, build_pipelines
+from pipelines.engine import Engine, build_pipelines, rebuild_message
 from pipelines.message import Message
 from pipelines.secrets import SecretSource
 from pipelines.store import Store, books_gaps
@@ -46,7 +46,7 @@ async def test_the_three_step_rules(tmp_path: Path) -> None:
     ]}})
     m = message()
     outcome, trace = await engine.route(m, trace=True)
-    got = {d.step: await engine.request_of(d) for d in outcome.deliveries}
+    got = {d.step: d.message for d in outcome.deliveries}
     assert list(got) == ["d0", "d2", "both", "d4"]
     assert got["d0"].content_type == "application/json"   # delivered as it came...
     assert got["d2"].content_type == "text/t1"            # ...and the transform replaced it after
@@ -66,8 +66,9 @@ def webhook_transformer() -> dict:
 
 async def test_deliveries_after_deterministic_steps_carry_the_routed_message(tmp_path: Path) -> None:
     """The store keeps a frame once: a delivery whose request only deterministic
-    transformers made carries the routed message and is rebuilt at delivery, giving the
-    request the engine computed; after any other transformer the request itself is kept."""
+    transformers made carries the routed message as its source, from which the request is
+    made again at delivery, the same as the engine computed; after any other transformer
+    there is no source (the request itself is stored)."""
     steps = [
         {"name": "t0", "transformer": relabel("text/t0")},
         {"name": "d1", "destination": hook("d1")},
@@ -78,14 +79,16 @@ async def test_deliveries_after_deterministic_steps_carry_the_routed_message(tmp
     m = message()
     outcome, _ = await engine.route(m)
     assert [(d.step, d.rebuild) for d in outcome.deliveries] == [("d1", True), ("both", True), ("d3", True)]
-    assert all(d.message is m for d in outcome.deliveries)
-    rebuilt = [await engine.request_of(d) for d in outcome.deliveries]
+    assert all(d.source is m for d in outcome.deliveries)
+    runtime = engine.by_name["p"]
+    rebuilt = [await rebuild_message(runtime, d.step_index, d.step, m) for d in outcome.deliveries]
     stored = engine_for(tmp_path, {"p": {"steps": steps}})
     stored.rebuild = False
     plain, _ = await stored.route(m)
     assert [d.rebuild for d in plain.deliveries] == [False] * 3
     assert [(r.content_type, r.payload, r.id) for r in rebuilt] == [
-        (d.message.content_type, d.message.payload, d.message.id) for d in plain.deliveries]
+        (d.message.content_type, d.message.payload, d.message.id) for d in plain.deliveries] == [
+        (d.message.content_type, d.message.payload, d.message.id) for d in outcome.deliveries]
     assert [r.content_type for r in rebuilt] == ["text/t0", "text/both", "text/t0"]
 
     # a transformer that is not deterministic (it calls out) ends it for the later steps
