@@ -2,7 +2,7 @@
 
     python bench/frames_to_webhook.py                   # baseline, 1 worker, 2 workers
     python bench/frames_to_webhook.py --node-red        # ... and Node-RED 5 on the same job
-    python bench/frames_to_webhook.py --cases baseline,1 --frames 1500
+    python bench/frames_to_webhook.py --cases baseline,1 --frames 1500 --rounds 3
 
 The workload: 4 cameras publish unique ~44 KB PNG frames (320x240, ``device_sim`` scenes,
 rendered once and cached before any clock starts) with QoS 1 to
@@ -30,7 +30,10 @@ Consumers, each against a fresh broker, all measured in the same run:
 Columns: frames/s, ratio to the baseline, consumer CPU per frame (user+system of the
 consumer processes over the measured run, from /proc; less sensitive to other load on the
 machine than the rate), cores used, peak RSS of the largest consumer process, frames lost
-(never seen at the sink), duplicates (seen more than once) and bad requests.
+(never seen at the sink), duplicates (seen more than once) and bad requests. On a shared
+machine use ``--rounds 3``: every case runs three times in alternating order and the table
+shows medians (per run, the CPU per frame of each consumer thread is printed too).
+Profile with ``--profile DIR`` (py-spy, raw collapsed stacks per consumer process).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -475,6 +479,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=200, help="frames published but not yet at the sink")
     ap.add_argument("--cases", default="baseline,1,2", help="comma-separated: baseline, N (mqtt-workers), node-red")
     ap.add_argument("--node-red", action="store_true", help="add the node-red case")
+    ap.add_argument("--rounds", type=int, default=1, help="run every case this many times; medians are shown")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="py-spy record (raw collapsed stacks) each Python consumer during the measured run"
                          " (py-spy costs CPU: the figures of a profiled run are not comparable)")
@@ -486,24 +491,33 @@ def main() -> None:
     per_camera = -(-total // args.cameras)
     frames = load_frames(args.cameras, per_camera)[:total]
     size = sum(len(p) for _, p in frames) / len(frames)
-    results = []
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        for case in cases:
-            work = Path(tmp) / case
-            work.mkdir()
-            print(f"running {case} ...", flush=True)
-            r = run_case(case, work, frames, args.cameras, args.warmup, args.window, args.profile)
-            results.append(r)
-            seen = max(1, args.frames - r["lost"])
-            print("  CPU ms/frame by thread:", "; ".join(
-                ", ".join(f"{name} {1000 * s / seen:.2f}" for name, s in proc) for proc in r["threads"]))
-            if r["bad_samples"]:
-                print("  bad requests:", r["bad_samples"])
-            if r["lost"]:
-                for log in sorted(work.glob("*.log")):
-                    print(f"  --- {log.name} (tail)\n", log.read_text(errors="replace")[-1500:])
+        for round_ in range(args.rounds):
+            for case in cases if round_ % 2 == 0 else cases[::-1]:  # alternate the order
+                work = Path(tmp) / f"{case}-{round_}"
+                work.mkdir()
+                print(f"running {case} (round {round_ + 1}) ...", flush=True)
+                r = run_case(case, work, frames, args.cameras, args.warmup, args.window, args.profile)
+                runs[case].append(r)
+                seen = max(1, args.frames - r["lost"])
+                print(f"  {r['rate']:.0f} frames/s, {r['cpu_ms']:.2f} CPU ms/frame; by thread:", "; ".join(
+                    ", ".join(f"{name} {1000 * s / seen:.2f}" for name, s in proc) for proc in r["threads"]))
+                if r["bad_samples"]:
+                    print("  bad requests:", r["bad_samples"])
+                if r["lost"]:
+                    for log in sorted(work.glob("*.log")):
+                        print(f"  --- {log.name} (tail)\n", log.read_text(errors="replace")[-1500:])
+    results = [{"case": case, "rate": statistics.median(r["rate"] for r in rs),
+                "cpu_ms": statistics.median(r["cpu_ms"] for r in rs),
+                "cores": statistics.median(r["cores"] for r in rs),
+                "broker_ms": statistics.median(r["broker_ms"] for r in rs),
+                "rss": max(r["rss"] for r in rs), "lost": sum(r["lost"] for r in rs),
+                "dups": sum(r["dups"] for r in rs), "bad": sum(r["bad"] for r in rs)}
+               for case, rs in runs.items()]
     base = next((r["rate"] for r in results if r["case"] == "baseline"), None)
     print(f"\n{args.frames} frames of {size / 1024:.1f} KB on average (after {args.warmup} warm-up), "
+          f"median of {args.rounds} round(s) in alternating order, "
           f"{args.cameras} cameras, QoS 1, at most {args.window} in flight; mosquitto on loopback; "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}\n")
     head = (f"{'consumer':<52}{'frames/s':>9}{'ratio':>8}{'CPU ms/f':>10}{'cores':>7}{'broker ms/f':>12}"
@@ -515,7 +529,8 @@ def main() -> None:
         ratio = f"{r['rate'] / base:.2f}x" if base else "-"
         print(f"{label:<52}{r['rate']:>9.0f}{ratio:>8}{r['cpu_ms']:>10.2f}{r['cores']:>7.2f}{r['broker_ms']:>12.2f}"
               f"{r['rss']:>12.0f}{r['lost']:>6}{r['dups']:>6}{r['bad']:>5}")
-    print("\nCPU ms/f: consumer CPU (all its processes) per frame delivered; peak RSS: largest process."
+    print("\nmedians over the rounds; lost, dups and bad: totals; CPU ms/f: consumer CPU (all its processes)"
+          " per frame delivered; peak RSS: largest process."
           "\ntargets (issue 13): durable >= Node-RED frames/s, <= 1 ms router CPU per frame, <= 200 MB RSS")
 
 
