@@ -167,7 +167,7 @@ async def test_read_timeout_is_a_retryable_delivery_error():
                 await post_message(client, server.url("/slow"), message(), extra={"timeout": 0.3})
             with pytest.raises(httpx.ReadTimeout):
                 await client.post(server.url("/slow"), content=b"x", timeout=0.2)
-    assert info.value.retryable and "timed out after 0.3 s (ReadTimeout)" in info.value.reason
+    assert info.value.retryable and "timed out after 0.3 s" in info.value.reason
 
 
 async def test_cancelled_request_leaves_the_pool_usable():
