@@ -299,6 +299,12 @@ class Store:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA foreign_keys=OFF")
+        # Debian's SQLite is built with SECURE_DELETE: every delivered frame's pages would be
+        # overwritten with zeros, a second write of its bytes (WAL, then checkpoint). FAST
+        # still clears what is deleted inside b-tree pages; freed overflow pages (a payload's
+        # bulk) keep their old bytes until reused, which under load is soon. Measured: ~30%
+        # less store CPU per frame (bench/frames_to_webhook.py's workload, store alone)
+        conn.execute("PRAGMA secure_delete=FAST")
         return conn
 
     def _checkpointer(self, stop: threading.Event) -> None:
