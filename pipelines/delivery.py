@@ -40,7 +40,10 @@ from pipelines.store import DeliveryRow, Store
 
 log = logging.getLogger("pipelines.delivery")
 
-DEFAULT_MAX_IN_FLIGHT = 16
+# requests a destination step has in flight unless its ``max_in_flight`` says otherwise: a
+# queue delivers at most this many per round-trip time (16 capped camera frames to a webhook
+# at ~1,000/s once a loaded machine stretched round trips to ~15 ms: bench/frames_to_webhook.py)
+DEFAULT_MAX_IN_FLIGHT = 64
 IDLE_POLL = 1.0  # seconds between looks at the queue when nothing wakes the worker
 DONE_FLUSH_DELAY = 0.01  # successes are recorded in batches at most this much later
 
