@@ -73,6 +73,8 @@ async def test_sigkill_at_full_rate_loses_no_acknowledged_frame(tmp_path: Path, 
                 await asyncio.to_thread(worker.kill)
                 print(f"kill {n} at {len(api.requests)} requests, {len(acked)} frames acknowledged")
                 worker.start()
+                await wait_for(lambda n=n: worker.subscriptions() > n, timeout=30,
+                               what=f"the worker back after kill {n}")
             await asyncio.wait_for(cameras, 120)
             assert len(acked) == FRAMES
 
