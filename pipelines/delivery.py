@@ -24,7 +24,6 @@ read ahead in batches (``prefetch``) and successes are written in batches (at mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -36,7 +35,7 @@ from pipelines.engine import RuntimePipeline, RuntimeStep, rebuild_message
 from pipelines.metrics import LatencyHistogram
 from pipelines.retry import RetryPolicy
 from pipelines.secrets import redact
-from pipelines.store import DeliveryRow, Store
+from pipelines.store import DeliveryRow, PendingDelivery, Store
 
 log = logging.getLogger("pipelines.delivery")
 
@@ -105,6 +104,9 @@ class QueueWorker:
         self._held: set[int] = set()
         self._done: list[int] = []
         self._flusher: asyncio.Task | None = None
+        # the store may hold due rows not in _buffer or _held (False only after a read found
+        # all of them and since then every new row was handed over by offer)
+        self._unread = True
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -114,6 +116,20 @@ class QueueWorker:
         return self.pipeline, self.step.name
 
     def notify(self) -> None:
+        self._unread = True  # new rows in the store
+        self._wake.set()
+
+    def offer(self, delivery: PendingDelivery) -> None:
+        """A delivery of this queue was just committed (``delivery.seq`` set): take it into
+        the buffer as it is, request and all, when there is room, rather than reading it back
+        from the store. Either way the queue is woken."""
+        seq = delivery.seq
+        if seq is not None and seq not in self._held and len(self._buffer) < self.prefetch:
+            self._held.add(seq)
+            self._buffer.append(DeliveryRow(seq, self.pipeline, delivery.step, delivery.step_index, 0, None,
+                                            delivery.message))
+        else:
+            self._unread = True  # no room: it is read from the store later
         self._wake.set()
 
     def start(self) -> None:
@@ -142,11 +158,19 @@ class QueueWorker:
 
     async def _fill(self) -> None:
         self._wake.clear()
-        # refill at half: the store may be busy (a WAL checkpoint) and the buffer must not run dry
-        if len(self._buffer) <= self.prefetch // 2:
+        # refill at half: the store may be busy (a WAL checkpoint) and the buffer must not run dry;
+        # only when the store may hold rows nobody handed over (see offer)
+        if self._unread and len(self._buffer) <= self.prefetch // 2:
             want = self.prefetch - len(self._buffer)
-            rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), want,
-                                                   set(self._held))
+            self._unread = False
+            try:
+                rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), want,
+                                                       set(self._held))
+            except BaseException:
+                self._unread = True
+                raise
+            if len(rows) >= want:
+                self._unread = True  # there may be more
             for row in rows:
                 if row.seq not in self._held:
                     self._held.add(row.seq)
@@ -163,12 +187,15 @@ class QueueWorker:
             await self._wake.wait()  # a slot frees up
             return
         wait = IDLE_POLL
-        nxt = await self.store.next_due_time(self.pipeline, self.step.name, set(self._held))
-        if nxt is not None:
-            wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
+        if self._unread:  # rows wait in the store (retries): wake when the first is due
+            nxt = await self.store.next_due_time(self.pipeline, self.step.name, set(self._held))
+            if nxt is not None:
+                wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
         if wait > 0 and not self._wake.is_set():
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                self._unread = True  # look at the store again (other writers, due retries)
 
     def _succeeded(self, seq: int) -> None:
         # successes are written in batches: one transaction for all that finished meanwhile
@@ -232,8 +259,9 @@ class QueueWorker:
                 self._succeeded(row.seq)
         finally:
             self.stats.in_flight -= 1
-            if held:
+            if held:  # rescheduled or failed to record: the row is (still) in the store
                 self._held.discard(row.seq)
+                self._unread = True
             self._wake.set()
 
     async def _failed(self, row: DeliveryRow, err: DeliveryError, attempts: int, first: float) -> None:
@@ -292,3 +320,9 @@ class Delivery:
         w = self.workers.get((pipeline, step))
         if w:
             w.notify()
+
+    def offer(self, delivery: PendingDelivery) -> None:
+        """``QueueWorker.offer`` on its queue: a delivery just committed, handed over in memory."""
+        w = self.workers.get((delivery.pipeline, delivery.step))
+        if w:
+            w.offer(delivery)

@@ -269,8 +269,8 @@ class Router:
             if outcome is None:
                 n += 1
             elif self.delivery is not None:
-                for d in outcome.deliveries:
-                    self.delivery.notify(d.pipeline, d.step)
+                for d in outcome.deliveries:  # committed: straight to their queues, no read back
+                    self.delivery.offer(d)
         if n:
             self.inbox_depth += n
             self._inbox_event.set()

@@ -694,12 +694,13 @@ class Store:
                 _release_payloads(conn, {inbox_payload[1]: 1})
         seqs = []
         for d, m, pid in zip(items, stored, pids, strict=True):
-            seqs.append(conn.execute(
+            d.seq = conn.execute(
                 "INSERT INTO deliveries(message_id, pipeline, step, step_index, project_id, device_id,"
                 " path, content_type, timestamp, metadata, payload_id, created_at, rebuild)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (m.id, d.pipeline, d.step, d.step_index, *_meta_values(m), pid, now, int(d.rebuild))
-            ).lastrowid)
+            ).lastrowid
+            seqs.append(d.seq)
         Store._bump(conn, "deliveries_enqueued", len(items))
         return seqs  # type: ignore[return-value]
 
@@ -1059,6 +1060,7 @@ class PendingDelivery:
     # keeps it (the frame, shared with the inbox row) instead of the request, and the delivery
     # worker makes the request again (pipelines.engine.rebuild_message)
     source: Message | None = None
+    seq: int | None = None  # the row's seq, set when it is inserted (hand it to its queue at once)
 
     @property
     def rebuild(self) -> bool:
