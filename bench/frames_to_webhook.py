@@ -33,7 +33,8 @@ machine than the rate), cores used, peak RSS of the largest consumer process, fr
 (never seen at the sink), duplicates (seen more than once) and bad requests. On a shared
 machine use ``--rounds 3``: every case runs three times in alternating order and the table
 shows medians (per run, the CPU per frame of each consumer thread is printed too).
-Profile with ``--profile DIR`` (py-spy, raw collapsed stacks per consumer process).
+Profile with ``--profile DIR`` (py-spy, raw collapsed stacks per consumer process; ``pip install
+py-spy`` into the same environment first).
 """
 
 from __future__ import annotations
