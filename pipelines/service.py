@@ -67,7 +67,8 @@ class RouterService:
             if s.http_port is not None:
                 self.results = PredictionResults(self.router, callback_url="(pending)",
                                                  webhook_secret=s.webhook_secret)
-                app = create_app(self.router, extra_routes=self.results.routes())
+                from pipelines.device_services.rpc import http_routes as rpc_routes
+                app = create_app(self.router, extra_routes=self.results.routes() + rpc_routes(self.router.store))
                 self._http = await start_http(app, s.http_host, s.http_port)
                 base = (s.public_url or self.http_url or "").rstrip("/")
                 self.results.callback_url = base + HOOK_PATH
