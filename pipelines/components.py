@@ -143,6 +143,11 @@ class Component:
 
 class Transformer(Component):
     kind: ClassVar[str] = "transformer"
+    # True when the output depends only on the input message and the step's parameters (no
+    # clock, network, randomness or state): the router then stores a delivery's input (the
+    # frame it already holds) and runs such steps again at delivery, instead of writing their
+    # output to the store a second time (see pipelines.engine.rebuild_message)
+    deterministic: ClassVar[bool] = False
 
     async def transform(self, message: Message) -> Message:
         raise NotImplementedError

@@ -24,22 +24,25 @@ read ahead in batches (``prefetch``) and successes are written in batches (at mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from pipelines.components import ComponentError, DeliveryError, Destination
-from pipelines.engine import RuntimePipeline, RuntimeStep
+from pipelines.engine import RuntimePipeline, RuntimeStep, rebuild_message
 from pipelines.metrics import LatencyHistogram
 from pipelines.retry import RetryPolicy
 from pipelines.secrets import redact
-from pipelines.store import DeliveryRow, Store
+from pipelines.store import DeliveryRow, PendingDelivery, Store
 
 log = logging.getLogger("pipelines.delivery")
 
-DEFAULT_MAX_IN_FLIGHT = 16
+# requests a destination step has in flight unless its ``max_in_flight`` says otherwise: a
+# queue delivers at most this many per round-trip time (16 capped camera frames to a webhook
+# at ~1,000/s once a loaded machine stretched round trips to ~15 ms: bench/frames_to_webhook.py)
+DEFAULT_MAX_IN_FLIGHT = 64
 IDLE_POLL = 1.0  # seconds between looks at the queue when nothing wakes the worker
 DONE_FLUSH_DELAY = 0.01  # successes are recorded in batches at most this much later
 
@@ -78,10 +81,12 @@ class QueueWorker:
     stays in ``_held`` from the moment it is read until its outcome is committed, so a
     later read never hands out a row already being worked on."""
 
-    def __init__(self, store: Store, pipeline: str, step: RuntimeStep) -> None:
+    def __init__(self, store: Store, pipeline: str, step: RuntimeStep,
+                 runtime: RuntimePipeline | None = None) -> None:
         assert step.destination is not None
         self.store = store
         self.pipeline = pipeline
+        self.runtime = runtime  # rebuilds the request of rows stored with rebuild set
         self.step = step
         self.destination: Destination = step.destination
         cfg = step.config
@@ -99,6 +104,9 @@ class QueueWorker:
         self._held: set[int] = set()
         self._done: list[int] = []
         self._flusher: asyncio.Task | None = None
+        # the store may hold due rows not in _buffer or _held (False only after a read found
+        # all of them and since then every new row was handed over by offer)
+        self._unread = True
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -108,6 +116,20 @@ class QueueWorker:
         return self.pipeline, self.step.name
 
     def notify(self) -> None:
+        self._unread = True  # new rows in the store
+        self._wake.set()
+
+    def offer(self, delivery: PendingDelivery) -> None:
+        """A delivery of this queue was just committed (``delivery.seq`` set): take it into
+        the buffer as it is, request and all, when there is room, rather than reading it back
+        from the store. Either way the queue is woken."""
+        seq = delivery.seq
+        if seq is not None and seq not in self._held and len(self._buffer) < self.prefetch:
+            self._held.add(seq)
+            self._buffer.append(DeliveryRow(seq, self.pipeline, delivery.step, delivery.step_index, 0, None,
+                                            delivery.message))
+        else:
+            self._unread = True  # no room: it is read from the store later
         self._wake.set()
 
     def start(self) -> None:
@@ -136,11 +158,19 @@ class QueueWorker:
 
     async def _fill(self) -> None:
         self._wake.clear()
-        # refill at half: the store may be busy (a WAL checkpoint) and the buffer must not run dry
-        if len(self._buffer) <= self.prefetch // 2:
+        # refill at half: the store may be busy (a WAL checkpoint) and the buffer must not run dry;
+        # only when the store may hold rows nobody handed over (see offer)
+        if self._unread and len(self._buffer) <= self.prefetch // 2:
             want = self.prefetch - len(self._buffer)
-            rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), want,
-                                                   set(self._held))
+            self._unread = False
+            try:
+                rows = await self.store.due_deliveries(self.pipeline, self.step.name, time.time(), want,
+                                                       set(self._held))
+            except BaseException:
+                self._unread = True
+                raise
+            if len(rows) >= want:
+                self._unread = True  # there may be more
             for row in rows:
                 if row.seq not in self._held:
                     self._held.add(row.seq)
@@ -157,12 +187,15 @@ class QueueWorker:
             await self._wake.wait()  # a slot frees up
             return
         wait = IDLE_POLL
-        nxt = await self.store.next_due_time(self.pipeline, self.step.name, set(self._held))
-        if nxt is not None:
-            wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
+        if self._unread:  # rows wait in the store (retries): wake when the first is due
+            nxt = await self.store.next_due_time(self.pipeline, self.step.name, set(self._held))
+            if nxt is not None:
+                wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
         if wait > 0 and not self._wake.is_set():
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                self._unread = True  # look at the store again (other writers, due retries)
 
     def _succeeded(self, seq: int) -> None:
         # successes are written in batches: one transaction for all that finished meanwhile
@@ -193,6 +226,12 @@ class QueueWorker:
             if self.bucket:
                 await self.bucket.take()
             try:
+                if row.rebuild:  # the routed message is stored: make the step's request again
+                    if self.runtime is None:
+                        raise ComponentError(f"delivery {row.seq} needs its pipeline to rebuild the request")
+                    message = await rebuild_message(self.runtime, row.step_index, row.step, row.message)
+                    # from here on it is the request: a dead letter keeps these exact bytes
+                    row = dataclasses.replace(row, message=message, rebuild=False)
                 if self.timeout:
                     # asyncio.timeout rather than wait_for: no extra task per delivery
                     async with asyncio.timeout(self.timeout):
@@ -220,8 +259,9 @@ class QueueWorker:
                 self._succeeded(row.seq)
         finally:
             self.stats.in_flight -= 1
-            if held:
+            if held:  # rescheduled or failed to record: the row is (still) in the store
                 self._held.discard(row.seq)
+                self._unread = True
             self._wake.set()
 
     async def _failed(self, row: DeliveryRow, err: DeliveryError, attempts: int, first: float) -> None:
@@ -266,7 +306,7 @@ class Delivery:
         for p in pipelines:
             for s in p.steps:
                 if s.destination is not None:
-                    w = QueueWorker(store, p.name, s)
+                    w = QueueWorker(store, p.name, s, p)
                     self.workers[w.key] = w
 
     async def start(self) -> None:
@@ -280,3 +320,9 @@ class Delivery:
         w = self.workers.get((pipeline, step))
         if w:
             w.notify()
+
+    def offer(self, delivery: PendingDelivery) -> None:
+        """``QueueWorker.offer`` on its queue: a delivery just committed, handed over in memory."""
+        w = self.workers.get((delivery.pipeline, delivery.step))
+        if w:
+            w.offer(delivery)

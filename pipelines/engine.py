@@ -15,6 +15,14 @@ The three step rules:
 - destination only: the current message is delivered and carries on unchanged;
 - both: the transformed message goes only to that step's destination; later steps get
   the message as it was before this step.
+
+Rebuilt deliveries: when every transformer between the message and a destination is
+``deterministic`` (a pure function of the message), the delivery also carries the routed
+message as its ``source``. The store then keeps that (the frame's bytes, once: the inbox
+row's payload passes to the delivery) rather than writing the request body a second time,
+and the delivery worker recomputes the request with ``rebuild_message`` just before sending.
+The transformers still run at routing time, so a message they reject becomes a dead letter
+then, as always; ``PendingDelivery.message`` is the request, as for any delivery.
 """
 
 from __future__ import annotations
@@ -88,12 +96,42 @@ def build_pipelines(configs: list[PipelineConfig], context_for: ContextFactory) 
     return out
 
 
+async def rebuild_message(pipeline: RuntimePipeline, step_index: int, step_name: str,
+                          message: Message) -> Message:
+    """The message step ``step_index`` delivers, recomputed from the routed ``message`` (a
+    delivery stored with ``rebuild=True``): the step rules of ``Engine.run_pipeline``, with
+    the deterministic transformers the engine ran when it routed the message. Raises
+    ``ComponentError`` when the step is not the one the delivery was made for (the pipeline
+    changed since) or a transformer now fails."""
+    steps = pipeline.steps
+    if step_index >= len(steps) or steps[step_index].name != step_name:
+        raise ComponentError(f"pipeline {pipeline.name!r} has no step {step_name!r} at position "
+                             f"{step_index + 1} any more: the request cannot be rebuilt")
+    current = message
+    for step in steps[:step_index]:
+        if step.transformer is not None and step.destination is None:
+            current = await step.transformer.transform(current)
+    if steps[step_index].transformer is not None:
+        current = await steps[step_index].transformer.transform(current)  # type: ignore[union-attr]
+    return current
+
+
 class Engine:
-    def __init__(self, pipelines: list[RuntimePipeline]) -> None:
+    def __init__(self, pipelines: list[RuntimePipeline], *, rebuild: bool = True) -> None:
         self.pipelines = pipelines
+        # deliveries after deterministic transformers carry the routed message (module docstring)
+        self.rebuild = rebuild
+        # pipelines whose transformers are all deterministic: routing them is local work
+        self._local = {p.name: all(s.transformer is None or s.transformer.deterministic for s in p.steps)
+                       for p in pipelines}
         self.by_name = {p.name: p for p in pipelines}
         # per (pipeline, step): transformer failures, for metrics
         self.transform_failed: dict[tuple[str, str], int] = {}
+
+    def routes_locally(self, message: Message) -> bool:
+        """True when routing ``message`` runs only deterministic transformers (no network, no
+        waiting): cheap enough to do before the message is acknowledged."""
+        return all(self._local[p.name] for p in self.matching(message))
 
     def matching(self, message: Message) -> list[RuntimePipeline]:
         return [p for p in self.pipelines
@@ -125,6 +163,8 @@ class Engine:
         deliveries: list[PendingDelivery] = []
         traces: list[StepTrace] = []
         current = message
+        # current is a deterministic function of message (rebuild_message can recompute it)
+        pure = self.rebuild and start == 0
         for step in pipeline.steps[start:]:
             out = current
             if step.transformer is not None:
@@ -148,12 +188,15 @@ class Engine:
                                             len(out.payload), preview=out.payload[:300],
                                             seconds=time.perf_counter() - t0))
             if step.destination is not None:
-                deliveries.append(PendingDelivery(out, pipeline.name, step.name, step.index))
+                rebuildable = pure and (step.transformer is None or step.transformer.deterministic)
+                deliveries.append(PendingDelivery(out, pipeline.name, step.name, step.index,
+                                                  source=message if rebuildable and out is not message else None))
                 if trace:
                     traces.append(StepTrace(pipeline.name, step.name, "enqueued", out.content_type,
                                             len(out.payload)))
             if step.destination is None:
                 current = out  # transformer only: replaces the message for later steps
+                pure = pure and (step.transformer is None or step.transformer.deterministic)
         return deliveries, [], traces
 
     async def close(self) -> None:

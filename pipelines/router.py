@@ -10,7 +10,12 @@ Usage::
 
 Stages run in one direction: ``accept`` only writes the inbox; the engine loop reads the
 inbox, runs the pipelines and commits deliveries, dead letters and the inbox removal in
-one transaction; delivery workers read their queues. A crash between two stages loses
+one transaction; delivery workers read their queues. ``accept_many`` (what batch ingest
+calls: MQTT) routes at ingest (``RouterSettings.route_at_ingest``): a message whose
+matching pipelines run only deterministic transformers is routed before it is stored, and
+its deliveries are committed with it, in the same transaction, instead of going through the
+inbox: the frame's bytes are written once and never read back before delivery. A message
+that needs more (a webhook transformer) still goes through the inbox. A crash between two stages loses
 nothing: on start the engine re-runs whatever is still in the inbox and the workers
 resume their queues (at-least-once; message ids stay the same so receivers can
 deduplicate).
@@ -82,6 +87,7 @@ class RouterSettings:
     http_timeout: float = 30.0
     run_engine: bool = True           # False: an ingest-only process (CoAP workers)
     synchronous: str = "NORMAL"       # SQLite synchronous pragma: NORMAL survives a process crash
+    route_at_ingest: bool = True      # accept_many routes local-only pipelines before storing
     # how long prediction -> frame correlations and idempotency keys are kept (predictions end
     # within 30 minutes, webhook retries within minutes)
     correlation_retention: float = 24 * 3600.0
@@ -254,8 +260,21 @@ class Router:
         (nothing stored) when the router pushes back."""
         if self._overload_reason:
             raise Overloaded(self._overload_reason, self.settings.overload_retry_after)
-        added = await self.store.add_inbox_many(messages, dedup_keys)
-        n = sum(added)
+        outcomes: list[RoutingOutcome | None] | None = None
+        engine = self.engine
+        if engine is not None and self.settings.route_at_ingest:
+            outcomes = [(await engine.route(m))[0] if engine.routes_locally(m) else None for m in messages]
+        added = await self.store.add_inbox_many(messages, dedup_keys, outcomes)
+        n = 0
+        for i, ok in enumerate(added):
+            outcome = outcomes[i] if outcomes is not None else None
+            if not ok:
+                continue
+            if outcome is None:
+                n += 1
+            elif self.delivery is not None:
+                for d in outcome.deliveries:  # committed: straight to their queues, no read back
+                    self.delivery.offer(d)
         if n:
             self.inbox_depth += n
             self._inbox_event.set()

@@ -17,7 +17,9 @@ runs in its own SAVEPOINT, so one failing write never takes its neighbours down.
 Tables: ``inbox`` (accepted, not yet routed), ``deliveries`` (one queue per destination
 step), ``payloads`` (the bytes of inbox and delivery rows, stored once and shared by
 reference count: a frame that goes unchanged to two destinations is written once),
-``dead_letters`` (each with its own copy of the exact bytes), ``state`` (device documents),
+``dead_letters`` (each with its own copy of the exact bytes). A delivery row with ``rebuild``
+set holds the routed message rather than the request its step sends (see
+``pipelines.engine``): a frame is then written once, not once more as the request body, ``state`` (device documents),
 ``stream``, ``logs``, ``unmatched``, ``counters`` (the accounting books), ``predictions`` (correlation of a
 prediction with the frame that caused it), ``webhooks_seen`` (idempotency).
 
@@ -62,7 +64,8 @@ CREATE TABLE IF NOT EXISTS deliveries(
   project_id TEXT NOT NULL, device_id TEXT NOT NULL, path TEXT NOT NULL,
   content_type TEXT NOT NULL, timestamp REAL NOT NULL, metadata TEXT NOT NULL, payload_id INTEGER NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
-  first_attempt_at REAL, last_status INTEGER, last_error TEXT, created_at REAL NOT NULL
+  first_attempt_at REAL, last_status INTEGER, last_error TEXT, created_at REAL NOT NULL,
+  rebuild INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries(pipeline, step, next_attempt_at);
 CREATE TABLE IF NOT EXISTS dead_letters(
@@ -159,6 +162,8 @@ class DeliveryRow:
     attempts: int
     first_attempt_at: float | None
     message: Message
+    # message is the routed one: pipelines.engine.rebuild_message makes the step's request
+    rebuild: bool = False
 
 
 @dataclass
@@ -300,6 +305,12 @@ class Store:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA foreign_keys=OFF")
+        # Debian's SQLite is built with SECURE_DELETE: every delivered frame's pages would be
+        # overwritten with zeros, a second write of its bytes (WAL, then checkpoint). FAST
+        # still clears what is deleted inside b-tree pages; freed overflow pages (a payload's
+        # bulk) keep their old bytes until reused, which under load is soon. Measured: ~30%
+        # less store CPU per frame (bench/frames_to_webhook.py's workload, store alone)
+        conn.execute("PRAGMA secure_delete=FAST")
         return conn
 
     def _checkpointer(self, stop: threading.Event) -> None:
@@ -323,6 +334,8 @@ class Store:
             if old and "payload_id" not in old:
                 raise StoreError(f"{self.path} was written by an older version of the router (payloads "
                                  "were kept per row); move it aside and start with a new store")
+            if old and "rebuild" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
+                conn.execute("ALTER TABLE deliveries ADD COLUMN rebuild INTEGER NOT NULL DEFAULT 0")
             conn.executescript(SCHEMA)
             conn.executemany("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)",
                              [(c,) for c in COUNTERS])
@@ -497,18 +510,27 @@ class Store:
         return await self._run(op)
 
     async def add_inbox_many(self, messages: Sequence[Message],
-                             dedup_keys: Sequence[str | None] | None = None) -> list[bool]:
+                             dedup_keys: Sequence[str | None] | None = None,
+                             outcomes: Sequence[RoutingOutcome | None] | None = None) -> list[bool]:
         """``add_inbox`` for many messages in one store operation (one transaction, one
         thread hand-off): one answer per message, in order, each as ``add_inbox`` would have
         given it had the messages been added one after the other (a second message with
         the same id, or the same dedup key, in one batch is a duplicate). All are committed
-        when it returns, or none (it raises)."""
+        when it returns, or none (it raises).
+
+        ``outcomes`` (routed at ingest, see ``Router.accept_many``): a message with an
+        outcome is not put in the inbox but recorded as routed at once, as ``finish_message``
+        would (its deliveries share its payload row): one transaction and one write of its
+        bytes instead of an inbox row written, read back and deleted."""
         messages = list(messages)
         if not messages:
             return []
         keys = list(dedup_keys) if dedup_keys is not None else [None] * len(messages)
         if len(keys) != len(messages):
             raise ValueError(f"{len(keys)} dedup keys for {len(messages)} messages")
+        routed = list(outcomes) if outcomes is not None else [None] * len(messages)
+        if len(routed) != len(messages):
+            raise ValueError(f"{len(routed)} outcomes for {len(messages)} messages")
         now = time.time()
         rows = [(m.id, *_meta_values(m)) for m in messages]
 
@@ -535,14 +557,34 @@ class Store:
             if new_keys:
                 conn.executemany("INSERT INTO webhooks_seen(webhook_id, seen_at) VALUES (?, ?)", new_keys)
             if taken:
-                # we hold the write lock (BEGIN IMMEDIATE), so the ids after the largest are ours
+                # we hold the write lock (BEGIN IMMEDIATE), so the ids after the largest are ours;
+                # a message routed at ingest that nothing wanted needs no payload row
                 first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM payloads").fetchone()[0]
+                kept = [i for i in taken if routed[i] is None or routed[i].matched]  # type: ignore[union-attr]
+                pids = {i: first + n for n, i in enumerate(kept)}
                 conn.executemany("INSERT INTO payloads(id, refs, data) VALUES (?, 1, ?)",
-                                 [(first + n, messages[i].payload) for n, i in enumerate(taken)])
+                                 [(pids[i], messages[i].payload) for i in kept])
                 conn.executemany(
                     "INSERT INTO inbox(id, project_id, device_id, path, content_type, timestamp,"
                     " metadata, payload_id, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    [(*rows[i], first + n, now) for n, i in enumerate(taken)])
+                    [(*rows[i], pids[i], now) for i in kept if routed[i] is None])
+                unmatched = []
+                for i in taken:
+                    outcome, m = routed[i], messages[i]
+                    if outcome is None:
+                        continue
+                    if not outcome.matched:
+                        unmatched.append((m.id, m.project_id, m.device_id, m.path, m.content_type, now))
+                        continue
+                    Store._bump(conn, "routed")
+                    Store._insert_deliveries(conn, outcome.deliveries, now, (m.payload, pids[i]))
+                    Store._insert_dead(conn, outcome.dead, now)
+                    Store._bump(conn, "runs_completed", outcome.runs_completed)
+                    Store._bump(conn, "runs_dead", outcome.runs_dead)
+                if unmatched:
+                    conn.executemany("INSERT INTO unmatched(message_id, project_id, device_id, path,"
+                                     " content_type, time) VALUES (?,?,?,?,?,?)", unmatched)
+                    Store._bump(conn, "unmatched", len(unmatched))
             Store._bump(conn, "ingested", len(taken))
             Store._bump(conn, "duplicates", len(messages) - len(taken))
             return answers
@@ -639,8 +681,9 @@ class Store:
         items = list(items)
         groups: dict[int, list[int]] = {}  # id(bytes) -> indexes of items carrying them
         blobs: dict[int, bytes] = {}
-        for i, d in enumerate(items):
-            data = d.message.payload
+        stored = [d.source if d.source is not None else d.message for d in items]
+        for i, m in enumerate(stored):
+            data = m.payload
             groups.setdefault(id(data), []).append(i)
             blobs[id(data)] = data
         pids: list[int] = [0] * len(items)
@@ -661,13 +704,14 @@ class Store:
             elif not inbox_refs:
                 _release_payloads(conn, {inbox_payload[1]: 1})
         seqs = []
-        for d, pid in zip(items, pids, strict=True):
-            seqs.append(conn.execute(
+        for d, m, pid in zip(items, stored, pids, strict=True):
+            d.seq = conn.execute(
                 "INSERT INTO deliveries(message_id, pipeline, step, step_index, project_id, device_id,"
-                " path, content_type, timestamp, metadata, payload_id, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (d.message.id, d.pipeline, d.step, d.step_index, *_meta_values(d.message), pid, now)
-            ).lastrowid)
+                " path, content_type, timestamp, metadata, payload_id, created_at, rebuild)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (m.id, d.pipeline, d.step, d.step_index, *_meta_values(m), pid, now, int(d.rebuild))
+            ).lastrowid
+            seqs.append(d.seq)
         Store._bump(conn, "deliveries_enqueued", len(items))
         return seqs  # type: ignore[return-value]
 
@@ -699,10 +743,10 @@ class Store:
             rows = conn.execute(
                 "SELECT d.seq, d.pipeline, d.step, d.step_index, d.attempts, d.first_attempt_at,"
                 " d.message_id, d.project_id, d.device_id, d.path, d.content_type, d.timestamp,"
-                " d.metadata, p.data FROM deliveries d JOIN payloads p ON p.id = d.payload_id"
+                " d.metadata, p.data, d.rebuild FROM deliveries d JOIN payloads p ON p.id = d.payload_id"
                 f" WHERE d.seq IN ({','.join('?' * len(seqs))})", seqs).fetchall()
             by_seq = {r[0]: r for r in rows}
-            return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6))
+            return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6), bool(r[14]))
                     for r in (by_seq[s] for s in seqs if s in by_seq)]
         return await self._run(op)
 
@@ -1026,6 +1070,15 @@ class PendingDelivery:
     pipeline: str
     step: str
     step_index: int
+    # the routed message the request was made from by deterministic steps only: the store
+    # keeps it (the frame, shared with the inbox row) instead of the request, and the delivery
+    # worker makes the request again (pipelines.engine.rebuild_message)
+    source: Message | None = None
+    seq: int | None = None  # the row's seq, set when it is inserted (hand it to its queue at once)
+
+    @property
+    def rebuild(self) -> bool:
+        return self.source is not None
 
 
 @dataclass

@@ -10,6 +10,7 @@ The "destination down for 30 s" check is shortened to about 5 s to keep CI quick
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import time
 from email.utils import formatdate
@@ -279,3 +280,34 @@ def test_reset_server_really_resets() -> None:
                         s.recv(100) or s.recv(100)
                 else:
                     assert s.recv(100).startswith(b"HTTP/1.1 204")
+
+
+async def test_rebuilt_request_is_what_is_sent_dead_lettered_and_replayed(tmp_path: Path) -> None:
+    """After deterministic transformers the store keeps the frame once and the request is made
+    again at delivery: the receiver gets the transformed request, a permanent failure's dead
+    letter holds that exact request (not the frame), and its replay sends it unchanged."""
+    fixed = False
+    with Sink() as sink:
+        sink.answer("/hook", lambda n: Answer(204) if fixed else Answer(400))
+        pf = tmp_path / "p.yaml"
+        pf.write_text(yaml.safe_dump({"pipelines": {"p": {"steps": [
+            {"name": "png", "transformer": {"type": "change-content-type", "version": "v1",
+                                            "parameters": {"content_type": "image/png"}}},
+            {"name": "url", "transformer": {"type": "data-url", "version": "v1"}},
+            {"name": "hook", "destination": {"type": "webhook", "version": "v1",
+                                             "parameters": {"url": sink.url("/hook")}},
+             "retry": FAST_RETRY}]}}}))
+        async with Router(RouterSettings(pipelines=[pf], store_path=tmp_path / "s.db")) as router:
+            m = frame(1, b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+            await router.accept(m)
+            await wait_for(lambda: _dead(router, 1), 5, "the dead letter")
+            (dl,) = await router.store.dead_letters()
+            want = b"data:image/png;base64," + base64.b64encode(m.payload)
+            assert dl.stage == "delivery" and dl.message.payload == want
+            assert sink.got()[0].body == want
+            fixed = True
+            assert await router.replay_dead_letter(dl.id)
+            await wait_for(lambda: delivered(router, 1), 5, "the replayed delivery")
+            assert [g.body for g in sink.got()] == [want, want]
+            books = await router.store.counters()
+            assert books["payloads"] == 0 and not any(books_gaps(books).values()), books

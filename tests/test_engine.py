@@ -9,7 +9,7 @@ import yaml
 
 from pipelines.components import ComponentContext
 from pipelines.config import load_pipelines
-from pipelines.engine import Engine, build_pipelines
+from pipelines.engine import Engine, build_pipelines, rebuild_message
 from pipelines.message import Message
 from pipelines.secrets import SecretSource
 from pipelines.store import Store, books_gaps
@@ -58,6 +58,50 @@ async def test_the_three_step_rules(tmp_path: Path) -> None:
     assert [(t.step, t.action) for t in trace] == [
         ("d0", "enqueued"), ("t1", "transformed"), ("d2", "enqueued"),
         ("both", "transformed"), ("both", "enqueued"), ("d4", "enqueued")]
+
+
+def webhook_transformer() -> dict:
+    return {"type": "webhook", "version": "v1", "parameters": {"url": "http://127.0.0.1:9/t"}}
+
+
+async def test_deliveries_after_deterministic_steps_carry_the_routed_message(tmp_path: Path) -> None:
+    """The store keeps a frame once: a delivery whose request only deterministic
+    transformers made carries the routed message as its source, from which the request is
+    made again at delivery, the same as the engine computed; after any other transformer
+    there is no source (the request itself is stored)."""
+    steps = [
+        {"name": "t0", "transformer": relabel("text/t0")},
+        {"name": "d1", "destination": hook("d1")},
+        {"name": "both", "transformer": relabel("text/both"), "destination": hook("both")},
+        {"name": "d3", "destination": hook("d3")},
+    ]
+    engine = engine_for(tmp_path, {"p": {"steps": steps}})
+    m = message()
+    outcome, _ = await engine.route(m)
+    assert [(d.step, d.rebuild) for d in outcome.deliveries] == [("d1", True), ("both", True), ("d3", True)]
+    assert all(d.source is m for d in outcome.deliveries)
+    runtime = engine.by_name["p"]
+    rebuilt = [await rebuild_message(runtime, d.step_index, d.step, m) for d in outcome.deliveries]
+    stored = engine_for(tmp_path, {"p": {"steps": steps}})
+    stored.rebuild = False
+    plain, _ = await stored.route(m)
+    assert [d.rebuild for d in plain.deliveries] == [False] * 3
+    assert [(r.content_type, r.payload, r.id) for r in rebuilt] == [
+        (d.message.content_type, d.message.payload, d.message.id) for d in plain.deliveries] == [
+        (d.message.content_type, d.message.payload, d.message.id) for d in outcome.deliveries]
+    assert [r.content_type for r in rebuilt] == ["text/t0", "text/both", "text/t0"]
+
+    # a transformer that is not deterministic (it calls out) ends it for the later steps
+    engine = engine_for(tmp_path, {"p": {"steps": [
+        {"name": "d0", "destination": hook("d0")},
+        {"name": "t1", "transformer": relabel("text/t1")},
+        {"name": "d2", "destination": hook("d2")},
+        {"name": "t3", "transformer": webhook_transformer()},
+        {"name": "d4", "destination": hook("d4")},
+    ]}})
+    outcome, _ = await engine.route(m)
+    assert [(d.step, d.rebuild) for d in outcome.deliveries] == [("d0", False), ("d2", True)]
+    assert outcome.dead and outcome.dead[0].step == "t3"  # nothing listens at port 9
 
 
 async def test_several_pipelines_match_independently_and_disabled_ones_do_not(tmp_path: Path) -> None:

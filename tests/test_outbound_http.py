@@ -14,6 +14,7 @@ from pipelines.message import Message
 from pipelines.outbound_http import (
     cloudevents_headers,
     is_retryable_status,
+    make_client,
     parse_retry_after,
     post_message,
     rewrite_url,
@@ -40,9 +41,11 @@ def server():
         yield srv
 
 
-@pytest.fixture
-async def client():
-    async with httpx.AsyncClient() as c:
+@pytest.fixture(params=["stock httpx", "make_client"])
+async def client(request):
+    """Both clients post_message is used with: a plain httpx client, and the router's
+    (make_client: its lean aiohttp path must behave the same)."""
+    async with (httpx.AsyncClient() if request.param == "stock httpx" else make_client()) as c:
         yield c
 
 

@@ -17,6 +17,7 @@ from transformers.registry import register
 
 @register
 class Base64(Transformer):
+    deterministic = True
     type = "base64"
     version = "1.0.0"
     summary = "Base64-encode the payload (text/plain), or decode it (application/octet-stream)."

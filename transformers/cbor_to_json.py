@@ -59,6 +59,7 @@ def _key(key: Any) -> str:
 
 @register
 class CborToJson(Transformer):
+    deterministic = True
     type = "cbor-to-json"
     version = "1.0.0"
     summary = "Decode a CBOR payload into JSON."

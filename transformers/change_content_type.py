@@ -16,6 +16,7 @@ from transformers.registry import register
 
 @register
 class ChangeContentType(Transformer):
+    deterministic = True
     type = "change-content-type"
     version = "1.0.0"
     summary = "Relabel the message with another content type; the payload is untouched."

@@ -30,6 +30,7 @@ def data_url_bytes(content_type: str, payload: bytes) -> tuple[bytes, bool]:
 
 @register
 class DataUrl(Transformer):
+    deterministic = True
     type = "data-url"
     version = "1.0.0"
     summary = "Encode the payload as a data URL (data:<content type>;base64,...), output text/plain."

@@ -15,6 +15,7 @@ from transformers.registry import register
 
 @register
 class EmbedInJson(Transformer):
+    deterministic = True
     type = "embed-in-json"
     version = "1.0.0"
     summary = "Wrap the payload, read as UTF-8 text, in a JSON object under the given key."

@@ -63,6 +63,7 @@ def _parse_iso(text: str) -> datetime:
 
 @register
 class ExtractTimestamp(Transformer):
+    deterministic = True
     type = "extract-timestamp"
     version = "1.0.0"
     summary = "Use a top-level t/ts/time/timestamp value as the message time and remove it."

@@ -27,6 +27,7 @@ def seconds_nanos(ts: datetime) -> tuple[int, int]:
 
 @register
 class InjectMetadata(Transformer):
+    deterministic = True
     type = "inject-metadata"
     version = "1.0.0"
     summary = "Wrap the JSON payload as {data, device_id, project_id, timestamp{seconds, nanos}}."

@@ -15,6 +15,7 @@ from transformers.registry import register
 
 @register
 class InjectPath(Transformer):
+    deterministic = True
     type = "inject-path"
     version = "1.0.0"
     summary = "Nest the JSON payload under the message path, one object level per segment."

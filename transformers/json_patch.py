@@ -257,6 +257,7 @@ def apply_patch(doc: Any, ops: list[Operation]) -> Any:
 
 @register
 class JsonPatch(Transformer):
+    deterministic = True
     type = "json-patch"
     version = "1.0.0"
     summary = ("Apply an RFC 6902 JSON Patch; remove of a missing path is ignored, add creates "

@@ -145,6 +145,7 @@ def decode_struct(members: list[Member], data: bytes) -> dict[str, Any]:
 
 @register
 class StructToJson(Transformer):
+    deterministic = True
     type = "struct-to-json"
     version = "1.0.0"
     summary = "Decode a packed little-endian C struct into a JSON object using a member list."
