@@ -19,12 +19,12 @@ and drives the service in three modes:
   And the same create followed by ``GET /v1/predictions/{id}`` every 2 ms until it is done.
 
 Two floor rows show what each client costs by itself: the same request against a canned server
-(its own process, uvloop) that waits as long as a direct call takes (the baseline's p50, as if a
-model ran) and then answers with the bytes the service answered, with no model and no service
-behind it. Their overhead is p50 minus that wait: the client's own cost (and a timer's wake-up),
-measured as it is with the service, after the client idled for a model's time (the same code costs
-far more CPU then than back to back, on a shared machine). A mode's overhead minus its client's
-floor is the service's own share.
+(its own process, uvloop) that waits as long as a direct call takes (p50 of 50 calls made just
+before, as if a model ran) and then answers with the bytes the service answered, with no model
+and no service behind it. Their overhead is p50 minus that wait: the client's own cost (and a
+timer's wake-up), measured as it is with the service, after the client idled for a model's time
+(the same code costs far more CPU then than back to back, on a shared machine). A mode's
+overhead minus its client's floor is the service's own share (rough: the load moves between rows).
 
 Then a second table with the official ``replicate`` client (``--client-n`` calls each, 0 skips it):
 ``run()`` with a data URL (its baseline) against ``run()`` with an open file (uploaded through the
@@ -610,8 +610,7 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         )
 
 
-def bench_service(host: str, port: int, pid: int, png: bytes, direct: Direct, args,
-                  model_time: float) -> list[tuple[str, Result]]:
+def bench_service(host: str, port: int, pid: int, png: bytes, direct: Direct, args) -> list[tuple[str, Result]]:
     body = {"version": blip.VERSION, "input": {"image": "data:image/png;base64," + base64.b64encode(png).decode()}}
     results = []
     for label, mode, lean in MODES:
@@ -622,6 +621,7 @@ def bench_service(host: str, port: int, pid: int, png: bytes, direct: Direct, ar
 
             with asyncio.Runner(loop_factory=lean_loop() if lean else None) as runner:
                 results.append((f"{label}, {c} in flight", runner.run(mode(host, port, body, c, run))))
+    model_time = pct(direct.run(50).latencies, 0.5)  # as loaded as the machine is now
     with canned_server(host, port, body, model_time) as (canned_port, canned_pid):
         for label, mode, lean in FLOORS:
 
@@ -657,7 +657,7 @@ def main() -> int:
         direct.run(20)  # warm up onnxruntime
         with service(model_dir, args.workers) as (host, port, pid):
             baseline = direct.run(args.n)
-            results = bench_service(host, port, pid, png, direct, args, pct(baseline.latencies, 0.5))
+            results = bench_service(host, port, pid, png, direct, args)
             client_rows = bench_official_client(host, port, png, args.client_n, args.block) if args.client_n else []
     out = baseline.output
     for name, r in results:
