@@ -412,7 +412,7 @@ async def async_poll(host: str, port: int, body: dict, concurrency: int, run) ->
 
 
 CANNED_SERVER = r"""
-import asyncio, sys
+import asyncio, sys, time
 answer = sys.stdin.buffer.read()  # the whole HTTP response, sent for every request
 delay = float(sys.argv[1])  # seconds between reading a request and answering it
 
@@ -424,7 +424,7 @@ async def handle(reader, writer):
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length:"))
             await reader.readexactly(length)
-            await asyncio.sleep(delay)
+            time.sleep(delay)  # blocking, but one request is in flight: nanosleep's precision, not the loop's ms
             writer.write(answer)
     except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
