@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import random
@@ -18,8 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
+from photos import photo
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from test_predictions_api import TINY, TOKEN, ImageHost, png, serve_app, service
 
 from predictions_service import blip
@@ -155,13 +162,59 @@ async def test_private_urls_are_fetched_when_allowed(classifier):
 async def test_own_file_urls_are_read_without_fetching(classifier):
     """A file of this service is read from disk, so it works with private URLs refused."""
     async with service(classifier) as (api, _):
-        from photos import photo
-
         data = png(photo("coffee"), (320, 240))
         made = (await api.post("/v1/files", files={"content": ("f.png", data, "image/png")})).json()
         r = await api.post("/v1/predictions", headers={"Prefer": "wait"},
                            json={"version": VERSION, "input": {"image": made["urls"]["get"]}})
         assert r.json()["status"] == "succeeded" and "espresso" in r.json()["output"]
+
+
+async def test_dns_rebinding_cannot_reach_a_private_address(classifier, monkeypatch):
+    """The address that passed the check is the one connected to: a name that resolves to a public
+    address when checked and to loopback afterwards (DNS rebinding) never reaches loopback.
+
+    Stand-ins, as there is no network here: DNS (``socket.getaddrinfo``) answers for one name, and
+    connections to the public address fail as an unreachable internet would. Everything else is
+    real: connections to loopback go through, so if the service resolved the name again when
+    connecting, it would reach the image server below and the prediction would succeed.
+    """
+    public, name = "93.184.215.14", "frames.rebind.test"
+    fetched: list[str] = []
+
+    async def frame(request: Request) -> Response:
+        fetched.append(request.url.path)
+        return Response(png(photo("coffee"), (320, 240)), media_type="image/png")
+
+    lookups: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def rebinding_dns(host, port, *args, **kwargs):
+        if (host.decode() if isinstance(host, bytes) else host) != name:  # anyio asks with IDNA bytes
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = public if len(lookups) == 1 else "127.0.0.1"  # the second answer: loopback
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
+
+    connects: list[str] = []
+    real_connect = anyio.connect_tcp
+
+    async def connect_tcp(remote_host, remote_port, **kwargs):
+        connects.append(str(remote_host))
+        if str(remote_host) == public:
+            raise OSError(errno.ENETUNREACH, "no route to the internet from the test machine")
+        return await real_connect(remote_host, remote_port, **kwargs)  # names resolve through the DNS above
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    monkeypatch.setattr(anyio, "connect_tcp", connect_tcp)
+    async with serve_app(Starlette(routes=[Route("/frame.png", frame)])) as url, service(classifier) as (api, _):
+        port = url.rsplit(":", 1)[1]
+        r = await api.post("/v1/predictions", headers={"Prefer": "wait"},
+                           json={"version": VERSION, "input": {"image": f"http://{name}:{port}/frame.png"}})
+        pred = r.json()
+    assert lookups == [name]  # resolved once, for the check
+    assert public in connects and name not in connects and "127.0.0.1" not in connects[connects.index(public):]
+    assert fetched == []  # the loopback image server was never asked
+    assert pred["status"] == "failed" and "could not fetch" in pred["error"], pred
 
 
 # -- bodies counted as they stream ----------------------------------------------------------------
