@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -351,6 +352,8 @@ class Store:
                                             name="store-checkpoint", daemon=True)
             checkpointer.start()
         self._ready.set()
+        wal_path = None if self.path == ":memory:" else f"{self.path}-wal"
+        wal_limit = 2 * WAL_RESTART_FRAMES * 4096  # twice what the checkpointer asks for, in bytes
         stop = False
         while not stop:
             if self._wal_restart:
@@ -378,6 +381,11 @@ class Store:
             self.busy_seconds += time.perf_counter() - started
             self.busy_cpu_seconds += time.thread_time() - cpu
             self.ops += len(batch)
+            # The writer also watches the WAL itself (one stat per batch): a checkpointer thread
+            # starved by a busy machine must not let it grow without bound.
+            if wal_path is not None and not self._wal_restart:
+                with contextlib.suppress(OSError):
+                    self._wal_restart = os.stat(wal_path).st_size > wal_limit
             # one wake-up per event loop per batch, not one per operation
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
             for (_, loop, fut), (ok, res) in zip(batch, results, strict=True):
