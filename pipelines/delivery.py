@@ -82,6 +82,22 @@ class QueueWorker:
         assert step.destination is not None
         self.store = store
         self.pipeline = pipeline
+        self.stats = QueueStats()
+        self.latency = LatencyHistogram()
+        self.use_step(step)
+        self._wake = asyncio.Event()
+        self._buffer: deque[DeliveryRow] = deque()
+        self._held: set[int] = set()
+        self._done: list[int] = []
+        self._flusher: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+
+    def use_step(self, step: RuntimeStep) -> None:
+        """Deliver with ``step``'s destination and settings from now on (a reload); deliveries
+        under way finish with the destination they started with."""
+        assert step.destination is not None
         self.step = step
         self.destination: Destination = step.destination
         cfg = step.config
@@ -92,16 +108,6 @@ class QueueWorker:
         self.prefetch = max(4 * self.max_in_flight, 64)
         self.timeout = cfg.timeout
         self.bucket = TokenBucket(cfg.rate) if cfg.rate else None
-        self.stats = QueueStats()
-        self.latency = LatencyHistogram()
-        self._wake = asyncio.Event()
-        self._buffer: deque[DeliveryRow] = deque()
-        self._held: set[int] = set()
-        self._done: list[int] = []
-        self._flusher: asyncio.Task | None = None
-        self._task: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._stopping = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -280,3 +286,22 @@ class Delivery:
         w = self.workers.get((pipeline, step))
         if w:
             w.notify()
+
+    async def update(self, pipelines: list[RuntimePipeline]) -> set[asyncio.Task]:
+        """A reload: workers of steps that still exist take the new step; those of steps
+        that are gone stop (their rows stay queued in the store); new steps get workers.
+        Returns the deliveries still under way with the old destinations."""
+        steps = {(p.name, s.name): s for p in pipelines for s in p.steps if s.destination is not None}
+        busy: set[asyncio.Task] = set()
+        for key in [k for k in self.workers if k not in steps]:
+            await self.workers.pop(key).stop()
+        for key, step in steps.items():
+            w = self.workers.get(key)
+            if w is None:
+                w = self.workers[key] = QueueWorker(self.store, key[0], step)
+                w.start()
+            else:
+                busy |= {t for t in w._tasks if not t.done()}
+                w.use_step(step)
+                w.notify()
+        return busy

@@ -66,6 +66,8 @@ def add_parser(subparsers: Any) -> None:
                         "the kernel keeps each device on one process, this one also runs the engine")
     p.add_argument("--ingest-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="WARNING", help="log level (default: %(default)s)")
+    p.add_argument("--no-watch", action="store_true",
+                   help="do not reload when the pipeline or secrets files change (SIGHUP still reloads)")
     p.set_defaults(func=run)
 
 
@@ -108,7 +110,8 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
         router.run_engine = False
         return ServiceSettings(router=router, http_port=None, coap=coap)
     return ServiceSettings(router=router, http_host=args.http_host, http_port=args.http_port, coap=coap,
-                           webhook_secret=args.webhook_secret, public_url=args.public_url)
+                           webhook_secret=args.webhook_secret, public_url=args.public_url,
+                           watch_config=not getattr(args, "no_watch", False))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,6 +160,8 @@ async def serve(settings: ServiceSettings, args: argparse.Namespace | None = Non
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     async with RouterService(settings) as service:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: reload the configuration
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload("SIGHUP")))
         workers = await _start_workers(args, service) if args is not None and args.workers > 1 else []
         tune_for_serving()
         try:
