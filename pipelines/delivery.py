@@ -168,7 +168,8 @@ class QueueWorker:
             wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
         if wait > 0 and not self._wake.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):  # not wait_for: see Router._engine_loop
+                    await self._wake.wait()
 
     def _succeeded(self, seq: int) -> None:
         # successes are written in batches: one transaction for all that finished meanwhile

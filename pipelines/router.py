@@ -355,8 +355,11 @@ class Router:
                 await self._route_page(rows, sem, unmatched)
                 if not full:
                     # other processes (CoAP workers) write the inbox too: look again soon
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                    # cancel that lands as the event fires, and stop() then waits forever
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._inbox_event.wait(), 0.05)
+                        async with asyncio.timeout(0.05):
+                            await self._inbox_event.wait()
         finally:
             if ahead is not None:
                 ahead.cancel()

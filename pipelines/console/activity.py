@@ -179,7 +179,8 @@ class Activity:
         try:
             while not self.closed:
                 try:
-                    event = await asyncio.wait_for(q.get(), keepalive)
+                    async with asyncio.timeout(keepalive):
+                        event = await q.get()
                 except TimeoutError:
                     yield None
                     continue
