@@ -80,6 +80,10 @@ class RouterService:
                     self.console = Console(self.router, watcher=self.watcher, sessions=self._sessions)
                     extra.append(self.console.mount())
                 app = create_app(self.router, extra_routes=extra)
+                if self.console is not None:  # the browser's login form and key cookie
+                    from pipelines.console.gate import ConsoleGate
+                    auth = getattr(self, "authenticator", None)
+                    app = ConsoleGate(app, authenticate=auth.authenticate if auth is not None else None)
                 self._http = await start_http(app, s.http_host, s.http_port)
                 base = (s.public_url or self.http_url or "").rstrip("/")
                 self.results.callback_url = base + HOOK_PATH

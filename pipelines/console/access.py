@@ -6,16 +6,17 @@ Usage (the console's views)::
     if denied is not None:
         return denied
 
-Until the HTTP face has API keys, every request is let through: serve the console on
-loopback (the default ``--http-host``) or behind a proxy that authenticates. Once keys
-exist this is where the console asks the HTTP face's authentication, with the key from an
-``Authorization: Bearer`` header or the console's HttpOnly cookie (set by ``/console/login``).
+The HTTP face's API keys (``pipelines.http_auth``, when the face has them) are checked by its
+middleware before any console route runs: a key from ``Authorization: Bearer`` or from the
+console's HttpOnly cookie (``pipelines.console.gate`` turns the cookie into the header). Here
+the scope is checked: pages need ``read``; replay, purge and exact bytes need ``admin``. An
+HTTP face without keys is open (it serves on loopback).
 """
 
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 COOKIE = "pipeline_console_key"
 SCOPES = ("read", "admin")
@@ -31,11 +32,19 @@ def key_of(request: Request) -> str | None:
 
 async def check_access(request: Request, scope: str) -> Response | None:
     """None when ``request`` may go on with ``scope`` ("read" or "admin"); otherwise the answer
-    to send instead (401 or 403). No keys configured: open (see the module docstring)."""
+    to send instead (403). The HTTP face's auth middleware, when there is one, has already
+    refused a request without a valid key (401) and put who made it in ``scope["auth"]``;
+    without that middleware the face has no keys and the console is open."""
     assert scope in SCOPES
-    return None
+    principal = request.scope.get("auth")
+    if principal is None or principal.allows(scope):
+        return None
+    return JSONResponse({"title": "Forbidden", "status": 403,
+                         "detail": f"key {principal.key_id} has scope {principal.scope}: needs {scope}"},
+                        status_code=403, media_type="application/problem+json")
 
 
 def auth_enabled(request: Request) -> bool:
-    """Whether the console should offer a login form."""
-    return False
+    """Whether the request came with a real key (the console then offers to log out)."""
+    principal = request.scope.get("auth")
+    return principal is not None and getattr(principal, "key_id", "open") != "open"
