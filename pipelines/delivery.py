@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from pipelines.components import ComponentError, DeliveryError, Destination
 from pipelines.engine import RuntimePipeline, RuntimeStep
+from pipelines.log_context import with_message, with_step
 from pipelines.metrics import LatencyHistogram
 from pipelines.retry import RetryPolicy
 from pipelines.secrets import redact
@@ -192,6 +193,8 @@ class QueueWorker:
                 self._wake.set()
 
     async def _deliver(self, row: DeliveryRow) -> None:
+        with_message(row.message)  # this task's log lines name the message and step
+        with_step(self.pipeline, self.step.name)
         started = time.time()
         attempts = row.attempts + 1
         first = row.first_attempt_at or started

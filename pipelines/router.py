@@ -35,6 +35,7 @@ from pipelines.config import LoadResult, PipelineConfig, StepConfig, load_pipeli
 from pipelines.delivery import Delivery
 from pipelines.engine import Engine, StepTrace, build_pipelines
 from pipelines.ingest import Overloaded
+from pipelines.log_context import with_message
 from pipelines.message import Message
 from pipelines.outbound_http import make_client
 from pipelines.secrets import SecretSource
@@ -389,6 +390,7 @@ class Router:
 
     async def _route_one(self, message: Message, sem: asyncio.Semaphore, engine: Engine) -> None:
         backoff = 0.5
+        with_message(message)  # this task's log lines name the message (pipelines.log_context)
         try:
             while True:
                 try:

@@ -38,8 +38,9 @@ from rich.live import Live
 from rich.table import Table
 
 from pipelines.gc_tuning import tune_for_serving
+from pipelines.log_context import setup_logging
 from pipelines.router import ConfigError, RouterSettings
-from pipelines.secrets import SecretSource, install_log_redaction
+from pipelines.secrets import SecretSource
 from pipelines.service import RouterService, ServiceSettings
 
 REPLICATE_BASE = "https://api.replicate.com"
@@ -74,15 +75,15 @@ def add_parser(subparsers: Any) -> None:
                    help="how the simulated cameras talk: coaps (DTLS-PSK, default) or coap (implies --plain)")
     p.add_argument("--block-size", type=int, default=1024, help="cameras' Block1 size (16..1024)")
     p.add_argument("--plain-output", action="store_true", help="log lines instead of the live view")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text or one JSON object each (default: %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.devices < 0:
         raise ValueError("--devices must be 0 or more")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    install_log_redaction()
+    setup_logging(logging.INFO, args.log_format)
     for noisy in ("coap-ingest", "coap", "aiocoap", "httpx", "uvicorn", "predictions_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return asyncio.run(_run(args))
