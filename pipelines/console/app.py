@@ -42,7 +42,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from pipelines.commands.dlq import _as_text, _redact_bytes, _redact_tree
+from pipelines.commands.dlq import _as_text, _redact_bytes, _summary
 from pipelines.console.access import auth_enabled, check_access
 from pipelines.console.activity import Activity
 from pipelines.secrets import redact
@@ -265,7 +265,7 @@ class Console:
         rows = await self.router.store.dead_letters(pipeline=f["pipeline"], step=f["step"],
                                                     device_id=f["device"], include_replayed=f["replayed"],
                                                     limit=LIST_LIMIT)
-        letters = [_redact_tree(dl.summary()) for dl in rows]
+        letters = [_summary(dl) for dl in rows]
         if request.query_params.get("format") == "json":
             return JSONResponse(letters)
         books = await self._books()
@@ -285,7 +285,7 @@ class Console:
         shown = _redact_bytes(payload)
         text = _as_text(payload, dl.message.content_type)
         return self._page(request, "dead_letter.html", title=f"Dead letter {dl.id}",
-                          dl=_redact_tree(dl.summary()), redacted=shown != payload,
+                          dl=_summary(dl), redacted=shown != payload,
                           text=redact(text) if text is not None else None,
                           hexdump=_hexdump(shown) if text is None else None)
 

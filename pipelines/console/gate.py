@@ -100,7 +100,7 @@ class ConsoleGate:
     async def _login(self, scope: Scope, receive: Receive) -> Response:
         if scope["method"] != "POST":
             qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            if self.authenticate is None:
+            if self.authenticate is None or self.authenticate(None) is not None:
                 return login_page("This router has no API keys: the console is open (loopback only).")
             return login_page(next_path=_safe_next((qs.get("next") or [None])[0]))
         body = b""
