@@ -170,7 +170,7 @@ async def _run(args: argparse.Namespace) -> int:
                                   store_path=data / "store.db", secrets_file=secrets_file,
                                   url_overrides=overrides),
             http_host=args.host, http_port=args.http_port, coap=coap,
-            webhook_secret=webhook_secret, public_url=args.public_url)
+            webhook_secret=webhook_secret, public_url=args.public_url, watch_config=True)
         service = RouterService(settings)
         try:
             await service.start()
@@ -188,7 +188,9 @@ async def _run(args: argparse.Namespace) -> int:
                       + (f"  CoAP udp/{service.coap_port}" if service.coap_port else "")
                       + f"  store {data / 'store.db'}")
         console.print(f"predictions API: {predictions_desc}")
-        console.print(f"pipelines: {', '.join(p.name for p in router.pipeline_configs)}")
+        console.print(f"pipelines: {', '.join(p.name for p in router.pipeline_configs)}"
+                      " (edit the file: it is reloaded live)")
+        console.print(f"web console: {service.http_url}/console/")
 
         # --- the cameras ---------------------------------------------------------------
         fleet = None

@@ -205,8 +205,15 @@ async def serve(settings: ServiceSettings, args: argparse.Namespace | None = Non
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     async with RouterService(settings) as service:
+        reloads: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references)
+
+        def on_sighup() -> None:
+            task = asyncio.ensure_future(service.reload("SIGHUP"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: reload the configuration
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload("SIGHUP")))
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         workers = await _start_workers(args, service) if args is not None and args.workers > 1 else []
         tune_for_serving()
         try:

@@ -22,6 +22,7 @@ and a login page saying no key is needed.
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from pipelines.console.access import COOKIE
 
 PREFIX = "/console"
 MAX_FORM = 4096
+MAX_FAILURES = 10        # wrong keys per client address within FAILURE_WINDOW before 429
+FAILURE_WINDOW = 60.0
 _STATIC = StaticFiles(directory=str(Path(__file__).parent / "static"))
 
 _LOGIN = """<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -67,6 +70,7 @@ class ConsoleGate:
     def __init__(self, app: ASGIApp, authenticate: Callable[[str | None], Any] | None = None) -> None:
         self.app = app
         self.authenticate = authenticate
+        self._failures: dict[str, list[float]] = {}  # client address -> times of wrong keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -116,8 +120,20 @@ class ConsoleGate:
         nxt = _safe_next((form.get("next") or [None])[0])
         if self.authenticate is None:
             return RedirectResponse(nxt, status_code=303)
+        client = (scope.get("client") or ("?",))[0]
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(client, []) if now - t < FAILURE_WINDOW]
+        if len(recent) >= MAX_FAILURES:  # the login form is no way around the face's own limit
+            r = login_page("Too many wrong keys from this address: wait a minute.", nxt, 429)
+            r.headers["Retry-After"] = str(round(FAILURE_WINDOW - (now - recent[0])) + 1)
+            return r
         if not key or self.authenticate(f"Bearer {key}") is None:
+            recent.append(now)
+            self._failures[client] = recent
+            if len(self._failures) > 10_000:
+                self._failures.pop(next(iter(self._failures)))
             return login_page("That key is not valid.", nxt, 401)
+        self._failures.pop(client, None)
         r = RedirectResponse(quote(nxt, safe="/?=&%"), status_code=303)
         r.set_cookie(COOKIE, key, path=PREFIX, httponly=True, samesite="strict",
                      secure=scope.get("scheme") == "https", max_age=7 * 24 * 3600)
