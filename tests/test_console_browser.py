@@ -160,7 +160,7 @@ async def test_console_shows_cameras_pipelines_and_replays_a_dead_letter(running
     assert sink.got("/alerts")[1].body == b'{"open":true}'
 
 
-async def test_console_pages_work_on_a_phone_sized_screen(running_chain, browser):
+async def test_console_pages_work_on_a_phone_sized_screen(running_chain, browser, tmp_path):
     service, _ = running_chain
     page = await browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
     await page.goto(service.http_url + "/console/")
@@ -168,6 +168,11 @@ async def test_console_pages_work_on_a_phone_sized_screen(running_chain, browser
     # the cards stack in one column and nothing is wider than the screen
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390
+    await page.wait_for_selector(".card img.frame", timeout=30_000)
+    await page.screenshot(path=str(tmp_path / "console-phone-devices.png"))
     for path in ("/console/pipelines", "/console/dead-letters"):
         await page.goto(service.http_url + path)
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390, path
+    await page.goto(service.http_url + "/console/pipelines/camera-caption")
+    await page.screenshot(path=str(tmp_path / "console-phone-pipeline.png"), full_page=True)
+    print(f"\nphone screenshots: {tmp_path}/console-phone-*.png")
