@@ -148,11 +148,13 @@ class Activity:
                 self._frame_times.popitem(last=False)
             ctype = image_type(m.payload, m.content_type) if len(m.payload) <= MAX_FRAME_BYTES else None
             if ctype is None:
-                self._publish({"type": "message", **card.as_dict()})
+                if self._subscribers:
+                    self._publish({"type": "message", **card.as_dict()})
                 continue
             card.frame, card.frame_type, card.frame_id, card.frame_at = m.payload, ctype, m.id, now
             card.frames += 1
-            self._publish({"type": "frame", **card.as_dict()})
+            if self._subscribers:
+                self._publish({"type": "frame", **card.as_dict()})
 
     def _state_written(self, project_id: str, device_id: str, path: str, value: Any) -> None:
         now = time.time()
@@ -165,10 +167,11 @@ class Activity:
         if started is None:
             started = card.frame_at
         card.latency = now - started if started is not None else None
-        self._publish({"type": "answer", **card.as_dict()})
+        if self._subscribers:
+            self._publish({"type": "answer", **card.as_dict()})
 
     def _publish(self, event: dict[str, Any]) -> None:
-        for q in list(self._subscribers):
+        for q in list(self._subscribers):  # callers skip building events nobody listens to
             with contextlib.suppress(asyncio.QueueFull):  # a stalled browser misses events
                 q.put_nowait(event)
 
