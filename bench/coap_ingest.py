@@ -17,6 +17,12 @@ blocks/s, p50/p99 upload time and the ratio to the bare resource. Usage::
 
     python bench/coap_ingest.py                          # 16 devices x 8 frames, plain CoAP
     python bench/coap_ingest.py --devices 32 --frames 10 --workers 1,2 --dtls
+
+With ``--dtls`` the servers run the router's DTLS server (``pipelines/ingest/dtls_server.py``,
+OpenSSL) and the clients the simulator's DTLS transport (TLS_PSK_WITH_AES_128_GCM_SHA256, 32-byte
+keys); the same run also measures the router over plain CoAP with the same aiocoap clients (the
+DTLS cost is the ratio of the two) and DTLS handshakes per second (full PSK handshakes with the
+cookie exchange, each on a new UDP port, ended with close_notify).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ def free_udp_port() -> int:
 
 
 def psk_for(device: str) -> str:
-    return f"bench-key-{device}"
+    return f"bench-key-{device}".ljust(32, "k")[:32]  # 32 bytes, as `pipeline devices add` makes
 
 
 def write_registry(path: Path, devices: list[str]) -> None:
@@ -92,7 +98,7 @@ def serve_bare(port: int, dtls: bool, registry: str, shortcuts: bool, cpu_out, r
         from aiocoap import resource
 
         from pipelines.devices import DeviceRegistry
-        from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport
+        from pipelines.ingest.dtls_server import add_dtls_server
 
         class Discard(resource.Resource):
             async def render_post(self, request):
@@ -113,9 +119,8 @@ def serve_bare(port: int, dtls: bool, registry: str, shortcuts: bool, cpu_out, r
         context_class = _IngestContext if shortcuts else aiocoap.Context
         if dtls:
             reg = DeviceRegistry.load(registry)
-            creds = RegistryCredentials(lambda: reg)
-            ctx = context_class(serversite=site, server_credentials=creds)
-            await add_dtls_transport(ctx, ("127.0.0.1", port), creds)
+            ctx = context_class(serversite=site)
+            await add_dtls_server(ctx, ("127.0.0.1", port), lambda: reg)
         else:
             ctx = await context_class.create_server_context(site, bind=("127.0.0.1", port),
                                                             transports=["udp6"])
@@ -263,14 +268,15 @@ def run_clients(port: int, dtls: bool, lean: bool, devices: list[str], frames: i
         import aiocoap
         from aiocoap.optiontypes import BlockOption
 
+        from device_sim.dtls_transport import dtls_client_context
+
         scheme = "coaps" if dtls else "coap"
         contexts = {}
         for d in devices:
-            ctx = await aiocoap.Context.create_client_context()
             if dtls:
-                ctx.client_credentials.load_from_dict({f"coaps://127.0.0.1:{port}/*": {"dtls": {
-                    "psk": {"ascii": psk_for(d)}, "client-identity": {"ascii": f"{d}@bench"}}}})
-            contexts[d] = ctx
+                contexts[d] = await dtls_client_context(f"{d}@bench".encode(), psk_for(d).encode())
+            else:
+                contexts[d] = await aiocoap.Context.create_client_context()
 
         async def send(d: str, i: int) -> str:
             query = "" if dtls else f"?d={d}"
@@ -289,14 +295,103 @@ def run_clients(port: int, dtls: bool, lean: bool, devices: list[str], frames: i
     out.put(asyncio.run(main_lean() if lean else main_aiocoap()))
 
 
-def measure(name: str, port: int, args, devices: list[str]) -> dict:
+def handshake_clients(port: int, devices: list[str], seconds: float, ready, go, out) -> None:
+    """Full DTLS-PSK handshakes one after another, each from a new UDP port; counts completed ones."""
+    _quiet()
+    import itertools
+
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+
+    current = {"identity": b"", "key": b""}
+
+    def psk(ssl, hint, identity_out, max_identity, psk_out, max_psk):
+        ffi.memmove(identity_out, current["identity"] + b"\0", len(current["identity"]) + 1)
+        ffi.memmove(psk_out, current["key"], len(current["key"]))
+        return len(current["key"])
+
+    callback = ffi.callback(
+        "unsigned int(SSL *, const char *, char *, unsigned int, unsigned char *, unsigned int)", psk)
+    tls = SSL.Context(SSL.DTLS_METHOD)
+    tls.set_cipher_list(b"PSK-AES128-GCM-SHA256")
+    tls.set_options(SSL.OP_NO_TICKET)
+    lib.SSL_CTX_set_psk_client_callback(tls._context, callback)
+
+    def flush(conn, sock) -> None:
+        data = b""
+        while True:
+            try:
+                data += conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+        if data:
+            sock.sendto(data, ("127.0.0.1", port))
+
+    def one(device: str) -> bool:
+        current["identity"], current["key"] = f"{device}@bench".encode(), psk_for(device).encode()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2)
+            conn = SSL.Connection(tls, None)
+            conn.set_connect_state()
+            while True:
+                try:
+                    conn.do_handshake()
+                    break
+                except SSL.WantReadError:
+                    flush(conn, sock)
+                try:
+                    conn.bio_write(sock.recv(65536))
+                except TimeoutError:
+                    return False
+            conn.shutdown()   # close_notify: the server frees the session
+            flush(conn, sock)
+            return True
+
+    ready.release()
+    go.wait()
+    done = failed = 0
+    start = time.time()
+    for device in itertools.cycle(devices):
+        if time.time() - start >= seconds:
+            break
+        if one(device):
+            done += 1
+        else:
+            failed += 1
+    out.put((done, failed, start, time.time()))
+
+
+def measure_handshakes(port: int, args, devices: list[str]) -> dict:
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    ready = ctx.Semaphore(0)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=handshake_clients, args=(port, devices, args.handshake_seconds, ready, go, out))
+             for _ in range(args.client_procs)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        if not ready.acquire(timeout=120):
+            raise RuntimeError("handshake clients did not get ready")
+    go.set()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join()
+    wall = max(r[3] for r in results) - min(r[2] for r in results)
+    done = sum(r[0] for r in results)
+    return {"name": "DTLS-PSK handshakes (router, 1 process)", "frames": done, "fps": done / wall,
+            "failed": sum(r[1] for r in results)}
+
+
+def measure(name: str, port: int, args, devices: list[str], dtls: bool | None = None) -> dict:
+    dtls = args.dtls if dtls is None else dtls
     ctx = mp.get_context("spawn")
     go = ctx.Event()
     ready = ctx.Semaphore(0)
     out = ctx.Queue()
     groups = [devices[i::args.client_procs] for i in range(args.client_procs)]
     procs = [ctx.Process(target=run_clients,
-                         args=(port, args.dtls, args.client == "lean", g, args.frames, args.seed + i,
+                         args=(port, dtls, args.client == "lean", g, args.frames, args.seed + i,
                                ready, go, out))
              for i, g in enumerate(groups) if g]
     for p in procs:
@@ -363,6 +458,7 @@ def main() -> int:
     ap.add_argument("--client", choices=["lean", "aiocoap"], default=None,
                     help="load generator: lean (bench/coap_load.py, little CPU per device; the default "
                          "for plain CoAP) or aiocoap's client (the default with --dtls)")
+    ap.add_argument("--handshake-seconds", type=float, default=5.0, help="with --dtls: how long to measure handshakes")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     if args.client is None:
@@ -389,6 +485,25 @@ def main() -> int:
             [(serve_router, (port, args.dtls, str(registry), str(work), True, True, False))],
             lambda: measure("router (1 process, pipelines running)", port, args, devices)))
 
+        dtls_extra = []
+        if args.dtls:   # the same router and clients over plain CoAP, and handshakes/s
+            work = Path(tmp) / "plain"
+            work.mkdir()
+            port = free_udp_port()
+            plain = with_servers(
+                [(serve_router, (port, False, str(registry), str(work), True, True, False))],
+                lambda: measure("router over plain CoAP (same clients)", port, args, devices, dtls=False))
+            work = Path(tmp) / "handshakes"
+            work.mkdir()
+            port = free_udp_port()
+            handshakes = with_servers(
+                [(serve_router, (port, True, str(registry), str(work), True, True, False))],
+                lambda: measure_handshakes(port, args, devices))
+            port = free_udp_port()
+            bare_plain = with_servers([(serve_bare, (port, False, str(registry), False))],
+                                      lambda: measure("bare aiocoap over plain CoAP", port, args, devices, dtls=False))
+            dtls_extra = [plain, handshakes, bare_plain]
+
         for n in [int(x) for x in args.workers.split(",") if x.strip()]:
             work = Path(tmp) / f"workers{n}"
             work.mkdir()
@@ -414,6 +529,23 @@ def main() -> int:
         print(f"{r['name']:<40} {r['frames']:>6} {r['fps']:>8.1f} {r['bps']:>8.0f} {r['p50']:>7.0f} "
               f"{r['p99']:>7.0f} {r['cpu_ms']:>12.1f} {r['client_cpu_ms']:>10.1f} {r['fps'] / base['fps']:>11.2f} "
               f"{r['cpu_ms'] / base['cpu_ms']:>11.2f}  {r['failures'] or '-'}")
+    if dtls_extra:
+        plain, handshakes, bare_plain = dtls_extra
+        dtls_router, bare_dtls = rows[2], rows[0]
+        print("\nDTLS against plain CoAP, same router (1 process, pipelines running) and the same aiocoap clients:")
+        print(f"{'transport':<40} {'frames':>6} {'frames/s':>8} {'p50 ms':>7} {'CPU ms/frame':>12}")
+        for r in (plain, dtls_router, bare_plain, bare_dtls):
+            print(f"{r['name']:<40} {r['frames']:>6} {r['fps']:>8.1f} {r['p50']:>7.0f} {r['cpu_ms']:>12.1f}")
+        print(f"router: DTLS throughput = {dtls_router['fps'] / plain['fps']:.2f}x plain (cost "
+              f"{(1 - dtls_router['fps'] / plain['fps']) * 100:.0f}%); server CPU per frame "
+              f"{dtls_router['cpu_ms'] / plain['cpu_ms']:.2f}x plain")
+        print(f"bare:   DTLS throughput = {bare_dtls['fps'] / bare_plain['fps']:.2f}x plain; server CPU per frame "
+              f"{bare_dtls['cpu_ms'] / bare_plain['cpu_ms']:.2f}x plain")
+        print("(plain CoAP runs aiocoap's udp6 transport at both ends, which does more per datagram than the\n"
+              " DTLS transports' plain asyncio datagram endpoints; so these are whole-stack ratios.)")
+        print(f"handshakes: {handshakes['frames']} in {args.handshake_seconds:g} s from {args.client_procs} "
+              f"client processes = {handshakes['fps']:.0f}/s ({handshakes['failed']} failed); server CPU "
+              f"{handshakes['cpu_ms']:.2f} ms per handshake")
     print("\nWith cores to spare (each server process on a core of its own, the load generator elsewhere):\n"
           "frames/s a process can take = 1000 / its CPU ms per frame; N ingest workers share the frames,\n"
           "the one engine process routes them all. A projection from measured CPU, not a measurement:\n"

@@ -18,6 +18,10 @@ and drives the service in three modes:
   to a small receiver in this process; latency is create sent -> signed completed webhook read.
   And the same create followed by ``GET /v1/predictions/{id}`` every 2 ms until it is done.
 
+Then a second table with the official ``replicate`` client (``--client-n`` calls each, 0 skips it):
+``run()`` with a data URL (its baseline) against ``run()`` with an open file (uploaded through the
+Files API first), and ``stream()``: time to the first output token against the whole answer.
+
 Columns: ``bare p50`` is the p50 of direct calls interleaved with that mode in blocks of
 ``--block`` (the machine is shared, so baseline and mode see the same load); ``overhead`` = mode
 p50 - bare p50, also as % of bare (the target: under 20 %); ``predict_time`` is the service's own
@@ -416,6 +420,83 @@ def lean_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+# -- the official replicate client: file inputs and streaming -------------------------------------
+
+
+def bench_official_client(host: str, port: int, png: bytes, n: int, block: int) -> list[tuple[str, list[float]]]:
+    """What a user of the official client (``replicate`` 1.0.7, httpx underneath) sees, in this
+    process, each way interleaved in blocks so all see the same load:
+
+    - ``run()`` with a data URL (one create with ``Prefer: wait``; the baseline of this table);
+    - ``run()`` with an open file (the client uploads it to ``POST /v1/files``, then creates with
+      the file's URL, which the service reads from disk);
+    - ``stream()``: time to the first ``output`` event, and to ``done`` (the whole answer).
+    """
+    import io
+
+    from replicate import Client
+
+    client = Client(api_token=TOKEN, base_url=f"http://{host}:{port}")
+    ref = f"{blip.MODEL}:{blip.VERSION}"
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+
+    def run_data_url() -> tuple[float, str]:
+        t = time.perf_counter()
+        out = client.run(ref, input={"image": data_url})
+        return time.perf_counter() - t, out
+
+    def run_file() -> tuple[float, str]:
+        t = time.perf_counter()
+        out = client.run(ref, input={"image": io.BytesIO(png)})
+        return time.perf_counter() - t, out
+
+    first_token: list[float] = []
+
+    def stream() -> tuple[float, str]:
+        t = time.perf_counter()
+        pieces = []
+        for event in client.stream(ref, input={"image": data_url}):
+            if event.event.value == "output":
+                if not pieces:
+                    first_token.append(time.perf_counter() - t)
+                pieces.append(str(event))
+        return time.perf_counter() - t, "".join(pieces)
+
+    ways = [("run(), data URL input (baseline)", run_data_url), ("run(), open file input (Files API)", run_file),
+            ("stream(), whole answer (to done)", stream)]
+    times: dict[str, list[float]] = {name: [] for name, _ in ways}
+    outputs = set()
+    for fn in (w[1] for w in ways):  # warm up: connections, code paths
+        fn()
+    first_token.clear()
+    while len(times[ways[0][0]]) < n:
+        for name, fn in ways:
+            for _ in range(min(block, n - len(times[name]))):
+                latency, out = fn()
+                times[name].append(latency)
+                outputs.add(out)
+    if len(outputs) != 1:
+        raise AssertionError(f"outputs differ between the ways of calling: {sorted(outputs)}")
+    return [*times.items(), ("stream(), first output token", first_token)]
+
+
+def print_client_table(rows: list[tuple[str, list[float]]]) -> None:
+    base = pct(rows[0][1], 0.5)
+    header = ("official client (replicate 1.0.7)", "n", "p50 ms", "p99 ms", "vs baseline")
+    cells = [header] + [
+        (name, str(len(v)), ms(pct(v, 0.5)), ms(pct(v, 0.99)), f"{pct(v, 0.5) / base:.2f}x") for name, v in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    stream = dict(rows)
+    ttft, whole = pct(stream["stream(), first output token"], 0.5), pct(stream["stream(), whole answer (to done)"], 0.5)
+    print(f"streaming: first token at {ms(ttft)} ms, whole answer at {ms(whole)} ms "
+          f"(p50; first/whole = {ttft / whole:.2f})")
+
+
 # -- table ----------------------------------------------------------------------------------------
 
 
@@ -473,6 +554,8 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, help="ONNX cache dir (default: a temporary one)")
     ap.add_argument("--workers", type=int, default=2, help="the service's model threads (--workers)")
     ap.add_argument("--block", type=int, default=25, help="direct calls and predictions alternate in blocks of this")
+    ap.add_argument("--client-n", type=int, default=100,
+                    help="calls per way with the official replicate client (0: skip that table)")
     args = ap.parse_args()
     if 1 not in args.concurrency:
         args.concurrency.insert(0, 1)  # the overhead target is judged with one request in flight
@@ -485,6 +568,7 @@ def main() -> int:
         with service(model_dir, args.workers) as (host, port, pid):
             baseline = direct.run(args.n)
             results = bench_service(host, port, pid, png, direct, args)
+            client_rows = bench_official_client(host, port, png, args.client_n, args.block) if args.client_n else []
     out = baseline.output
     for name, r in results:
         assert r.output == out, f"{name}: HTTP output {r.output!r} != direct output {out!r}"
@@ -506,6 +590,9 @@ def main() -> int:
         print(f"{name}: overhead at p50 {over * 1000:+.2f} ms = {over / bare:+.0%} of bare "
               f"(target < {TARGET_OVERHEAD:.0%}: {verdict}); service CPU beyond the model "
               f"{(r.service_cpu - r.bare_cpu) * 1000:+.2f} ms")
+    if client_rows:
+        print()
+        print_client_table(client_rows)
     return 0
 
 

@@ -33,6 +33,7 @@ from aiocoap import Code, Message
 from aiocoap.numbers.codes import EMPTY
 from aiocoap.optiontypes import BlockOption
 
+from device_sim.dtls_transport import dtls_client_context
 from device_sim.identity import DeviceIdentity
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,11 @@ log = logging.getLogger(__name__)
 # fallback is an initial Block1 option, which it flags as deprecated. Both are expected here.
 warnings.filterwarnings("ignore", message="Setting a block1 option in a managed block-wise",
                         category=DeprecationWarning)
-warnings.filterwarnings("ignore", message="DTLS module did not shut down", category=UserWarning)
 
 BLOCK_SIZES = {16: 0, 32: 1, 64: 2, 128: 3, 256: 4, 512: 5, 1024: 6}
-# Measured with DTLSSocket 0.2.3 (its bundled tinydtls): longer identities or keys make the
-# handshake fail with alert 80 (internal error), so refuse them up front with a clear message.
-MAX_PSK_IDENTITY = 32
-MAX_PSK_KEY = 18
+# The router's limits (pipelines.devices): refused up front with a clear message.
+MAX_PSK_IDENTITY = 256
+MAX_PSK_KEY = 64
 
 
 class LinkError(Exception):
@@ -93,10 +92,10 @@ class CoapLink:
         if secure and len(identity.psk_identity) > MAX_PSK_IDENTITY:
             size = len(identity.psk_identity)
             raise ValueError(f"PSK identity {identity.psk_identity.decode()!r} is {size} bytes; "
-                             f"DTLS (tinydtls) accepts at most {MAX_PSK_IDENTITY}")
+                             f"DTLS accepts at most {MAX_PSK_IDENTITY}")
         if secure and len(identity.psk_bytes) > MAX_PSK_KEY:
             raise ValueError(f"device {identity.device_id}: pre-shared key is {len(identity.psk_bytes)} "
-                             f"bytes; DTLS (tinydtls) accepts at most {MAX_PSK_KEY}")
+                             f"bytes; DTLS accepts at most {MAX_PSK_KEY}")
         self.identity = identity
         self.secure = secure
         self.scheme = "coaps" if secure else "coap"
@@ -117,18 +116,13 @@ class CoapLink:
     async def open(self) -> None:
         if self._context is not None:
             return
-        transports = ["tinydtls"] if self.secure else ["udp6"]
         try:
-            context = await aiocoap.Context.create_client_context(transports=transports)
-        except (OSError, ImportError) as exc:  # ImportError: DTLSSocket missing
+            if self.secure:  # TLS_PSK_WITH_AES_128_GCM_SHA256, as Zephyr's mbedTLS offers
+                context = await dtls_client_context(self.identity.psk_identity, self.identity.psk_bytes)
+            else:
+                context = await aiocoap.Context.create_client_context(transports=["udp6"])
+        except OSError as exc:
             raise LinkError(f"cannot open a {self.scheme} endpoint: {exc}") from None
-        if self.secure:
-            context.client_credentials.load_from_dict({
-                f"{self.base_uri}/*": {"dtls": {
-                    "psk": self.identity.psk_bytes,
-                    "client-identity": self.identity.psk_identity,
-                }},
-            })
         # Devices on the Golioth SDK send 8-byte tokens; aiocoap counts up from a 2-byte random
         # start and strips leading zeros, so start it high in the 64-bit range instead.
         for interface in context.request_interfaces:

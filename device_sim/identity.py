@@ -15,7 +15,8 @@ The registry is written in exactly the format the router reads::
         project_id: demo
         psk: "<key text>"
 
-Keys (16 characters, URL-safe base64 of 96 bits) are derived from the seed with SHA-256, so the
+Keys (32 characters, URL-safe base64 of 192 bits, as long as ``pipeline devices add`` makes)
+are derived from the seed with SHA-256, so the
 same seed always gives the same fleet. They are simulation keys: anyone who knows the seed knows
 them.
 """
@@ -33,9 +34,8 @@ import yaml
 from device_sim.scenes import SCENE_NAMES
 
 MAX_DEVICES = 999
-# 12 random bytes -> 16 key characters. The tinydtls inside DTLSSocket 0.2.3 fails handshakes
-# (alert 80) with keys longer than 18 bytes, so keys stay short enough for it.
-KEY_BYTES = 12
+# 24 random bytes -> 32 key characters (a 32-byte key, like `pipeline devices add` generates).
+KEY_BYTES = 24
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

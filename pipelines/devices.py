@@ -7,6 +7,7 @@ A registry file (YAML) looks like::
       - id: cam-01
         project_id: demo          # optional
         psk: "my-secret-key"      # UTF-8 text; "0x..." is hex; "$NAME" / "${NAME}" a secret reference
+        tags: [lobby, beta]       # optional: OTA releases can target a tag
 
 Usage::
 
@@ -15,6 +16,11 @@ Usage::
     entry = registry.by_identity("cam-01@demo")   # the DTLS PSK identity, ``<device>@<project>``
     entry.psk                                      # bytes, or None when the key is not available
     registry.lookup("demo", "cam-01")              # by project and device id
+
+An entry without ``psk`` authenticates by certificate (DTLS with a device certificate issued by
+the project CA: CN = device id, O = project id). Keys are at most ``MAX_PSK_KEY`` bytes and
+identities at most ``MAX_PSK_IDENTITY`` bytes (the DTLS server's limits): longer ones are refused
+when the registry is loaded, naming the device and line.
 
 Errors name the file and line (``DeviceRegistryError``). Keys never appear in ``repr``,
 logs or error messages. ``registry.refresh()`` re-reads the file if it changed on disk.
@@ -33,6 +39,11 @@ import yaml
 
 Resolver = Callable[[str], "str | None"]
 
+#: The one limit on PSK identities (``<device>@<project>``, UTF-8 bytes): OpenSSL's PSK_MAX_IDENTITY_LEN.
+MAX_PSK_IDENTITY = 256
+#: The one limit on pre-shared keys, in bytes (RFC 4279 allows more; 64 covers what devices use).
+MAX_PSK_KEY = 64
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _REF_RE = re.compile(r"^\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))$")
 
@@ -49,6 +60,7 @@ class DeviceEntry:
     # Where the key came from ("inline", "$NAME", or None): safe to show, the key itself is not.
     psk_source: str | None = None
     line: int | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def identity(self) -> str:
@@ -188,9 +200,9 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
         if not isinstance(item, dict):
             raise fail(doc.get("__line__"), f"each device must be a mapping, got {item!r}")
         line = item.get("__line__")
-        unknown = set(item) - {"id", "project_id", "psk", "__line__"}
+        unknown = set(item) - {"id", "project_id", "psk", "tags", "__line__"}
         if unknown:
-            raise fail(line, f"unknown key(s) {sorted(unknown)}; expected id, project_id, psk")
+            raise fail(line, f"unknown key(s) {sorted(unknown)}; expected id, project_id, psk, tags")
         device_id = item.get("id")
         if not isinstance(device_id, str) or not _ID_RE.match(device_id):
             raise fail(line, f"device id must be letters, digits, '.', '_', ':' or '-', got {device_id!r}")
@@ -216,7 +228,16 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
                     psk = decode_psk(text)
                 except ValueError as exc:
                     raise fail(line, f"device {device_id}: psk ({source}): {exc}") from None
-        entry = DeviceEntry(device_id, project_id, psk, source, line)
+        tags = item.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) and _ID_RE.match(t) for t in tags):
+            raise fail(line, f"device {device_id}: tags must be a list of plain names, got {tags!r}")
+        entry = DeviceEntry(device_id, project_id, psk, source, line, tuple(tags))
+        if len(entry.identity.encode()) > MAX_PSK_IDENTITY:
+            raise fail(line, f"device {device_id}: identity '<device>@<project>' is "
+                             f"{len(entry.identity.encode())} bytes; DTLS allows at most {MAX_PSK_IDENTITY}")
+        if psk is not None and len(psk) > MAX_PSK_KEY:
+            raise fail(line, f"device {device_id}: psk ({source}) is {len(psk)} bytes; "
+                             f"DTLS allows at most {MAX_PSK_KEY}")
         if entry.identity in seen:
             first = seen[entry.identity]
             raise fail(line, f"device {entry.identity} is listed twice (first on line {first})")

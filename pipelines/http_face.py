@@ -10,7 +10,8 @@ Usage::
 Endpoints: ``GET /healthz`` (process alive), ``GET /readyz`` (pipelines loaded, store open,
 not pushing back), ``GET /metrics`` (Prometheus), ``GET /v1/devices/{project}/{device}/state``,
 ``GET /v1/stream``, ``GET /v1/dead-letters``, ``GET /v1/unmatched``. Prediction results
-come in at the route the predictions feature adds (see ``pipelines.predictions_results``).
+come in at the route the predictions feature adds (see ``pipelines.predictions_results``);
+``POST /v1/devices/{device}/rpc`` calls a method on a device (``pipelines.device_services.rpc``).
 
 With ``RouterSettings.extra["http_ingest"] = True`` (``pipeline serve --http-ingest``) the face
 also takes messages: ``POST /v1/ingest/{project}/{device}/{path...}`` with the payload as the

@@ -22,6 +22,11 @@ they hold at every scrape; ``pipeline_books_gap{book=...}`` exports left minus r
 ingested twice. A replayed delivery dead letter is enqueued again, so it counts once more
 in ``deliveries_enqueued`` and then once more as delivered, dead or queued. In flight is a
 part of queued: a row leaves ``deliveries`` only when its outcome is committed.
+
+Ingest front ends add their own collectors to ``router.metric_sources`` (callables yielding
+metric families): the CoAP ingest exports ``pipeline_coap_rate_limited_total{project,device}``
+(requests answered 4.29), ``pipeline_coap_keepalives_total`` and its other counters. With
+``serve --workers N`` these are the main process's own (each worker limits its own devices).
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class _Snapshot:
                                       "reloads refused (the last good configuration kept serving)")
         refused.add_metric([], r.reload_failures)
         yield from (gen, refused)
+        for source in getattr(r, "metric_sources", ()):  # the CoAP ingest's counters, if it runs
+            yield from source()
         if r.delivery is None:
             return
         inflight = GaugeMetricFamily("pipeline_deliveries_in_flight", "deliveries under way",

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,8 @@ class Router:
         self._routing: set[asyncio.Task] = set()  # messages being routed now
         self._watchers: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self._watched_versions: dict[tuple[str, str], int] = {}
+        # ingest front ends (CoAP) add collectors here for GET /metrics (pipelines.metrics)
+        self.metric_sources: list[Callable[[], Iterable[Any]]] = []
         self._tasks: list[asyncio.Task] = []
         self._inbox_event = asyncio.Event()
         self._in_progress: set[str] = set()

@@ -15,7 +15,8 @@ The file (every key optional; relative paths are relative to the file)::
     secrets: secrets.env
     registry: devices.yaml
     http: {host: 127.0.0.1, port: 8080, ingest: false, public_url: null, webhook_secret: $WEBHOOK_SECRET}
-    coap: {host: 127.0.0.1, dtls_port: 5684, port: null, workers: 1}
+    coap: {host: 127.0.0.1, dtls_port: 5684, port: null, workers: 1, rate_limit: 20, rate_burst: 20,
+           dtls_cert: null, dtls_key: null}
     limits: {max_queue: 20000, max_inbox: 20000, keep_stream_rows: 1000000, keep_log_rows: 100000,
              keep_unmatched_rows: 10000}         # a keep_* of "all" keeps every row
     overrides: {"https://api.replicate.com": "http://127.0.0.1:8008"}
@@ -65,6 +66,16 @@ def _rows(v: Any) -> str | None:
     return "a number of rows (0 or more) or 'all'"
 
 
+def _rate(v: Any) -> str | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+    return None if ok else "requests per second per device (0 or more; 0: no limit)"
+
+
+def _burst(v: Any) -> str | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 1
+    return None if ok else "a number of requests, 1 or more"
+
+
 def _text(v: Any) -> str | None:
     return None if isinstance(v, str) and v.strip() else "a non-empty string"
 
@@ -88,7 +99,9 @@ _SECTIONS: dict[str, dict[str, tuple[str, Any, bool]]] = {
              "ingest": ("http_ingest", _flag, False), "public_url": ("public_url", _text, False),
              "webhook_secret": ("webhook_secret", _text, False)},
     "coap": {"host": ("coap_host", _text, False), "dtls_port": ("coap_dtls_port", _port, False),
-             "port": ("coap_port", _port, False), "workers": ("workers", _positive, False)},
+             "port": ("coap_port", _port, False), "workers": ("workers", _positive, False),
+             "rate_limit": ("rate_limit", _rate, False), "rate_burst": ("rate_burst", _burst, False),
+             "dtls_cert": ("dtls_cert", _text, True), "dtls_key": ("dtls_key", _text, True)},
     "limits": {"max_queue": ("max_queue", _positive, False), "max_inbox": ("max_inbox", _positive, False),
                "keep_stream_rows": ("keep_stream_rows", _rows, False),
                "keep_log_rows": ("keep_log_rows", _rows, False),
@@ -183,7 +196,7 @@ def load_router_config(path: Path) -> RouterConfig:
         if wrong:
             ctx.add(node, f"{name} must be {wrong}, not {value!r}")
             return
-        values[dest] = str(base / value) if is_path else value
+        values[dest] = str(base / value) if is_path else (float(value) if test in (_rate, _burst) else value)
 
     if "version" in entries:
         node = entries["version"][1]

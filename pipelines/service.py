@@ -74,7 +74,8 @@ class RouterService:
             if s.http_port is not None:
                 self.results = PredictionResults(self.router, callback_url="(pending)",
                                                  webhook_secret=s.webhook_secret)
-                extra = self.results.routes()
+                from pipelines.device_services.rpc import http_routes as rpc_routes
+                extra = self.results.routes() + rpc_routes(self.router.store)
                 if s.console:
                     from pipelines.console import Console
                     self.console = Console(self.router, watcher=self.watcher, sessions=self._sessions)

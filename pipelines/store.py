@@ -417,6 +417,11 @@ class Store:
                 _tls.batch = None
         raise AssertionError("unreachable")
 
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in the writer's next transaction and return its result: for
+        modules that own tables of their own (``pipelines.device_services``)."""
+        return await self._run(fn)
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None or self._closing:
             raise StoreClosed("the store is not open")

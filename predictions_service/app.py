@@ -8,8 +8,15 @@ Endpoints (all need ``Authorization: Bearer <token>`` or ``Token <token>``):
 ``POST /v1/predictions``, ``POST /v1/models/{o}/{n}/predictions``,
 ``POST /v1/deployments/{o}/{n}/predictions``, ``GET /v1/predictions[?cursor=]``,
 ``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``,
-``GET /v1/models/{o}/{n}/versions/{id}``, ``GET /v1/webhooks/default/secret``; plus ``GET /p/{id}``
+``GET /v1/predictions/{id}/stream`` (``urls.stream``, server-sent events, with ``stream: true``),
+``GET /v1/models/{o}/{n}`` (with ``latest_version``), ``GET /v1/models/{o}/{n}/versions[/{id}]``,
+the Files API (``files_api.py``), ``GET /v1/webhooks/default/secret``; plus ``GET /p/{id}``
 (the ``urls.web`` page, same JSON) and an unauthenticated ``GET /healthz``.
+
+Webhook options: ``webhook`` with ``webhook_events_filter`` (a filter without a webhook is a 422),
+and the legacy ``webhook_completed`` (its own URL, told of completion only). Bodies are counted as
+they stream (``body.py``); data-URL inputs over ``spill_input_bytes`` go to the file store and the
+input then names the file's URL; held inputs are capped (``records.PredictionStore``).
 
 The one model is ``salesforce/blip`` at version ``2e1dddc8…4746`` (see ``blip.py`` for what really
 answers). Any deployment name is served by that model.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import importlib.util
 import json
@@ -33,13 +41,18 @@ from urllib.parse import urlencode
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import blip
+from .blip import PredictionFailed
+from .body import read_capped
+from .files import FileStore, FileTooLarge, StorageFull
+from .files_api import files_routes
+from .image_input import data_url_mime, decode_data_url
 from .problems import NOT_FOUND, ApiProblem, InputInvalid, invalid_version
 from .ratelimit import RateLimiter
-from .records import ALL_EVENTS, BadCursor, Prediction
+from .records import ALL_EVENTS, BadCursor, InputsFull, Prediction
 from .runner import PredictionRunner
 from .settings import Settings
 
@@ -106,6 +119,7 @@ class Service:
         self.rng = random.Random(settings.fault_seed)
         self._tokens = [t.encode() for t in settings.tokens]
         self._base_urls: dict[tuple, str] = {}
+        self._owners: dict[str, str] = {}  # API token -> the digest files and predictions are owned by
 
     # -- guards ---------------------------------------------------------------------------------
     def _authenticate(self, request: Request) -> str:
@@ -127,6 +141,12 @@ class Service:
     async def guard(self, request: Request, creates: bool) -> dict[str, str]:
         """Auth, rate limit and injected faults; returns the ratelimit headers for the answer."""
         identity = self._authenticate(request)
+        owner = self._owners.get(identity)
+        if owner is None:
+            owner = hashlib.sha256(identity.encode()).hexdigest()[:24]
+            if len(self._owners) < 1024:
+                self._owners[identity] = owner
+        request.state.owner = owner
         decision = (self.create_limits if creates else self.other_limits).take(identity)
         headers = {
             "ratelimit-remaining": str(decision.remaining),
@@ -153,7 +173,7 @@ class Service:
                 raise ApiProblem(int(kind), "injected fault", title="Server error", headers=headers)
         return headers
 
-    def _base_url(self, request: Request) -> str:
+    def base_url(self, request: Request) -> str:
         if self.settings.public_base_url:
             return self.settings.public_base_url.rstrip("/")
         # Building request.url parses the whole URL; scheme, Host and server alone decide the base.
@@ -169,22 +189,13 @@ class Service:
     async def _body(self, request: Request) -> tuple[dict, bool]:
         """The JSON object sent, and whether it was ASCII without a backslash (so none of its
         strings needs escaping when it is echoed back: see ``Prediction.input_plain``)."""
-        declared = request.headers.get("content-length")
-        too_big = ApiProblem(
-            413,
-            f"Request body is larger than {self.settings.max_body_bytes} bytes; "
-            "upload big files and pass their URL instead",
-            title="Request Entity Too Large",
-        )
-        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            raise too_big
-        raw = await request.body()
-        if len(raw) > self.settings.max_body_bytes:
-            raise too_big
+        raw = b"".join([chunk async for chunk in read_capped(request, self.settings.max_body_bytes)])
         try:
             body = json.loads(raw) if raw and not raw.isspace() else None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiProblem(400, f"The request body is not valid JSON: {exc}", title="Bad Request") from exc
+        except RecursionError as exc:
+            raise ApiProblem(400, "The request body is nested too deeply", title="Bad Request") from exc
         if not isinstance(body, dict):
             raise InputInvalid([("(root)", "invalid_type", "Invalid type. Expected: object")])
         # json.loads refuses raw control characters in strings, so an ASCII body without a backslash
@@ -226,15 +237,23 @@ class Service:
             problems.append(("(root)", "required", "input is required"))
         else:
             problems.extend(blip.validate_input(body["input"]))
-        hook = body.get("webhook")
-        if hook is not None and (not isinstance(hook, str) or not re.match(r"^https?://[^\s/]+", hook)):
-            problems.append(("webhook", "format", "Does not match format 'uri' (an http(s) URL)"))
+        for key in ("webhook", "webhook_completed"):
+            hook = body.get(key)
+            if hook is not None and (not isinstance(hook, str) or not re.match(r"^https?://[^\s/]+", hook)):
+                problems.append((key, "format", "Does not match format 'uri' (an http(s) URL)"))
         events = body.get("webhook_events_filter")
         if events is not None and (not isinstance(events, list) or any(e not in ALL_EVENTS for e in events)):
             choices = ", ".join(f'"{e}"' for e in ALL_EVENTS)
             problems.append(
                 ("webhook_events_filter", "enum", f"webhook_events_filter must be an array of: {choices}")
             )
+        elif events is not None and body.get("webhook") is None:
+            # it filters what goes to `webhook`; without one it would be accepted and do nothing
+            problems.append(
+                ("webhook_events_filter", "dependency", "webhook_events_filter needs a webhook to filter")
+            )
+        if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+            problems.append(("stream", "invalid_type", "Invalid type. Expected: boolean"))
         return problems
 
     async def create(self, request: Request, route_model: str | None, deployment: bool = False) -> Response:
@@ -254,18 +273,30 @@ class Service:
             deadline = parse_cancel_after(cancel_after)
         wait = parse_prefer_wait(request.headers.get("prefer"))
         events = body.get("webhook_events_filter")
+        base_url = self.base_url(request)
+        inp = body["input"]
+        if any(type(v) is str and len(v) > self.settings.spill_input_bytes for v in inp.values()):
+            inp = await self._spill(inp, request.state.owner, base_url)
         pred = Prediction(
             model=model,
             version=version,
-            input=body["input"],
-            base_url=self._base_url(request),
+            input=inp,
+            base_url=base_url,
             webhook=body.get("webhook"),
             events=frozenset(events if events is not None else ALL_EVENTS),
+            webhook_completed=body.get("webhook_completed"),
+            owner=request.state.owner,
             input_plain=plain,
         )
+        if body.get("stream"):
+            pred.sse = []
         if deadline is not None:
             pred.deadline = pred.created_at + deadline
-        self.runner.submit(pred)
+        try:
+            self.runner.submit(pred)
+        except InputsFull as exc:
+            raise ApiProblem(503, str(exc), title="Service Unavailable",
+                             headers={**headers, "retry-after": "1"}) from exc
         headers["location"] = pred.url
         if wait is not None:
             headers["preference-applied"] = f"wait={wait}"
@@ -278,6 +309,25 @@ class Service:
         snapshot = pred.as_json()
         await asyncio.sleep(0)
         return _json(pred.encode(snapshot), 201, headers)
+
+    async def _spill(self, inp: dict, owner: str, base_url: str) -> dict:
+        """Move big data-URL inputs to the file store; the input then names the file's URL, as if
+        the client had uploaded it (so a held prediction does not keep megabytes in memory)."""
+        out = dict(inp)
+        files = self.runner.files
+        for key, value in inp.items():
+            if type(value) is not str or len(value) <= self.settings.spill_input_bytes or value[:5].lower() != "data:":
+                continue
+            try:
+                written = await asyncio.to_thread(_decode_and_write, files, value)
+                rec = files.register(owner, f"input-{key}", data_url_mime(value), {}, written,
+                                     ttl=self.settings.data_retention_seconds)  # as the prediction's data
+            except PredictionFailed:
+                continue  # not decodable: the prediction fails with the decoder's message
+            except (FileTooLarge, StorageFull):
+                continue  # kept in memory, within the cap on held inputs
+            out[key] = f"{base_url}/v1/files/{rec.id}"
+        return out
 
     # -- routes ---------------------------------------------------------------------------------
     async def create_by_version(self, request: Request) -> Response:
@@ -327,7 +377,7 @@ class Service:
         nxt = None
         if cursor:
             kept = {k: q[k] for k in ("created_after", "created_before") if q.get(k)}
-            nxt = f"{self._base_url(request)}/v1/predictions?" + urlencode({**kept, "cursor": cursor})
+            nxt = f"{self.base_url(request)}/v1/predictions?" + urlencode({**kept, "cursor": cursor})
         envelope = json.dumps({"previous": None, "next": nxt, "results": []})
         results = ", ".join(p.to_json() for p in page)  # each prediction's cheap encoding, spliced in
         return _json(f"{envelope[:-2]}{results}]}}", headers=headers)
@@ -337,14 +387,37 @@ class Service:
         p = request.path_params
         if f"{p['owner']}/{p['name']}" != blip.MODEL or p["id"] != blip.VERSION:
             raise ApiProblem(404, NOT_FOUND, headers=headers)
-        return _json(
-            {
-                "id": blip.VERSION,
-                "created_at": blip.VERSION_CREATED_AT,
-                "cog_version": blip.COG_VERSION,
-                "openapi_schema": blip.openapi_schema(),
-            },
-            headers=headers,
+        return _json(blip.version_json(), headers=headers)
+
+    def _model_path(self, request: Request, headers: dict) -> None:
+        p = request.path_params
+        if f"{p['owner']}/{p['name']}" != blip.MODEL:
+            raise ApiProblem(404, NOT_FOUND, headers=headers)
+
+    async def get_model(self, request: Request) -> Response:
+        headers = await self.guard(request, creates=False)
+        self._model_path(request, headers)
+        return _json(blip.model_json(run_count=self.runner.store.runs), headers=headers)
+
+    async def list_versions(self, request: Request) -> Response:
+        headers = await self.guard(request, creates=False)
+        self._model_path(request, headers)
+        return _json({"previous": None, "next": None, "results": [blip.version_json()]}, headers=headers)
+
+    async def stream_prediction(self, request: Request) -> Response:
+        """``urls.stream``: the prediction's server-sent events, from the first (or after
+        ``Last-Event-ID``) until ``done``."""
+        headers = await self.guard(request, creates=False)
+        pred = self._find(request, headers)
+        if pred.sse is None:
+            raise ApiProblem(404, "This prediction was not created with stream: true, so it has no stream",
+                             headers=headers)
+        last = request.headers.get("last-event-id", "")
+        start = int(last) + 1 if last.isdigit() else 0
+        return StreamingResponse(
+            sse_lines(pred, start),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-store", "x-accel-buffering": "no"},
         )
 
     async def webhook_secret(self, request: Request) -> Response:
@@ -353,6 +426,26 @@ class Service:
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": blip.MODEL, "version": blip.VERSION})
+
+
+async def sse_lines(pred: Prediction, start: int) -> AsyncIterator[str]:
+    """Replicate's event stream: ``event: output|logs|error|done``, an ``id`` (the index, for
+    ``Last-Event-ID``) and the data, one ``data:`` line per line of it."""
+    i = start
+    while True:
+        assert pred.sse is not None
+        while i < len(pred.sse):
+            kind, data = pred.sse[i]
+            lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+            yield f"event: {kind}\nid: {i}\n{lines}\n"
+            i += 1
+            if kind == "done":
+                return
+        await pred.sse_waiter().wait()
+
+
+def _decode_and_write(files: FileStore, data_url: str) -> tuple:
+    return files.write_bytes(decode_data_url(data_url))
 
 
 def create_app(settings: Settings, runner: PredictionRunner | None = None) -> Starlette:
@@ -385,7 +478,11 @@ def create_app(settings: Settings, runner: PredictionRunner | None = None) -> St
         Route("/v1/predictions/{id}/cancel", svc.cancel_prediction, methods=["POST"]),
         Route("/v1/models/{owner}/{name}/predictions", svc.create_by_model, methods=["POST"]),
         Route("/v1/deployments/{owner}/{name}/predictions", svc.create_by_deployment, methods=["POST"]),
+        Route("/v1/predictions/{id}/stream", svc.stream_prediction, methods=["GET"]),
+        Route("/v1/models/{owner}/{name}", svc.get_model, methods=["GET"]),
+        Route("/v1/models/{owner}/{name}/versions", svc.list_versions, methods=["GET"]),
         Route("/v1/models/{owner}/{name}/versions/{id}", svc.get_version, methods=["GET"]),
+        *files_routes(svc),
         Route("/v1/webhooks/default/secret", svc.webhook_secret, methods=["GET"]),
         Route("/p/{id}", svc.get_prediction, methods=["GET"]),
         Route("/healthz", svc.healthz, methods=["GET"]),

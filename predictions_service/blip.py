@@ -24,6 +24,7 @@ What the answers really are (the model is EfficientNet-Lite0, a 1000-class Image
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +141,31 @@ def openapi_schema() -> dict:
     }
 
 
+def version_json() -> dict:
+    """``GET /v1/models/salesforce/blip/versions/{id}`` (and the model's ``latest_version``)."""
+    return {"id": VERSION, "created_at": VERSION_CREATED_AT, "cog_version": COG_VERSION,
+            "openapi_schema": openapi_schema()}
+
+
+def model_json(run_count: int) -> dict:
+    """``GET /v1/models/salesforce/blip``: Replicate's model object; ``run_count`` is this service's."""
+    return {
+        "url": f"https://replicate.com/{MODEL}",
+        "owner": OWNER,
+        "name": NAME,
+        "description": "Image captioning, visual question answering and image-text matching "
+        f"(local stand-in: {MODEL_DESCRIPTION}; texts built from its ImageNet labels)",
+        "visibility": "public",
+        "github_url": "https://github.com/salesforce/BLIP",
+        "paper_url": "https://arxiv.org/abs/2201.12086",
+        "license_url": "https://github.com/salesforce/BLIP/blob/main/LICENSE.txt",
+        "run_count": run_count,
+        "cover_image_url": None,
+        "default_example": None,
+        "latest_version": version_json(),
+    }
+
+
 def _type_name(value: object) -> str:
     return {
         bool: "boolean",
@@ -211,18 +237,60 @@ def _named_classes(text: str, names: list[str]) -> list[int]:
     return found
 
 
+# The words every answer of a task starts with: known before the model has looked at the image.
+OPENINGS = {
+    "image_captioning": "Caption:",
+    "visual_question_answering": "Answer:",
+    "image_text_matching": "The image and text are matched with a probability of",
+}
+TOKEN = re.compile(r"\s*\S+")
+
+
+def tokens(text: str) -> list[str]:
+    """Word pieces, each with the whitespace before it: ``"".join(tokens(t)) == t``."""
+    return TOKEN.findall(text)
+
+
+Emit = Callable[[str, str], None]
+
+
 def answer(
-    classifier: Classifier, image: bytes, task: str, question: str | None, caption: str | None
+    classifier: Classifier, image: bytes, task: str, question: str | None, caption: str | None,
+    emit: Emit | None = None,
 ) -> Answer:
-    """Run the model on the image and phrase the answer for the task. Raises PredictionFailed."""
+    """Run the model on the image and phrase the answer for the task. Raises PredictionFailed.
+
+    ``emit(kind, text)`` (optional, called from this thread) gets the answer as it forms, for
+    ``urls.stream``: ``("output", piece)`` for each word as soon as it is known (the task's opening
+    words first, before the image is decoded; the label and its evidence after the model ran) and
+    ``("logs", line)`` for each log line when it is written. The pieces join to ``output`` exactly.
+    """
     if task == "visual_question_answering" and not (question or "").strip():
         raise PredictionFailed("question is required for the visual_question_answering task")
     if task == "image_text_matching" and not (caption or "").strip():
         raise PredictionFailed("caption is required for the image_text_matching task")
+    opening = OPENINGS[task]
+    if emit is not None:
+        for piece in tokens(opening):
+            emit("output", piece)
+        emit("logs", f"model: {MODEL_DESCRIPTION}")
     try:
         img = decode_image(image)
     except ValueError as exc:
         raise PredictionFailed(f"image: {exc}") from exc
+    if emit is not None:
+        emit("logs", f"image: {img.size[0]}x{img.size[1]}")
+    result = _phrase(classifier, img, task, question, caption)
+    if emit is not None:
+        lines = result.logs.splitlines()
+        for line in lines[2:]:  # the model and image lines went out above
+            emit("logs", line)
+        for piece in tokens(result.output[len(opening):]):
+            emit("output", piece)
+    return result
+
+
+def _phrase(classifier: Classifier, img, task: str, question: str | None, caption: str | None) -> Answer:
     probs = classifier.probabilities(img)
     order = np.argsort(probs)[::-1]
     top = [(classifier.names[i], float(probs[i])) for i in order[:5]]

@@ -54,6 +54,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=int, default=1, help="concurrent model runs")
     p.add_argument("--public-base-url", help="base URL written into urls.get etc. (default: as requested)")
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch image URLs on loopback, private and link-local addresses too (refused by default)",
+    )
+    p.add_argument("--files-dir", type=Path, help="where Files API uploads go (default: a temporary directory)")
+    p.add_argument("--max-file-bytes", type=int, default=100 << 20, help="cap per uploaded file (100 MiB)")
+    p.add_argument("--max-files-total-bytes", type=int, default=2 << 30, help="cap on all stored files (2 GiB)")
+    p.add_argument(
+        "--max-held-input-bytes",
+        type=int,
+        default=128 << 20,
+        help="cap on the memory inputs of held predictions take (128 MiB)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -76,6 +90,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         model_dir=args.model_dir,
         workers=args.workers,
         public_base_url=args.public_base_url,
+        allow_private_urls=args.allow_private_urls,
+        files_dir=args.files_dir,
+        max_file_bytes=args.max_file_bytes,
+        max_files_total_bytes=args.max_files_total_bytes,
+        max_held_input_bytes=args.max_held_input_bytes,
         log_level=args.log_level,
     )
 

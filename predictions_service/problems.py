@@ -10,6 +10,7 @@ prediction with ``status: "failed"``).
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from starlette.responses import Response
 
@@ -31,9 +32,13 @@ class ApiProblem(Exception):
         self.extra = extra or {}
 
     def body(self) -> dict:
-        out: dict = {}
-        if self.title:
-            out["title"] = self.title
+        """``{title, detail, status, ...}``: every error has all three (the title defaults to the
+        status's reason phrase, e.g. "Not Found", "Too Many Requests")."""
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = "Error"
+        out: dict = {"title": self.title or phrase}
         out["detail"] = self.detail
         out["status"] = self.status
         out.update(self.extra)

@@ -8,7 +8,10 @@
 Records live in memory only: a restart forgets them, as the stand-in needs no durability (the router
 keeps its own state). When more than ``max_items`` exist the oldest finished ones are dropped, and
 as on Replicate, ``retention`` seconds after a prediction finished its input, output and logs are
-removed (``data_removed: true``), which bounds the memory that inline images take.
+removed (``data_removed: true``). The input strings held in memory are counted: past
+``max_held_input_bytes`` the big strings of the oldest finished predictions' inputs are replaced by
+``"<removed: N characters>"``, and when only unfinished ones are left, ``add`` raises InputsFull
+(the API's 503). Predictions created with ``stream: true`` keep their server-sent events in ``sse``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Prediction:
     base_url: str
     webhook: str | None = None
     events: frozenset[str] = frozenset(ALL_EVENTS)
+    webhook_completed: str | None = None  # the legacy option: one URL told only of completion
+    owner: str = ""  # digest of the API token that created it (files it names must be its own)
     deadline: float | None = None  # unix seconds, from Cancel-After
     id: str = field(default_factory=new_prediction_id)
     status: str = "starting"
@@ -55,6 +60,24 @@ class Prediction:
     input_plain: bool = field(default=False, repr=False)
     _head: str | None = field(default=None, repr=False)
     _head_of: dict | None = field(default=None, repr=False)  # the input _head was built from
+    input_bytes: int = 0  # memory the input's strings take, as counted by the store's cap
+    # Server-sent events when created with ``stream: true`` (None otherwise): (event, data) in order.
+    sse: list[tuple[str, str]] | None = field(default=None, repr=False)
+    _sse_wake: asyncio.Event | None = field(default=None, repr=False)
+
+    def push_event(self, kind: str, data: str) -> None:
+        """Append a server-sent event and wake the readers of ``urls.stream``."""
+        if self.sse is None or (self.sse and self.sse[-1][0] == "done"):
+            return  # not streamed, or finished (a canceled run's thread may still be talking)
+        self.sse.append((kind, data))
+        if self._sse_wake is not None:
+            self._sse_wake.set()
+            self._sse_wake = None
+
+    def sse_waiter(self) -> asyncio.Event:
+        if self._sse_wake is None:
+            self._sse_wake = asyncio.Event()
+        return self._sse_wake
 
     @property
     def terminal(self) -> bool:
@@ -127,6 +150,8 @@ class Prediction:
             "metrics": metrics,
             "urls": {"get": url, "cancel": f"{url}/cancel", "web": f"{self.base_url}/p/{self.id}"},
         }
+        if self.sse is not None:
+            obj["urls"]["stream"] = f"{url}/stream"
         if self.deadline is not None:
             obj["deadline"] = rfc3339(self.deadline)
         return obj
@@ -150,25 +175,69 @@ def decode_cursor(cursor: str) -> int:
         raise BadCursor(f"invalid cursor {cursor[:40]!r}") from exc
 
 
+class InputsFull(Exception):
+    """Holding one more input would pass the cap, and no finished prediction's input is left to drop."""
+
+
+def input_size(inp: dict) -> int:
+    return sum(len(v) for v in inp.values() if type(v) is str) + 64 * len(inp)
+
+
+def trimmed_input(inp: dict) -> dict:
+    """The input with every string over 1 KB replaced by a note of its size (what a GET shows
+    once the service dropped the data to stay within its memory cap)."""
+    return {k: (f"<removed: {len(v)} characters>" if type(v) is str and len(v) > 1024 else v)
+            for k, v in inp.items()}
+
+
 class PredictionStore:
-    def __init__(self, max_items: int = 10_000, retention: float = 3600.0) -> None:
+    def __init__(self, max_items: int = 10_000, retention: float = 3600.0,
+                 max_held_input_bytes: int = 128 << 20) -> None:
         self.items: OrderedDict[str, Prediction] = OrderedDict()
         self.max_items = max_items
         self.retention = retention
+        self.max_held_input_bytes = max_held_input_bytes
+        self.held_input_bytes = 0
+        self.runs = 0  # predictions created since start (the model's run_count)
         self._seq = 0
         self._last_sweep = 0.0
 
     def add(self, pred: Prediction) -> Prediction:
+        pred.input_bytes = input_size(pred.input)
+        if self.held_input_bytes + pred.input_bytes > self.max_held_input_bytes:
+            self._make_room(pred.input_bytes)
         self._seq += 1
+        self.runs += 1
         pred.seq = self._seq
         self.items[pred.id] = pred
+        self.held_input_bytes += pred.input_bytes
         if len(self.items) > self.max_items:
             for old_id in [k for k, p in self.items.items() if p.terminal][
                 : len(self.items) - self.max_items
             ]:
-                del self.items[old_id]
+                self._set_input(self.items.pop(old_id), {})
         self.sweep()
         return pred
+
+    def _set_input(self, pred: Prediction, inp: dict) -> None:
+        self.held_input_bytes -= pred.input_bytes
+        pred.input = inp
+        pred.input_bytes = input_size(inp)
+        self.held_input_bytes += pred.input_bytes
+
+    def _make_room(self, needed: int) -> None:
+        """Drop the big input strings of finished predictions, oldest first, until ``needed`` fits."""
+        for pred in self.items.values():
+            if self.held_input_bytes + needed <= self.max_held_input_bytes:
+                return
+            if pred.terminal and pred.input_bytes > 1024 + 64 * len(pred.input):
+                self._set_input(pred, trimmed_input(pred.input))
+        if self.held_input_bytes + needed > self.max_held_input_bytes:
+            raise InputsFull(
+                f"predictions in progress hold {self.held_input_bytes} bytes of input "
+                f"(cap {self.max_held_input_bytes}); retry when some have finished, or upload files "
+                "and pass their URLs"
+            )
 
     def sweep(self, now: float | None = None) -> None:
         """Remove the data of predictions that finished more than ``retention`` seconds ago."""
@@ -182,7 +251,8 @@ class PredictionStore:
                 break  # created later, so finished later too: nothing older follows
             if pred.data_removed or pred.completed_at is None or pred.completed_at > cutoff:
                 continue
-            pred.input, pred.output, pred.logs, pred.data_removed = {}, None, "", True
+            self._set_input(pred, {})
+            pred.output, pred.logs, pred.data_removed = None, "", True
 
     def get(self, pred_id: str) -> Prediction | None:
         self.sweep()

@@ -16,6 +16,7 @@ when the deadline passes before a slot was free. Model inference runs in a threa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from . import blip
+from .files import FileStore
 from .image_input import decode_data_url, fetch_input_file
 from .model import Classifier, load_classifier
 from .records import Prediction, PredictionStore
@@ -36,7 +38,12 @@ ABORTED_ERROR = "The prediction's deadline (Cancel-After) passed before it start
 class PredictionRunner:
     def __init__(self, settings: Settings, classifier: Classifier | None = None) -> None:
         self.settings = settings
-        self.store = PredictionStore(settings.max_predictions, settings.data_retention_seconds)
+        self.store = PredictionStore(
+            settings.max_predictions, settings.data_retention_seconds, settings.max_held_input_bytes
+        )
+        self.files = FileStore(
+            settings.files_dir, settings.max_file_bytes, settings.max_files_total_bytes, settings.file_ttl_seconds
+        )
         self.classifier = classifier
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="predict")
         self.slots = asyncio.Semaphore(settings.workers)
@@ -76,6 +83,7 @@ class PredictionRunner:
         if self.fetch_client:
             await self.fetch_client.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.files.close()
 
     def submit(self, pred: Prediction) -> Prediction:
         self.store.add(pred)
@@ -104,6 +112,10 @@ class PredictionRunner:
         pred.status, pred.error = status, error
         pred.completed_at = time.time()
         pred.done.set()
+        if pred.sse is not None:
+            if status == "failed":
+                pred.push_event("error", json.dumps({"detail": error}))
+            pred.push_event("done", "{}" if status == "succeeded" else json.dumps({"reason": status}))
         assert self.webhooks is not None
         self.webhooks.notify(pred, "completed")
         log.info("prediction %s %s%s", pred.id, status, f": {error}" if error else "")
@@ -154,6 +166,25 @@ class PredictionRunner:
         finally:
             self.slots.release()
 
+    def file_url_id(self, pred: Prediction, value: str) -> str | None:
+        """The file id when ``value`` is a file URL of this service (``urls.get`` or its download)."""
+        prefix = f"{pred.base_url}/v1/files/"
+        if not value.startswith(prefix):
+            return None
+        return value[len(prefix):].split("?", 1)[0].split("/", 1)[0]
+
+    async def _read_file(self, pred: Prediction, file_id: str) -> bytes:
+        rec = self.files.get(pred.owner, file_id)
+        missing = blip.PredictionFailed(
+            f"image: file {file_id[:40]} does not exist, has expired, or belongs to another API token"
+        )
+        if rec is None:
+            raise missing
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, rec.path.read_bytes)
+        except FileNotFoundError as exc:  # deleted while this prediction waited
+            raise missing from exc
+
     async def _predict(self, pred: Prediction) -> None:
         inp = pred.input
         ignored = sorted(set(inp) - set(blip.INPUT_KEYS))
@@ -161,18 +192,31 @@ class PredictionRunner:
         assert self.fetch_client is not None and self.classifier is not None
         value = inp["image"]
         loop = asyncio.get_running_loop()
+        emit = None
+        if pred.sse is not None:
+            def emit(kind: str, text: str) -> None:
+                loop.call_soon_threadsafe(pred.push_event, kind, text)
+            if ignored:
+                emit("logs", f"ignored unknown input keys: {', '.join(ignored)}")
         if value[:5].lower() == "data:":
             # decoded in the model's thread: the event loop meanwhile answers the create call
             running = loop.run_in_executor(
                 self.executor, _answer_data_url, self.classifier, value, task, inp.get("question"),
-                inp.get("caption"))
+                inp.get("caption"), emit)
             assert self.webhooks is not None
             self.webhooks.prepare(pred)  # meanwhile, on this otherwise idle thread
             answer = await running
         else:
-            image = await fetch_input_file(value, self.fetch_client, self.settings.max_image_bytes)
+            file_id = self.file_url_id(pred, value)
+            if file_id is not None:  # one of our files: read from disk, no HTTP round trip
+                image = await self._read_file(pred, file_id)
+            else:
+                image = await fetch_input_file(
+                    value, self.fetch_client, self.settings.max_image_bytes, self.settings.allow_private_urls
+                )
             answer = await loop.run_in_executor(
-                self.executor, blip.answer, self.classifier, image, task, inp.get("question"), inp.get("caption")
+                self.executor, blip.answer, self.classifier, image, task, inp.get("question"), inp.get("caption"),
+                emit,
             )
         if pred.terminal:  # canceled while the thread ran: drop the result
             return
@@ -185,5 +229,5 @@ class PredictionRunner:
 
 
 def _answer_data_url(classifier: Classifier, url: str, task: str, question: str | None,
-                     caption: str | None) -> blip.Answer:
-    return blip.answer(classifier, decode_data_url(url), task, question, caption)
+                     caption: str | None, emit: blip.Emit | None = None) -> blip.Answer:
+    return blip.answer(classifier, decode_data_url(url), task, question, caption, emit)

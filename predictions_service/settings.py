@@ -60,6 +60,20 @@ class Settings:
     max_predictions: int = 10_000  # in memory; the oldest finished ones are forgotten first
     data_retention_seconds: float = 3600.0  # then input/output/logs are removed, as on Replicate
     public_base_url: str | None = None  # for urls.get etc.; default: the URL the client used
+    # URL inputs from loopback/private/link-local addresses are refused unless this is set.
+    allow_private_urls: bool = False
+    # Files API: where uploads go (None: a fresh temporary directory, removed at shutdown), the
+    # per-file cap (Replicate's 100 MiB), the total disk the store may use, and how long files live.
+    files_dir: Path | None = None
+    max_file_bytes: int = 100 << 20
+    max_files_total_bytes: int = 2 << 30
+    file_ttl_seconds: float = 86400.0  # Replicate's files expire after 24 h
+    # Data-URL inputs bigger than this are moved to the file store at create time (the input then
+    # echoes the file's URL); Replicate recommends data URLs only up to 256 KB.
+    spill_input_bytes: int = 256 << 10
+    # Total bytes of inputs kept in memory by held predictions; past it, the inputs of the oldest
+    # finished predictions are dropped, and with none left to drop, creates get a 503.
+    max_held_input_bytes: int = 128 << 20
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -82,6 +96,8 @@ class Settings:
             raise ValueError("rate limits must be at least 1 per minute")
         if self.data_retention_seconds <= 0 or self.max_predictions < 1:
             raise ValueError("data retention must be positive and max_predictions at least 1")
+        if self.max_file_bytes < 1 or self.max_files_total_bytes < 1 or self.max_held_input_bytes < 1:
+            raise ValueError("file and input caps must be positive")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
 

@@ -4,6 +4,7 @@
     sender.notify(pred, "start")                 # sent now if "start" is in the prediction's filter
     sender.notify(pred, "output", "logs")        # at most once per 500 ms per prediction
     sender.notify(pred, "completed")             # retried on connection errors and 4xx/5xx
+                                                 # (also to pred.webhook_completed, if set)
     await sender.close()
 
 Each POST body is the prediction object at send time, signed with the Standard Webhooks scheme
@@ -75,6 +76,10 @@ class WebhookSender:
         self._prepared[pred.id] = (msg_id, timestamp, mac)
 
     def notify(self, pred: Prediction, *kinds: str) -> None:
+        if "completed" in kinds and pred.webhook_completed:
+            # the legacy option: its own URL, told of completion only (whatever the filter says)
+            self._queue(pred, self.state.get(pred.id) or _PerPrediction(), terminal=True,
+                        url=pred.webhook_completed)
         if not pred.webhook:
             return
         if "completed" in kinds:  # the last event of a prediction: forget its throttle state
@@ -109,7 +114,7 @@ class WebhookSender:
         self._queue(pred, st, terminal=False)
 
     def _queue(self, pred: Prediction, st: _PerPrediction, terminal: bool,
-               prepared: tuple[str, int, hmac.HMAC] | None = None) -> None:
+               prepared: tuple[str, int, hmac.HMAC] | None = None, url: str | None = None) -> None:
         # the body is a snapshot now: later changes get their own event
         first: tuple[str, int, str] | None = None
         head = pred.json_head() if prepared else None
@@ -121,7 +126,8 @@ class WebhookSender:
             first = (msg_id, timestamp, finish_signature(mac))
         else:
             body = pred.to_json().encode()
-        task = asyncio.create_task(self._deliver(st.lock, pred.id, pred.webhook or "", body, terminal, first))
+        target = url or pred.webhook or ""
+        task = asyncio.create_task(self._deliver(st.lock, pred.id, target, body, terminal, first))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -25,6 +25,7 @@ from aiocoap import Code
 from aiocoap.optiontypes import BlockOption
 from PIL import Image
 
+from device_sim.dtls_transport import dtls_client_context
 from pipelines.ingest.coap import CoapIngest, CoapSettings
 from pipelines.router import Router, RouterSettings
 
@@ -243,8 +244,8 @@ async def test_plain_needs_device_name_and_valid_path(server, client):
     assert r.code == Code.UNAUTHORIZED and b"?d=" in r.payload
     r = await client.request(request(Code.POST, f"{base}/.s/images?d=bad/id", b"x")).response
     assert r.code == Code.BAD_REQUEST
-    r = await client.request(request(Code.POST, f"{base}/.s/?d=cam-01", b"x")).response
-    assert r.code == Code.BAD_REQUEST and b"stream path missing" in r.payload
+    r = await client.request(request(Code.POST, f"{base}/.s/images/a//b?d=cam-01", b"x")).response
+    assert r.code == Code.BAD_REQUEST and b"non-empty" in r.payload
     r = await client.request(request(Code.POST, f"{base}/nothing?d=cam-01", b"x")).response
     assert r.code == Code.NOT_FOUND
     r = await client.request(request(Code.GET, f"{base}/.s/images?d=cam-01")).response
@@ -346,12 +347,10 @@ async def test_dtls_wrong_key_and_unknown_identity_refused(server, hook, tmp_pat
 @needs_libcoap
 async def test_dtls_hex_key_from_secret_reference(server, hook):
     # cam-02's key is "$CAM02_PSK" in the registry, resolved from the environment, and binary.
-    # libcoap 4.3.1 takes -k literally, so this device is exercised with aiocoap's DTLS client.
-    ctx = await aiocoap.Context.create_client_context()
+    # libcoap 4.3.1 takes -k literally, so this device is exercised with the simulator's DTLS client.
+    ctx = await dtls_client_context(b"cam-02@demo", bytes.fromhex(KEY_02[2:]))
     try:
         uri = f"coaps://127.0.0.1:{server.dtls_port}/.s/images"
-        ctx.client_credentials.load_from_dict({uri: {"dtls": {
-            "psk": {"hex": KEY_02[2:]}, "client-identity": {"ascii": "cam-02@demo"}}}})
         frame = make_png(10_000, seed=2)
         r = await ctx.request(request(Code.POST, uri, frame, content_format=23)).response
         await expect_delivered(hook, r, frame, device="cam-02")
@@ -361,7 +360,7 @@ async def test_dtls_hex_key_from_secret_reference(server, hook):
 
 @needs_libcoap
 async def test_dtls_listens_on_exactly_the_configured_port(router, registry_path, hook, tmp_path):
-    # aiocoap's DTLS transport adds 1 to the port it is given; ours binds the port asked for.
+    # aiocoap's tinydtls transport added 1 to the port it was given; ours binds the port asked for.
     port = free_udp_port()
     async with CoapIngest(router, coap_settings(registry_path, plain_enabled=False, dtls_port=port)) as srv:
         assert srv.dtls_port == port
@@ -375,16 +374,14 @@ async def test_dtls_listens_on_exactly_the_configured_port(router, registry_path
 
 
 @needs_libcoap
-async def test_dtls_sessions_are_capped(router, registry_path, hook):
+async def test_dtls_junk_creates_no_session_state(router, registry_path, hook):
     async with CoapIngest(router, coap_settings(registry_path, max_dtls_sessions=4)) as srv:
-        pool = srv.context.request_interfaces[-1].token_interface.message_interface._pool
         socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(12)]
         try:
             for s in socks:  # each source port is a would-be DTLS peer
                 s.sendto(b"\x16\xfe\xfd" + os.urandom(40), ("127.0.0.1", srv.dtls_port))
-            await wait_for(lambda: len(pool._connections) >= 3, what="junk sessions")
-            await asyncio.sleep(0.2)
-            assert len(pool._connections) <= 4
+            await wait_for(lambda: srv.dtls.stats["datagrams_dropped"] >= 12, what="junk seen")
+            assert srv.dtls.handshake_count == 0 and srv.dtls.session_count == 0
         finally:
             for s in socks:
                 s.close()
@@ -395,10 +392,17 @@ async def test_dtls_sessions_are_capped(router, registry_path, hook):
         assert got.body == b"still-here"
 
 
-async def test_dtls_needs_concrete_address_and_registry(router, registry_path):
-    from pipelines.ingest.coap_dtls import DTLSUnavailable
-    with pytest.raises(DTLSUnavailable, match="any-address"):
-        await CoapIngest(router, coap_settings(registry_path, host="0.0.0.0")).start()
+@needs_libcoap
+async def test_dtls_on_the_any_address(router, registry_path, hook):
+    async with CoapIngest(router, coap_settings(registry_path, host="0.0.0.0")) as srv:
+        rc, out, err = await libcoap("-m", "post", "-e", "any", "-t", "0", "-u", "cam-01@demo",
+                                     "-k", KEY_01, f"coaps://127.0.0.1:{srv.dtls_port}/.s/images")
+        assert rc == 0, err
+        got = await wait_for(lambda: delivered(hook, out.decode().strip()), what="delivery")
+        assert got.body == b"any"
+
+
+async def test_dtls_needs_a_registry(router):
     with pytest.raises(ValueError, match="registry"):
         CoapIngest(router, CoapSettings(port=0, dtls_port=0))
 
@@ -623,6 +627,8 @@ async def test_keepalives_and_pings_are_quietly_handled(server, client, hook, ca
     raw = RawClient(server.port)
     try:
         raw.send(bytes([0x50, 0x00, 0x12, 0x35]))  # empty NON: the Golioth SDK's keep-alive
+        pong = await raw.receive()
+        assert pong.mtype == aiocoap.RST and pong.mid == 0x1235  # answered: the SDK stays connected
         raw.send(bytes([0x40, 0x00, 0x12, 0x36]))  # empty CON: a CoAP ping, answered with RST
         pong = await raw.receive()
         assert pong.mtype == aiocoap.RST and pong.mid == 0x1236

@@ -29,25 +29,14 @@ from aiocoap import Code, Message
 
 from device_sim import Camera, CameraConfig, Fleet, fleet_identities
 from pipelines.commands import sim
+from pipelines.devices import DeviceEntry, DeviceRegistry
+from pipelines.ingest.dtls_server import add_dtls_server, device_from_claims
 
 
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def free_dtls_port() -> int:
-    """A port P with P-1 free too: aiocoap's tinydtls_server bound to N listens on N+1."""
-    for _ in range(50):
-        port = free_udp_port()
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.bind(("127.0.0.1", port - 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free UDP port pair")
 
 
 @dataclass
@@ -140,8 +129,8 @@ class StandInRouter:
 
     def device_of(self, request) -> str:
         if self.psks is not None:
-            claims = list(getattr(request.remote, "authenticated_claims", []) or [])
-            return claims[0].lstrip(":").split("@")[0] if claims else "?"
+            entry = device_from_claims(request.remote)
+            return entry.device_id if entry is not None else "?"
         return parse_qs("&".join(request.opt.uri_query)).get("d", ["?"])[0]
 
     def forget_observers(self) -> None:
@@ -162,12 +151,11 @@ class StandInRouter:
             self._context = await aiocoap.Context.create_server_context(
                 site, bind=("127.0.0.1", self.port), transports=["udp6"])
         else:
-            # tinydtls_server binds N+1 when asked for N (see the devices spec).
-            self._context = await aiocoap.Context.create_server_context(
-                site, bind=("127.0.0.1", self.port - 1), transports=["tinydtls_server"])
-            self._context.server_credentials.load_from_dict({
-                f":{identity}": {"dtls": {"psk": psk, "client-identity": identity.encode()}}
-                for identity, psk in self.psks.items()})
+            # The router's own DTLS transport, with a registry holding just these keys.
+            registry = DeviceRegistry([DeviceEntry(*identity.split("@"), psk)
+                                       for identity, psk in self.psks.items()])
+            self._context = aiocoap.Context(serversite=site)
+            await add_dtls_server(self._context, ("127.0.0.1", self.port), lambda: registry)
         return self
 
     async def stop(self) -> None:
@@ -240,11 +228,8 @@ async def test_plain_coap_upload_reassembles_byte_identical(answer_delay):
 
 async def test_dtls_psk_fleet_uploads_and_observes_answers():
     identities = fleet_identities(3, seed=9)
-    port = free_dtls_port()
+    port = free_udp_port()
     async with StandInRouter(port, psks=psks_for(identities)) as router:
-        # tinydtls_server asked for port N listens on N+1: N itself stays free.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", port - 1))
         fleet = Fleet(identities, fast_config(port, max_frames=2, keepalive=0.2), seed=9)
         async with fleet:
             for camera in fleet.cameras:
@@ -267,7 +252,7 @@ async def test_dtls_psk_fleet_uploads_and_observes_answers():
 
 async def test_dtls_wrong_key_is_refused_and_camera_keeps_trying():
     identity = fleet_identities(1, seed=1)[0]
-    port = free_dtls_port()
+    port = free_udp_port()
     async with StandInRouter(port, psks={identity.psk_identity.decode(): b"not-the-right-key"}) as router:
         camera = Camera(identity, fast_config(port, request_timeout=0.5))
         async with camera:
@@ -281,7 +266,7 @@ async def test_dtls_wrong_key_is_refused_and_camera_keeps_trying():
 async def test_router_down_then_up_camera_recovers():
     identities = fleet_identities(1, seed=2)
     identity = identities[0]
-    port = free_dtls_port()
+    port = free_udp_port()
     camera = Camera(identity, fast_config(port, request_timeout=0.5, interval=0.2))
     router = await StandInRouter(port, psks=psks_for(identities)).start()
     try:

@@ -114,7 +114,7 @@ def test_fleet_identities_are_deterministic():
     assert [c.device_id for c in fleet] == ["cam-01", "cam-02", "cam-03"]
     assert fleet == fleet_identities(3, seed=42, project_id="demo")
     assert [c.psk for c in fleet] != [c.psk for c in fleet_identities(3, seed=43, project_id="demo")]
-    assert len({c.psk for c in fleet}) == 3 and all(len(c.psk) == 16 for c in fleet)
+    assert len({c.psk for c in fleet}) == 3 and all(len(c.psk) == 32 for c in fleet)
     assert fleet[0].psk_identity == b"cam-01@demo"
     assert len({c.scene for c in fleet_identities(5, seed=1)}) == 5  # all scenes before repeats
     assert fleet[0].psk not in repr(fleet[0])
@@ -197,14 +197,12 @@ def test_simulator_never_imports_the_router():
 def test_dtls_limits_and_fleet_event_callback_are_checked_up_front():
     from device_sim import CoapLink, Fleet
 
-    long_id = DeviceIdentity("c" * 30, "demo", "k")
-    with pytest.raises(ValueError, match=r"is 35 bytes; DTLS \(tinydtls\) accepts at most 32"):
-        CoapLink(long_id)
-    CoapLink(long_id, secure=False)  # plain CoAP has no such limit
-    long_key = DeviceIdentity("cam-01", "demo", "k" * 19)
-    with pytest.raises(ValueError, match="cam-01: pre-shared key is 19 bytes") as caught:
+    CoapLink(DeviceIdentity("c" * 64, "d" * 64, "k" * 64))  # the longest id and key are fine
+    long_key = DeviceIdentity("cam-01", "demo", "k" * 65)
+    with pytest.raises(ValueError, match="cam-01: pre-shared key is 65 bytes; DTLS accepts at most 64") as caught:
         CoapLink(long_key)
-    assert "k" * 19 not in str(caught.value)
+    assert "k" * 65 not in str(caught.value)
+    CoapLink(long_key, secure=False)  # plain CoAP has no such limit
 
     fleet = Fleet.create(2, seed=1)
     seen = []

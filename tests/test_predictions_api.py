@@ -85,7 +85,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def api(classifier):
-    async with service(classifier) as (client, _):
+    # its tests fetch images from a host on loopback (the default refuses those: see test_predictions_bounds)
+    async with service(classifier, allow_private_urls=True) as (client, _):
         yield client
 
 
@@ -156,6 +157,7 @@ def assert_problem(
     assert r.headers["content-type"].startswith("application/problem+json")
     body = r.json()
     assert body["status"] == status
+    assert body["title"] and body["detail"]  # every error has all three, as Replicate's
     if title is not None:
         assert body["title"] == title
     if detail is not None:
@@ -405,7 +407,7 @@ async def test_version_key_is_not_allowed_on_model_routes(api):
 
 async def test_unknown_model_route_is_404(api):
     r = await api.post("/v1/models/stability-ai/sdxl/predictions", json={"input": {"prompt": "x"}})
-    assert_problem(r, 404, detail="The requested resource could not be found.")
+    assert_problem(r, 404, "Not Found", "The requested resource could not be found.")
 
 
 async def test_body_that_is_not_json_or_not_an_object(api):
@@ -590,7 +592,7 @@ async def test_create_rate_limit_is_429_with_retry_after(classifier):
         assert (await client.post("/v1/predictions", json=body)).headers["ratelimit-remaining"] == "1"
         assert (await client.post("/v1/predictions", json=body)).headers["ratelimit-remaining"] == "0"
         r = await client.post("/v1/predictions", json=body)
-        problem = assert_problem(r, 429)
+        problem = assert_problem(r, 429, "Too Many Requests")
         assert re.fullmatch(r"Request was throttled\. Your rate limit resets in ~\d+s\.", problem["detail"])
         assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit-remaining"] == "0"
         # other calls have their own budget

@@ -37,6 +37,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from pipelines.commands.serve import add_rate_limit_arguments
 from pipelines.gc_tuning import tune_for_serving
 from pipelines.log_context import setup_logging
 from pipelines.router import ConfigError, RouterSettings
@@ -74,6 +75,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--transport", choices=("coaps", "coap"), default="coaps",
                    help="how the simulated cameras talk: coaps (DTLS-PSK, default) or coap (implies --plain)")
     p.add_argument("--block-size", type=int, default=1024, help="cameras' Block1 size (16..1024)")
+    add_rate_limit_arguments(p)
     p.add_argument("--plain-output", action="store_true", help="log lines instead of the live view")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as text or one JSON object each (default: %(default)s)")
@@ -164,7 +166,8 @@ async def _run(args: argparse.Namespace) -> int:
         if args.transport == "coap":
             args.plain = True
         coap = CoapSettings(host=args.host, dtls_port=args.coap_port, plain_enabled=args.plain,
-                            port=args.plain_port, registry_path=registry_path)
+                            port=args.plain_port, registry_path=registry_path,
+                            rate_limit=args.rate_limit, rate_burst=args.rate_burst)
         settings = ServiceSettings(
             router=RouterSettings(pipelines=args.pipelines or ["pipeline.yaml"],
                                   store_path=data / "store.db", secrets_file=secrets_file,

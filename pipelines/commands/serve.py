@@ -4,6 +4,7 @@
     pipeline serve --pipelines p.yaml --store s.db --http-port 0 --http-ingest   # any free port
     pipeline serve --pipelines p.yaml --coap-dtls-port 5684 --registry devices.yaml
     pipeline serve --coap-dtls-port 5684 --registry devices.yaml --workers 2   # SO_REUSEPORT
+    pipeline serve --coap-dtls-port 5684 --registry devices.yaml --rate-limit 50 --rate-burst 500
     pipeline serve --config router.yaml [--http-port 9000]    # one file; flags override it
 
 ``--config FILE`` reads store, listeners, pipelines, registry, secrets, limits, URL overrides
@@ -22,6 +23,9 @@ acknowledged message; the next start resumes every unfinished run and delivery.
 ``--http-ingest`` adds ``POST /v1/ingest/{project}/{device}/{path}`` to the HTTP face (no
 authentication: loopback or behind an authenticating proxy only). CoAP ingest starts when
 ``--coap-dtls-port`` or ``--coap-port`` (plain CoAP, development only) is given.
+``--rate-limit`` / ``--rate-burst`` set the per-device token bucket of CoAP requests (each
+``--workers`` process applies it to the devices it serves); ``GET /metrics`` counts what it
+refused per device (``pipeline_coap_rate_limited_total``).
 """
 
 from __future__ import annotations
@@ -56,8 +60,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--http-ingest", action="store_true", help="accept messages at POST /v1/ingest/...")
     p.add_argument("--coap-dtls-port", type=int, help="serve CoAP over DTLS on this port (needs --registry)")
     p.add_argument("--coap-port", type=int, help="serve plain CoAP on this port (development only)")
-    p.add_argument("--coap-host", default="127.0.0.1", help="CoAP address (default: %(default)s)")
+    p.add_argument("--coap-host", default="127.0.0.1",
+                   help="CoAP address, 0.0.0.0 or :: for all (default: %(default)s)")
     p.add_argument("--registry", help="device registry file (PSK identities) for CoAP over DTLS")
+    p.add_argument("--dtls-cert", help="the router's certificate (PEM) for certificate devices "
+                                       "(pipeline certs init-ca); needs --dtls-key and --dtls-ca")
+    p.add_argument("--dtls-key", help="the router certificate's private key (PEM)")
+    p.add_argument("--dtls-ca", action="append", default=[], metavar="PEM",
+                   help="project CA certificate that device certificates must chain to (repeatable)")
+    add_rate_limit_arguments(p)
     p.add_argument("--max-queue", type=int, help="deliveries per destination queue before pushing back")
     p.add_argument("--max-inbox", type=int, help="unrouted messages before pushing back")
     for table, what, default in (("stream", "lightdb-stream records", "1000000"),
@@ -82,6 +93,38 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-watch", action="store_true",
                    help="do not reload when the pipeline or secrets files change (SIGHUP still reloads)")
     p.set_defaults(func=run)
+
+
+def add_rate_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """``--rate-limit`` / ``--rate-burst``: the CoAP ingest's per-device token bucket."""
+    from pipelines.ingest.rate_limit import DEFAULT_BURST, DEFAULT_RATE
+
+    p.add_argument("--rate-limit", type=_non_negative, default=DEFAULT_RATE, metavar="PER_SECOND",
+                   help="CoAP requests per second per device, sustained; 0 turns limiting off "
+                        "(default: %(default)g); over it a device gets 4.29 Too Many Requests")
+    p.add_argument("--rate-burst", type=_at_least_one, default=DEFAULT_BURST, metavar="N",
+                   help="CoAP requests a device may send at once before the rate applies "
+                        "(default: %(default)g, enough for the Golioth SDK's start-up and log bursts)")
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (a number, 0 or more)")
+    return value
+
+
+def _at_least_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value >= 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a burst size (a number, 1 or more)")
+    return value
 
 
 def _rows(text: str) -> int | str:
@@ -118,7 +161,12 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
                             dtls_enabled=args.coap_dtls_port is not None,
                             dtls_port=args.coap_dtls_port or 0,
                             plain_enabled=args.coap_port is not None, port=args.coap_port or 0,
-                            reuse_port=args.workers > 1 or args.ingest_only)
+                            reuse_port=args.workers > 1 or args.ingest_only,
+                            rate_limit=args.rate_limit, rate_burst=args.rate_burst)
+        if args.dtls_cert or args.dtls_key or args.dtls_ca:
+            if not (args.dtls_cert and args.dtls_key and args.dtls_ca):
+                raise ValueError("certificate devices need all of --dtls-cert, --dtls-key and --dtls-ca")
+            coap.dtls.cert, coap.dtls.key, coap.dtls.ca = args.dtls_cert, args.dtls_key, list(args.dtls_ca)
     if args.ingest_only:  # a --workers child: CoAP into the shared store, no engine, no HTTP
         router.run_engine = False
         return ServiceSettings(router=router, http_port=None, coap=coap)
@@ -175,10 +223,14 @@ def _worker_command(args: argparse.Namespace, dtls_port: int | None, plain_port:
            "--coap-host", args.coap_host, "--log-level", args.log_level, "--log-format", args.log_format]
     for p in args.pipelines or ["pipeline.yaml"]:
         cmd += ["--pipelines", str(p)]
+    cmd += ["--rate-limit", repr(args.rate_limit), "--rate-burst", repr(args.rate_burst)]
     for item, flag in ((args.secrets, "--secrets"), (args.registry, "--registry"),
-                       (dtls_port, "--coap-dtls-port"), (plain_port, "--coap-port")):
+                       (dtls_port, "--coap-dtls-port"), (plain_port, "--coap-port"),
+                       (args.dtls_cert, "--dtls-cert"), (args.dtls_key, "--dtls-key")):
         if item is not None:
             cmd += [flag, str(item)]
+    for ca in args.dtls_ca:
+        cmd += ["--dtls-ca", ca]
     return cmd
 
 

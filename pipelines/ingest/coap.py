@@ -1,4 +1,4 @@
-"""Device ingestion over CoAP: DTLS-PSK on 5684, plain CoAP on 5683 (only when enabled).
+"""Device ingestion over CoAP: DTLS 1.2 on 5684 (``dtls_server``), plain CoAP on 5683 (only when enabled).
 
 Usage::
 
@@ -10,7 +10,8 @@ Usage::
 
 Resources (see ``/work/shared/specs/devices.md``):
 
-* ``POST /.s/<path>``: one message into the pipelines, path ``/<path>``; Block1 uploads are
+* ``POST /.s/<path>``: one message into the pipelines, path ``/<path>`` (``POST /.s/``: path
+  ``/``); Block1 uploads are
   reassembled here (``coap_blockwise``) with a body limit, a memory cap and expiry. The
   answer is 2.04 Changed only after ``target.accept`` returned (the message is stored); its
   payload is the message id (ASCII), so a device can correlate the frame with its results.
@@ -18,9 +19,10 @@ Resources (see ``/work/shared/specs/devices.md``):
   Content-Format 50; PUT/POST also take CBOR, 60). Observers are notified when it changes.
 * ``GET /.well-known/core``.
 
-Who is talking: over DTLS, the registry entry the PSK identity ``<device>@<project>`` named
-(the handshake fails for unknown identities or wrong keys). Over plain CoAP (development), the
-device names itself with ``?d=<device-id>``; the project comes from the registry or its default.
+Who is talking: over DTLS, the registry entry the PSK identity ``<device>@<project>`` named,
+or the device certificate's CN/O (the handshake fails for unknown devices or wrong keys). Over
+plain CoAP (development), the device names itself with ``?d=<device-id>``; the project comes
+from the registry or its default.
 
 Limits answer with codes, never stack traces: per-device token bucket (new requests; the
 continuation blocks of an accepted upload are not counted) -> 4.29 + Max-Age; ``Overloaded``
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -60,9 +63,10 @@ from aiocoap.transports.udp6 import MessageInterfaceUDP6
 from pipelines.devices import DeviceRegistry, Resolver
 from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
-from pipelines.ingest.coap_dtls import RegistryCredentials, add_dtls_transport, device_from_claims
 from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
-from pipelines.ingest.rate_limit import RateLimiter
+from pipelines.ingest.coap_keepalive import answer_empty_non
+from pipelines.ingest.dtls_server import DtlsOptions, DtlsServerTransport, add_dtls_server, device_from_claims
+from pipelines.ingest.rate_limit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
 from pipelines.message import Message
 
 log = logging.getLogger(__name__)
@@ -85,7 +89,9 @@ LOGGER_NAME = "coap-ingest"  # aiocoap's own messages about our server go here
 
 
 class _KeepAliveFilter(logging.Filter):
-    """The Golioth SDK sends an empty NON as keep-alive every 9 s; aiocoap warns about each one."""
+    """The Golioth SDK sends an empty NON as keep-alive every 9 s. ``coap_keepalive`` answers them
+    before aiocoap sees them; should one reach aiocoap (a transport added later), its warning
+    about each one is dropped here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()  # msg need not be a str
@@ -95,6 +101,7 @@ class _KeepAliveFilter(logging.Filter):
 logging.getLogger(LOGGER_NAME).addFilter(_KeepAliveFilter())
 
 MAX_TOKEN_LENGTH = 8
+MAX_LIMITED_DEVICES = 10_000  # per-device 4.29 counters kept for /metrics
 MAX_PATH_LENGTH = 256
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -103,7 +110,7 @@ _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 class CoapSettings:
     """Where and how the CoAP ingest listens. Ports 0 mean "any free port" (tests)."""
 
-    host: str = "127.0.0.1"          # DTLS needs a concrete address (aiocoap limitation)
+    host: str = "127.0.0.1"          # "0.0.0.0" / "::" listen on every address
     port: int = 5683                 # plain CoAP, only if plain_enabled
     dtls_port: int = 5684
     dtls_enabled: bool = True
@@ -116,11 +123,12 @@ class CoapSettings:
     block_expiry: float = 60.0       # seconds an idle upload is kept
     max_block_szx: int = 6           # 1024-byte blocks; smaller makes clients re-index
     max_state_body: int = 64 << 10   # /.d/ documents
-    rate_limit: float = 20.0         # requests/s per device; 0 disables
-    rate_burst: float | None = None  # bucket size; default = rate_limit
+    rate_limit: float = DEFAULT_RATE    # requests/s per device; 0 disables (rate_limit.py: why)
+    rate_burst: float | None = DEFAULT_BURST  # bucket size; None = rate_limit
     busy_retry_after: float = 2.0    # Max-Age on 5.03 from the memory cap
     reuse_port: bool = False         # SO_REUSEPORT, for --workers N on one port
     max_dtls_sessions: int = 4096
+    dtls: DtlsOptions = field(default_factory=DtlsOptions)  # timeouts, caps, certificates (cert/key/ca)
     max_recent_exchanges: int = 30_000  # duplicate-detection entries kept (3-4 KB each), newest first
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
     extra: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +185,9 @@ class _Server:
                                              expiry=settings.block_expiry, max_szx=settings.max_block_szx,
                                              busy_retry_after=settings.busy_retry_after)
         self.stats: dict[str, int] = {"accepted": 0, "bytes": 0, "blocks": 0}
+        # (project, device) -> requests answered 4.29; at most MAX_LIMITED_DEVICES series (plain
+        # CoAP devices name themselves), the rest are counted under device "(other)"
+        self.rate_limited: dict[tuple[str, str], int] = {}
         # per device: how it last talked to us and what it was refused (the console shows it)
         self.sessions: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -226,6 +237,10 @@ class _Server:
         if wait:
             self.count("rate_limited")
             self.refused(who, "rate_limited")
+            key = (who.project_id, who.device_id)
+            if key not in self.rate_limited and len(self.rate_limited) >= MAX_LIMITED_DEVICES:
+                key = (who.project_id, "(other)")
+            self.rate_limited[key] = self.rate_limited.get(key, 0) + 1
             raise _Refusal(_error(Code.TOO_MANY_REQUESTS,
                                   f"device {who.device_id} is over {self.settings.rate_limit:g} requests/s",
                                   max_age=wait))
@@ -312,9 +327,7 @@ class StreamResource(_Base):
         """Ingest one request (or one block of it); the stream path follows ``skip`` segments."""
         server = self.server
         who = server.who(request)
-        path = _path_of(request, skip)
-        if path == "/":
-            raise _Refusal(_error(Code.BAD_REQUEST, "stream path missing: POST to /.s/<path>"))
+        path = _path_of(request, skip)  # "/" for POST /.s/ (the SDK's stream to the root path)
         body, block1 = await _reassemble(server, server.uploads, request, who, path)
         try:
             content_type, metadata = content_type_for(request.opt.content_format)
@@ -369,12 +382,18 @@ class StateResource(_Base, resource.ObservableResource):
 
     def __init__(self, server: _Server) -> None:
         super().__init__(server)
+        # Observe registrations: id(request) -> the first answer add_observation read, taken by
+        # render_get, which aiocoap calls next with the same request object
+        self._first_answers: dict[int, aiocoap.Message] = {}
 
     async def needs_blockwise_assembly(self, request):
         # GET answers may need Block2 (aiocoap does that); uploads go through our limited spool.
         return request.code in (Code.GET, Code.FETCH)
 
     async def render_get(self, request):
+        first = self._first_answers.pop(id(request), None)
+        if first is not None:  # an Observe registration: add_observation has read the document
+            return first
         who = self.server.who(request)
         path = _path_of(request)
         if request.opt.observe is None:
@@ -421,9 +440,23 @@ class StateResource(_Base, resource.ObservableResource):
         # One reader per observation, woken by changes: the last read always follows the last
         # write, so a slow read can never deliver an older document after a newer one.
         dirty = asyncio.Event()
+        stop = self.server.target.watch_state(who.project_id, who.device_id, dirty.set)
+        # The first answer is read here, after the watch is in place, and is what the pump
+        # compares with: a change that lands before or during this read wakes the pump, which
+        # then sends only a document that differs from the first answer (one notification per
+        # registration, not a copy of the first answer a few ms later).
+        try:
+            value = await self.server.target.get_state(who.project_id, who.device_id, path)
+        except BaseException:
+            stop()
+            raise
+        first = _encode_state(value, request.opt.accept)
+        if not first.code.is_successful():
+            stop()
+            return  # 4.06: render answers it and the observation ends
+        self._first_answers[id(request)] = first  # render_get answers with it (next, same task)
 
-        async def pump() -> None:
-            last: bytes | None = None
+        async def pump(last: bytes) -> None:
             while True:
                 await dirty.wait()
                 dirty.clear()
@@ -437,12 +470,12 @@ class StateResource(_Base, resource.ObservableResource):
                     last = response.payload
                     serverobservation.trigger(response)
 
-        task = asyncio.get_running_loop().create_task(pump(), name=f"observe {who.device_id}{path}")
-        stop = self.server.target.watch_state(who.project_id, who.device_id, dirty.set)
+        task = asyncio.get_running_loop().create_task(pump(first.payload), name=f"observe {who.device_id}{path}")
 
         def cancelled() -> None:
             stop()
             task.cancel()
+            self._first_answers.pop(id(request), None)
 
         serverobservation.accept(cancelled)
 
@@ -459,6 +492,14 @@ class _IngestSite(resource.Site):
     async def render_to_pipe(self, pipe):
         request = pipe.request
         uri_path = request.opt.uri_path
+        if not uri_path and request.code.is_request() and request.opt.uri_path_abbrev is None:
+            # The Golioth Linux SDK's keep-alive: a request with no path (a CON DELETE). Golioth
+            # answers 4.04 and the SDK takes any answer; cheap, and never rate-limited.
+            self.stream.server.count("keepalives")
+            response = aiocoap.Message(code=Code.NOT_FOUND)
+            response.opt.no_response = request.opt.no_response
+            pipe.add_response(response, is_last=True)
+            return
         if (uri_path and uri_path[0] == ".s" and request.code == Code.POST
                 and request.opt.uri_path_abbrev is None):
             try:
@@ -485,6 +526,8 @@ def build_site(server: _Server) -> resource.Site:
     site = _IngestSite(stream)
     site.add_resource([".s"], stream)
     site.add_resource([".d"], StateResource(server))
+    from pipelines.device_services import add_device_services  # here: they import this module
+    add_device_services(site, server)  # /.u (OTA), /.c (settings), /.rpc
     site.add_resource([".well-known", "core"],
                       resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
     return site
@@ -521,6 +564,7 @@ class CoapIngest:
         self.context: aiocoap.Context | None = None
         self.port: int | None = None
         self.dtls_port: int | None = None
+        self.dtls: DtlsServerTransport | None = None
         self._housekeeping: asyncio.Task | None = None
         self.exchange_tables: list[RecentExchanges] = []
 
@@ -538,6 +582,9 @@ class CoapIngest:
         out = dict(self.server.stats)
         out["recent_exchanges"] = sum(len(t) for t in self.exchange_tables)
         out["exchanges_evicted"] = sum(t.evicted for t in self.exchange_tables)
+        if self.dtls is not None:
+            out.update({f"dtls_{name}": n for name, n in self.dtls.stats.items()})
+            out["dtls_sessions"], out["dtls_handshakes"] = self.dtls.session_count, self.dtls.handshake_count
         return out
 
     async def start(self) -> CoapIngest:
@@ -561,15 +608,20 @@ class CoapIngest:
                     await ctx._append_tokenmanaged_messagemanaged_transport(plain)
                     self.port = int(created[0].transport.get_extra_info("socket").getsockname()[1])
                 if s.dtls_enabled:
-                    creds = RegistryCredentials(lambda: self.server.registry)
-                    ctx.server_credentials = creds
-                    self.dtls_port = await add_dtls_transport(ctx, (s.host, s.dtls_port), creds,
-                                                              max_sessions=s.max_dtls_sessions)
+                    options = dataclasses.replace(s.dtls, max_sessions=s.max_dtls_sessions)
+                    self.dtls = await add_dtls_server(ctx, (s.host, s.dtls_port), lambda: self.server.registry,
+                                                      options, reuse_port=s.reuse_port)
+                    self.dtls_port = self.dtls.port
         except BaseException:
-            await ctx.shutdown()
+            if ctx.request_interfaces:  # aiocoap's shutdown fails on a context without transports
+                await ctx.shutdown()
             self.context = None
             raise
         self.exchange_tables = cap_recent_exchanges(ctx, s.max_recent_exchanges)
+        answer_empty_non(ctx, count=lambda: self.server.count("keepalives"))
+        sources = getattr(self.server.target, "metric_sources", None)
+        if isinstance(sources, list):
+            sources.append(self.collect_metrics)
         self._housekeeping = loop.create_task(self._housekeep(), name="coap-ingest housekeeping")
         log.info("CoAP ingest listening: plain=%s dtls=%s on %s", self.port, self.dtls_port, s.host)
         return self
@@ -587,7 +639,33 @@ class CoapIngest:
             except Exception as exc:  # keep serving with the old registry
                 log.error("device registry not reloaded: %s", exc)
 
+    def collect_metrics(self) -> Iterator[Any]:
+        """Prometheus metric families for ``GET /metrics`` (``pipelines.metrics``)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        limited = CounterMetricFamily("pipeline_coap_rate_limited",
+                                      "CoAP requests answered 4.29 by the per-device rate limit",
+                                      labels=["project", "device"])
+        for (project, device), n in sorted(self.server.rate_limited.items()):
+            limited.add_metric([project, device], n)
+        yield limited
+        stats = self.stats
+        for name, help_text in (("accepted", "stream messages accepted over CoAP"),
+                                ("keepalives", "keep-alives answered (NON Empty: RST; path-less: 4.04)"),
+                                ("overloaded", "requests answered 5.03 because the router was busy")):
+            c = CounterMetricFamily(f"pipeline_coap_{name}", help_text)
+            c.add_metric([], stats.get(name, 0))
+            yield c
+        rate = GaugeMetricFamily("pipeline_coap_rate_limit", "per-device rate limit settings",
+                                 labels=["setting"])
+        rate.add_metric(["requests_per_second"], self.server.limiter.rate)
+        rate.add_metric(["burst"], self.server.limiter.burst)
+        yield rate
+
     async def stop(self) -> None:
+        sources = getattr(self.server.target, "metric_sources", None)
+        if isinstance(sources, list) and self.collect_metrics in sources:
+            sources.remove(self.collect_metrics)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -596,6 +674,7 @@ class CoapIngest:
         if self.context is not None:
             await self.context.shutdown()
             self.context = None
+            self.dtls = None
 
     async def __aenter__(self) -> CoapIngest:
         return await self.start()
