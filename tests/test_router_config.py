@@ -108,3 +108,18 @@ def test_serve_runs_from_the_file_flags_override_it_and_logs_json(tmp_path):
     assert dropped, lines
     assert dropped[0]["device"] == "meter-2" and dropped[0]["pipeline"] == "bad"
     assert dropped[0]["step"] == "patch" and dropped[0]["level"] == "WARNING"
+
+
+def test_coap_limits_and_certificates_map_to_the_serve_options(tmp_path):
+    (tmp_path / "router.pem").write_text("x")
+    (tmp_path / "router.yaml").write_text(
+        "coap: {dtls_port: 0, rate_limit: 50, rate_burst: 500, dtls_cert: router.pem, dtls_key: router.pem}\n")
+    config = load_router_config(tmp_path / "router.yaml")
+    assert config.problems == []
+    assert config.values["rate_limit"] == 50.0 and config.values["rate_burst"] == 500.0
+    assert config.values["dtls_cert"] == str(tmp_path / "router.pem")
+    (tmp_path / "bad.yaml").write_text("coap: {rate_limit: -1, rate_burst: 0}\n")
+    assert [str(p) for p in load_router_config(tmp_path / "bad.yaml").problems] == [
+        f"{tmp_path / 'bad.yaml'}:1:20: coap.rate_limit must be requests per second per device "
+        "(0 or more; 0: no limit), not -1",
+        f"{tmp_path / 'bad.yaml'}:1:36: coap.rate_burst must be a number of requests, 1 or more, not 0"]
