@@ -1,4 +1,4 @@
-"""A fleet of simulated cameras with deterministic identities, plus the matching registry file.
+"""A fleet of simulated cameras (random keys unless a key seed is given), plus the matching registry file.
 
 Use::
 
@@ -71,9 +71,11 @@ class Fleet:
         config: CameraConfig | None = None,
         on_event: EventCallback | None = None,
         stagger: bool = True,
+        key_seed: int | None = None,
     ) -> Fleet:
-        return cls(fleet_identities(count, seed=seed, project_id=project_id), config, seed=seed,
-                   on_event=on_event, stagger=stagger)
+        """Random keys unless ``key_seed`` (see ``device_sim.identity``)."""
+        return cls(fleet_identities(count, seed=seed, project_id=project_id, key_seed=key_seed), config,
+                   seed=seed, on_event=on_event, stagger=stagger)
 
     def write_registry(self, path: str | Path) -> Path:
         return write_registry(path, self.identities)

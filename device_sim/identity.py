@@ -3,7 +3,9 @@
 Use::
 
     from device_sim.identity import fleet_identities, write_registry
-    cams = fleet_identities(3, seed=42, project_id="demo")   # cam-01..cam-03, keys from the seed
+    cams = fleet_identities(3, seed=42, project_id="demo")   # cam-01..cam-03, fresh random keys
+    same = fleet_identities(3, seed=42, key_seed=7)          # keys from key_seed: reproducible
+    again = read_registry(tmp / "devices.yaml")              # the identities a registry file holds
     cams[0].psk_identity        # b"cam-01@demo" (DTLS PSK identity)
     write_registry(tmp / "devices.yaml", cams)
 
@@ -16,9 +18,10 @@ The registry is written in exactly the format the router reads::
         psk: "<key text>"
 
 Keys (32 characters, URL-safe base64 of 192 bits, as long as ``pipeline devices add`` makes)
-are derived from the seed with SHA-256, so the
-same seed always gives the same fleet. They are simulation keys: anyone who knows the seed knows
-them.
+are random (``secrets``) unless a ``key_seed`` is given: then they are derived from it with
+SHA-256, so the same key seed always gives the same keys (for reproducible benchmarks; anyone
+who knows the key seed knows them, so never for a fleet reachable by others). ``seed`` only
+chooses the scenes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +70,10 @@ class DeviceIdentity:
         return self.psk.encode()
 
 
-def fleet_identities(count: int, *, seed: int = 0, project_id: str = "demo") -> list[DeviceIdentity]:
-    """``count`` cameras named cam-01.. with keys and scenes derived from ``seed``."""
+def fleet_identities(count: int, *, seed: int = 0, project_id: str = "demo",
+                     key_seed: int | None = None) -> list[DeviceIdentity]:
+    """``count`` cameras named cam-01.. with scenes from ``seed`` and fresh random keys (keys
+    derived from ``key_seed`` when one is given)."""
     if not 1 <= count <= MAX_DEVICES:
         raise ValueError(f"device count must be 1..{MAX_DEVICES}, got {count}")
     width = max(2, len(str(count)))
@@ -76,11 +82,34 @@ def fleet_identities(count: int, *, seed: int = 0, project_id: str = "demo") -> 
     identities = []
     for number in range(1, count + 1):
         device_id = f"cam-{number:0{width}d}"
-        digest = hashlib.sha256(f"device-sim:{seed}:{project_id}:{device_id}".encode()).digest()
-        key = base64.urlsafe_b64encode(digest[:KEY_BYTES]).decode()
+        if key_seed is None:
+            raw = secrets.token_bytes(KEY_BYTES)
+        else:
+            raw = hashlib.sha256(f"device-sim:{key_seed}:{project_id}:{device_id}".encode()).digest()
+        key = base64.urlsafe_b64encode(raw[:KEY_BYTES]).decode()
         scene = SCENE_NAMES[(offset + number - 1) % len(SCENE_NAMES)]
         identities.append(DeviceIdentity(device_id, project_id, key, scene))
     return identities
+
+
+def read_registry(path: str | Path, *, seed: int = 0) -> list[DeviceIdentity]:
+    """The cameras a registry file written by :func:`write_registry` holds (scenes from ``seed``)."""
+    text = Path(path).read_text(encoding="utf-8")
+    # what write_registry writes has no aliases: refuse them rather than expand them
+    if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader)):
+        raise ValueError(f"{path}: YAML aliases are not allowed in a registry written for simulated cameras")
+    document = yaml.safe_load(text)
+    devices = document.get("devices") if isinstance(document, dict) else None
+    if not isinstance(devices, list) or not devices:
+        raise ValueError(f"{path}: no devices")
+    offset = int.from_bytes(hashlib.sha256(f"scenes:{seed}".encode()).digest()[:4], "big")
+    out = []
+    for number, d in enumerate(devices, start=1):
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("id", "psk")):
+            raise ValueError(f"{path}: device {number} needs id and psk")
+        out.append(DeviceIdentity(d["id"], str(d.get("project_id") or document.get("project_id")),
+                                  d["psk"], SCENE_NAMES[(offset + number - 1) % len(SCENE_NAMES)]))
+    return out
 
 
 def registry_yaml(identities: list[DeviceIdentity]) -> str:
@@ -104,8 +133,10 @@ def write_registry(path: str | Path, identities: list[DeviceIdentity]) -> Path:
     """Write the registry file for ``identities`` to ``path`` (mode 0600: it holds keys)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(registry_yaml(identities), encoding="utf-8")
+    text = registry_yaml(identities)
+    path.touch(mode=0o600)  # 0600 before the keys go in, not after
     path.chmod(0o600)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

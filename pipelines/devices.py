@@ -37,6 +37,9 @@ from typing import Any
 
 import yaml
 
+from pipelines.file_perms import warn_if_shared
+from pipelines.yaml_limits import YamlLimitError, safe_load_bounded
+
 Resolver = Callable[[str], "str | None"]
 
 #: The one limit on PSK identities (``<device>@<project>``, UTF-8 bytes): OpenSSL's PSK_MAX_IDENTITY_LEN.
@@ -105,6 +108,7 @@ class DeviceRegistry:
         self.path = path
         self._resolver = resolver
         self._mtime: float | None = None
+        self._failed_mtime: float | None = None  # a broken version is reported once, not every poll
         self._set_entries(entries)
 
     def _set_entries(self, entries: list[DeviceEntry]) -> None:
@@ -122,6 +126,8 @@ class DeviceRegistry:
     def load(cls, path: str | os.PathLike[str], resolver: Resolver | None = None) -> DeviceRegistry:
         path = Path(path)
         default_project, entries = _parse(path, resolver or _env_resolver)
+        if any(e.psk_source == "inline" for e in entries):
+            warn_if_shared(path, "device registry")  # it holds keys
         reg = cls(entries, default_project, path=path, resolver=resolver)
         reg._mtime = _mtime(path)
         return reg
@@ -132,9 +138,14 @@ class DeviceRegistry:
         if self.path is None:
             return False
         mtime = _mtime(self.path)
-        if mtime == self._mtime:
-            return False
-        default_project, entries = _parse(self.path, self._resolver or _env_resolver)
+        if mtime == self._mtime or mtime == self._failed_mtime:
+            return False  # unchanged, or the same broken version already reported
+        try:
+            default_project, entries = _parse(self.path, self._resolver or _env_resolver)
+        except DeviceRegistryError:
+            self._failed_mtime = mtime
+            raise
+        self._failed_mtime = None
         self.default_project = default_project
         self._set_entries(entries)
         self._mtime = mtime
@@ -165,6 +176,20 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its type for containers (never their contents, which
+    may be secrets or an alias-expanded tree), a cut repr otherwise."""
+    if isinstance(value, dict | list):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _cut(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
     def fail(line: int | None, what: str) -> DeviceRegistryError:
         where = f"{path}:{line}" if line else str(path)
@@ -175,7 +200,9 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
     except OSError as exc:
         raise DeviceRegistryError(f"{path}: cannot read device registry: {exc.strerror}") from None
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass
+        doc = safe_load_bounded(text, str(path), Loader=_LineLoader)  # a SafeLoader subclass
+    except YamlLimitError as exc:
+        raise DeviceRegistryError(str(exc)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -186,29 +213,30 @@ def _parse(path: Path, resolver: Resolver) -> tuple[str, list[DeviceEntry]]:
         raise fail(1, "the registry must be a mapping with 'devices:'")
     default_project = doc.get("project_id", "default")
     if not isinstance(default_project, str) or not _ID_RE.match(default_project):
-        raise fail(doc.get("__line__"), f"project_id must be a plain name, got {default_project!r}")
+        raise fail(doc.get("__line__"), f"project_id must be a plain name, got {_short(default_project)}")
     devices = doc.get("devices") or []
     if not isinstance(devices, list):
         raise fail(doc.get("__line__"), "'devices' must be a list")
     unknown = set(doc) - {"project_id", "devices", "__line__"}
     if unknown:
-        raise fail(doc.get("__line__"), f"unknown key(s) {sorted(unknown)}; expected project_id, devices")
+        raise fail(doc.get("__line__"),
+                   f"unknown key(s) {_cut(sorted(map(str, unknown)))}; expected project_id, devices")
 
     entries: list[DeviceEntry] = []
     seen: dict[str, int | None] = {}
     for item in devices:
         if not isinstance(item, dict):
-            raise fail(doc.get("__line__"), f"each device must be a mapping, got {item!r}")
+            raise fail(doc.get("__line__"), f"each device must be a mapping, got {_short(item)}")
         line = item.get("__line__")
         unknown = set(item) - {"id", "project_id", "psk", "tags", "__line__"}
         if unknown:
-            raise fail(line, f"unknown key(s) {sorted(unknown)}; expected id, project_id, psk, tags")
+            raise fail(line, f"unknown key(s) {_cut(sorted(map(str, unknown)))}; expected id, project_id, psk, tags")
         device_id = item.get("id")
         if not isinstance(device_id, str) or not _ID_RE.match(device_id):
-            raise fail(line, f"device id must be letters, digits, '.', '_', ':' or '-', got {device_id!r}")
+            raise fail(line, f"device id must be letters, digits, '.', '_', ':' or '-', got {_short(device_id)}")
         project_id = item.get("project_id", default_project)
         if not isinstance(project_id, str) or not _ID_RE.match(project_id):
-            raise fail(line, f"device {device_id}: project_id must be a plain name, got {project_id!r}")
+            raise fail(line, f"device {device_id}: project_id must be a plain name, got {_short(project_id)}")
         psk, source = None, None
         raw = item.get("psk")
         if raw is not None:

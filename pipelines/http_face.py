@@ -18,7 +18,14 @@ also takes messages: ``POST /v1/ingest/{project}/{device}/{path...}`` with the p
 body and its ``Content-Type``; an optional ``Message-Id`` header (letters, digits, ``-_.:``,
 at most 128) makes a retried POST land on the same message. ``202 {"id": ...}`` means the
 message is durably in the inbox; ``503`` with ``Retry-After`` means the router pushes back.
-It has no authentication: serve it on loopback or behind a proxy that authenticates.
+It needs an ``admin`` key once keys exist (see below).
+
+Authentication (``pipelines.http_auth``): once ``pipeline keys create`` has made a key, every
+endpoint but ``/healthz``, ``/readyz`` and ``/metrics`` (those too with ``protect_metrics``)
+and the prediction callback (signed on its own) wants ``Authorization: Bearer KEY``; with no
+key on a loopback address the face stays open; on any other address it refuses to start.
+Bodies are counted as they arrive (``read_body``): a body over its cap, announced or chunked,
+is refused at the cap, never held whole. TLS: ``start_http(..., certfile=, keyfile=)``.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from pipelines.http_auth import Authenticator
 from pipelines.ingest import Overloaded
 from pipelines.message import Message
 from pipelines.metrics import RouterMetrics
+from pipelines.secrets import redact_tree
 
 if TYPE_CHECKING:
     from pipelines.router import Router
@@ -50,6 +59,36 @@ MAX_LIMIT = 1000  # rows per answer on the listing endpoints; ?limit= is clamped
 
 class _BadQuery(ValueError):
     pass
+
+
+class BodyTooLarge(ValueError):
+    """The request body is over its cap (announced by Content-Length or counted as it came)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"body over {limit} bytes")
+        self.limit = limit
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk and refused (``BodyTooLarge``) as soon as it
+    passes ``limit`` bytes, whether or not a ``Content-Length`` announced it (chunked
+    bodies have none): memory stays bounded by ``limit`` per request."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(exc: BodyTooLarge) -> Response:
+    # Connection: close: the rest of the body is not read; the client must not reuse the socket
+    return JSONResponse({"error": str(exc)}, status_code=413, headers={"Connection": "close"})
 
 
 def _limit(request: Request) -> int:
@@ -79,12 +118,10 @@ def ingest_route(router: Router) -> Route:
         if message_id is not None and not _MESSAGE_ID.match(message_id):
             return JSONResponse({"error": "Message-Id must be 1-128 of A-Z a-z 0-9 - _ . :"},
                                 status_code=400)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_INGEST_BODY):
-            return JSONResponse({"error": f"body over {MAX_INGEST_BODY} bytes"}, status_code=413)
-        body = await request.body()
-        if len(body) > MAX_INGEST_BODY:
-            return JSONResponse({"error": f"body over {MAX_INGEST_BODY} bytes"}, status_code=413)
+        try:
+            body = await read_body(request, MAX_INGEST_BODY)
+        except BodyTooLarge as exc:
+            return too_large(exc)
         message = Message.new(project_id=p["project"], device_id=p["device"], path="/" + p["path"],
                               content_type=request.headers.get("content-type")
                               or "application/octet-stream",
@@ -99,7 +136,12 @@ def ingest_route(router: Router) -> Route:
     return Route("/v1/ingest/{project}/{device}/{path:path}", ingest, methods=["POST"])
 
 
-def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+def create_app(router: Router, extra_routes: list[BaseRoute] | None = None,
+               authenticator: Authenticator | None = None) -> Starlette:
+    """The face's app. ``authenticator`` defaults to one on the router's store for a loopback
+    address (open while the store holds no key)."""
+    if authenticator is None:
+        authenticator = Authenticator(router.settings.store_path)
     metrics = RouterMetrics(router)
 
     async def healthz(_: Request) -> Response:
@@ -130,7 +172,8 @@ def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> S
         q = request.query_params
         rows = await router.store.dead_letters(pipeline=q.get("pipeline"), step=q.get("step"),
                                                device_id=q.get("device"), limit=_limit(request))
-        return JSONResponse([r.summary() for r in rows])
+        # secrets in every form (errors and answers may quote a URL with credentials)
+        return JSONResponse([redact_tree(r.summary()) for r in rows])
 
     async def unmatched(request: Request) -> Response:
         return JSONResponse(await router.store.unmatched(_limit(request)))
@@ -149,12 +192,17 @@ def create_app(router: Router, extra_routes: list[BaseRoute] | None = None) -> S
         *([ingest_route(router)] if router.settings.extra.get("http_ingest") else []),
         *(extra_routes or []),
     ]
-    return Starlette(routes=routes, exception_handlers={_BadQuery: bad_query})
+    app = Starlette(routes=routes, exception_handlers={_BadQuery: bad_query},
+                    middleware=[authenticator.middleware()])
+    app.state.authenticator = authenticator
+    return app
 
 
-async def start_http(app: Starlette, host: str, port: int) -> uvicorn.Server:
+async def start_http(app: Starlette, host: str, port: int, *, certfile: str | None = None,
+                     keyfile: str | None = None) -> uvicorn.Server:
     """Serve ``app`` in this event loop; returns once it is listening. Port 0 picks one:
-    read it back from ``bound_port(server)``."""
+    read it back from ``bound_port(server)``. ``host`` may be ``0.0.0.0`` or ``::`` (every
+    interface). With ``certfile``/``keyfile`` (PEM) it serves HTTPS."""
     # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on sockets that say they are TCP, and
     # without it every keep-alive answer waits ~40 ms for the client's delayed ACK
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
@@ -163,7 +211,8 @@ async def start_http(app: Starlette, host: str, port: int) -> uvicorn.Server:
     sock.bind((host, port))
     # log_config=None: uvicorn's loggers propagate to the root handlers and their redaction
     # filter, instead of uvicorn's own stderr handlers that would print a secret as it is
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, log_config=None)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, log_config=None,
+                            ssl_certfile=certfile, ssl_keyfile=keyfile)
     server = uvicorn.Server(config)
     server._bound_socket = sock  # type: ignore[attr-defined]
     server._task = asyncio.create_task(server.serve(sockets=[sock]))  # type: ignore[attr-defined]

@@ -20,6 +20,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from pipelines.json_limits import JSONTooDeep, loads_bounded
+
 JSON_TYPE = "application/json"
 
 _UNSET: Any = object()
@@ -168,7 +170,9 @@ class Message:
         """The payload parsed as JSON (cached). Raises ``NotJSONError`` with a short reason."""
         if self._json is _UNSET:
             try:
-                self._json = _json.loads(self._payload)  # type: ignore[arg-type]
+                self._json = loads_bounded(self._payload)  # type: ignore[arg-type]
+            except JSONTooDeep as exc:
+                raise NotJSONError(f"payload is not usable JSON: {exc}") from None
             except (ValueError, UnicodeDecodeError) as exc:
                 raise NotJSONError(f"payload is not valid JSON: {exc}") from None
             except RecursionError:  # a device's "[[[[..." must not pass for an internal error

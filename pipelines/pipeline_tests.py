@@ -45,6 +45,7 @@ from pipelines.config import load_pipelines
 from pipelines.engine import Engine, build_pipelines
 from pipelines.message import Message
 from pipelines.secrets import MissingSecret, SecretSource
+from pipelines.yaml_limits import YamlLimitError, safe_load_bounded
 
 
 class TestFileError(Exception):
@@ -124,7 +125,9 @@ def _check_delivery(exp: dict[str, Any], msg: Message) -> list[str]:
 async def run_test_file(path: Path, *, secrets_file: Path | None = None,
                         url_overrides: dict[str, str] | None = None) -> list[CaseResult]:
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = safe_load_bounded(path.read_text(), str(path))
+    except YamlLimitError as exc:
+        raise TestFileError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise TestFileError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tests"), list):

@@ -7,18 +7,26 @@ result arrives later. This feature closes the loop without any templating by the
    (``/v1/predictions``, ``/v1/models/{o}/{n}/predictions``, ``/v1/deployments/{o}/{n}/predictions``)
    and the body names no ``webhook`` of its own, the router adds
    ``webhook: <callback_url>?c=<token>`` and ``webhook_events_filter: ["completed"]``.
-   The token carries the frame's message id, project, device and path, signed with a key
-   derived from the webhook secret, so it cannot be forged.
+   The token carries the frame's message id, project, device and path and an expiry
+   (``token_ttl``, default 24 h), signed with a key derived from the webhook secret, so it
+   cannot be forged nor used after it expires.
 2. The create response's prediction id is recorded against the frame (``predictions`` table).
-3. ``POST /v1/hooks/predictions`` verifies the Standard Webhooks signature (401 if bad or
-   stale), and turns a terminal prediction into a new ``application/json`` message from the
-   same device on ``<path>/result``::
+3. ``POST /v1/hooks/predictions`` checks the token and the signature headers' freshness before
+   it reads the body (at most ``MAX_HOOK_BODY`` bytes, counted as they arrive), then verifies
+   the Standard Webhooks signature (401 if bad or stale; there is always a secret: without
+   ``webhook_secret`` the router makes one and keeps it in the store, see ``pipeline keys
+   webhook-secret``). A token is bound to its prediction: when the router recorded which
+   frame a prediction id belongs to, a token for another frame is refused. A terminal
+   prediction becomes a new ``application/json`` message from the same device on
+   ``<path>/result``::
 
        {"frame_id": ..., "prediction_id": ..., "status": "succeeded", "output": "Caption: ...",
         "error": null, "model": ..., "version": ..., "created_at": ..., "completed_at": ...,
         "predict_time": 0.012}
 
-   The message id is derived from ``webhook-id``, so a redelivered webhook is stored once.
+   The message id is derived from the router's own ids (the frame's message id and the
+   prediction id), never from the caller's ``webhook-id``: one result per prediction, however
+   often and under whatever ``webhook-id`` it is delivered.
 
 Usage (what ``pipeline serve``/``pipeline run`` do)::
 
@@ -37,9 +45,10 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 from starlette.requests import Request
@@ -47,7 +56,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipelines import webhook_signature
+from pipelines.http_face import BodyTooLarge, read_body, too_large
 from pipelines.ingest import Overloaded
+from pipelines.json_limits import loads_bounded
 from pipelines.message import JSON_TYPE, Message, NotJSONError, dumps, is_json_type
 
 if TYPE_CHECKING:
@@ -59,6 +70,10 @@ PREDICTIONS_PATH = re.compile(
     r"^/v1/(predictions|models/[^/]+/[^/]+/predictions|deployments/[^/]+/[^/]+/predictions)/?$")
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
 HOOK_PATH = "/v1/hooks/predictions"
+# a completed prediction's webhook carries its input (a frame as a data URI, up to the
+# predictions API's own body cap of 10 MB) and its output
+MAX_HOOK_BODY = 16 << 20
+TOKEN_TTL = 24 * 3600.0
 
 
 def is_predictions_create(url: str) -> bool:
@@ -67,35 +82,35 @@ def is_predictions_create(url: str) -> bool:
 
 class PredictionResults:
     def __init__(self, router: Router, *, callback_url: str, webhook_secret: str | None,
-                 result_suffix: str = "/result") -> None:
+                 result_suffix: str = "/result", token_ttl: float = TOKEN_TTL) -> None:
         self.router = router
         self.callback_url = callback_url
-        self.webhook_secret = webhook_secret
         self.result_suffix = result_suffix
+        self.token_ttl = token_ttl
         self.received = 0
         self.rejected = 0
-        # tokens are signed with a key derived from the webhook secret, so they survive a
-        # restart; without a secret, a random key of this process's own (never a constant)
-        self._fallback_key = os.urandom(32)
         if not webhook_secret:
-            log.warning("prediction callbacks are not signature-checked: give the predictions API's "
-                        "webhook secret (whsec_...) to verify them")
+            webhook_secret = own_webhook_secret(router.settings.store_path)
+        from pipelines.secrets import remember
+        remember(webhook_secret)
+        # tokens are signed with a key derived from the webhook secret, so they survive a restart
+        self.webhook_secret: str = webhook_secret
+        self._fallback_key = os.urandom(32)
 
     # -- tokens -------------------------------------------------------------------------
 
     def _key(self) -> bytes:
         if not self.webhook_secret:
             return self._fallback_key
-        return hmac.new(self.webhook_secret.encode(), b"iot-pipelines callback token", hashlib.sha256).digest()
+        return token_key(self.webhook_secret)
 
-    def make_token(self, message: Message) -> str:
-        body = json.dumps([message.id, message.project_id, message.device_id, message.path],
-                          separators=(",", ":")).encode()
-        mac = hmac.new(self._key(), body, hashlib.sha256).digest()[:16]
-        return (base64.urlsafe_b64encode(body).rstrip(b"=") + b"." +
-                base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
+    def make_token(self, message: Message, now: float | None = None) -> str:
+        return callback_token(self._key(), message, self.token_ttl, now)
 
-    def read_token(self, token: str) -> dict[str, str] | None:
+    def read_token(self, token: str, now: float | None = None) -> dict[str, str] | None:
+        """What a token says, or None when it is forged, altered or expired."""
+        if len(token) > 2048:
+            return None
         try:
             b64body, b64mac = token.split(".", 1)
             body = base64.urlsafe_b64decode(b64body + "=" * (-len(b64body) % 4))
@@ -106,8 +121,10 @@ class PredictionResults:
         if not hmac.compare_digest(good, mac):
             return None
         try:
-            message_id, project_id, device_id, path = json.loads(body)
+            message_id, project_id, device_id, path, expires = json.loads(body)
         except (ValueError, TypeError):
+            return None
+        if not isinstance(expires, int) or (time.time() if now is None else now) > expires:
             return None
         return {"message_id": message_id, "project_id": project_id, "device_id": device_id, "path": path}
 
@@ -156,55 +173,94 @@ class PredictionResults:
     def routes(self) -> list[Route]:
         return [Route(HOOK_PATH, self.receive, methods=["POST"])]
 
+    def _refuse(self, request: Request, detail: str) -> Response:
+        self.rejected += 1
+        limiter = _limiter(request)
+        if limiter is not None and request.client is not None:  # wrong tokens count like wrong keys
+            limiter.add(request.client.host, time.monotonic())
+        log.warning("prediction webhook rejected: %s", detail)
+        return JSONResponse({"title": "Unauthorized", "detail": detail, "status": 401},
+                            status_code=401, media_type="application/problem+json")
+
     async def receive(self, request: Request) -> Response:
-        body = await request.body()
-        if self.webhook_secret:
-            try:
-                webhook_signature.verify(self.webhook_secret, request.headers, body)
-            except webhook_signature.WebhookSignatureError as exc:
-                self.rejected += 1
-                log.warning("prediction webhook rejected: %s", exc)
-                return JSONResponse({"title": "Unauthorized", "detail": str(exc), "status": 401},
-                                    status_code=401, media_type="application/problem+json")
+        # everything that can be checked without the body is checked before reading it
+        limiter = _limiter(request)
+        if limiter is not None and request.client is not None:
+            wait = limiter.blocked_for(request.client.host, time.monotonic())
+            if wait > 0:
+                return JSONResponse({"title": "Too Many Requests", "status": 429,
+                                     "detail": "too many refused callbacks from this address"},
+                                    status_code=429, headers={"Retry-After": str(max(1, round(wait)))},
+                                    media_type="application/problem+json")
+        token = request.query_params.get("c")
+        where_token = self.read_token(token) if token else None
+        if token and where_token is None:
+            return self._refuse(request, "the callback token is not valid or has expired")
         try:
-            prediction = json.loads(body)
-        except ValueError:
-            return _problem(400, "body is not JSON")
+            webhook_signature.check_headers(request.headers)
+        except webhook_signature.WebhookSignatureError as exc:
+            return self._refuse(request, str(exc))
+        try:
+            body = await read_body(request, MAX_HOOK_BODY)
+        except BodyTooLarge as exc:
+            return too_large(exc)
+        try:
+            webhook_signature.verify(self.webhook_secret, request.headers, body)
+        except webhook_signature.WebhookSignatureError as exc:
+            return self._refuse(request, str(exc))
+        try:
+            prediction = loads_bounded(body)
+        except ValueError as exc:
+            return _problem(400, f"body is not JSON: {exc}")
         if not isinstance(prediction, dict) or not isinstance(prediction.get("id"), str):
             return _problem(400, "body is not a prediction object (no id)")
         status = prediction.get("status")
         if status not in TERMINAL:
             return JSONResponse({"accepted": False, "reason": f"status {status!r} is not terminal"})
-        token = parse_qs(urlsplit(str(request.url)).query).get("c", [None])[0]
-        if not self.webhook_secret:
-            # nothing signed the body: only the callback token this router made can say whose it is
-            where = self.read_token(token) if token else None
-            if where is None:
-                self.rejected += 1
-                return JSONResponse({"title": "Unauthorized", "status": 401,
-                                     "detail": "unsigned callbacks need this router's callback token"},
-                                    status_code=401, media_type="application/problem+json")
-        else:
-            where = await self.router.store.lookup_prediction(prediction["id"])
-            if where is None:
-                where = self.read_token(token) if token else None
+        recorded = await self.router.store.lookup_prediction(prediction["id"])
+        if recorded is not None and where_token is not None \
+                and recorded["message_id"] != where_token["message_id"]:
+            return self._refuse(request, "the callback token belongs to another prediction")
+        where = recorded or where_token
         if where is None:
             return _problem(404, f"prediction {prediction['id']} was not created by this router")
-        webhook_id = request.headers.get("webhook-id") or f"{prediction['id']}:{status}"
+        # one result per (frame, prediction): the router's ids, not the caller's webhook-id
+        own_id = f"prediction-result:{where['message_id']}:{prediction['id']}"
         message = Message.new(
-            id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"prediction-webhook:{webhook_id}")),
+            id=str(uuid.uuid5(uuid.NAMESPACE_URL, own_id)),
             project_id=where["project_id"], device_id=where["device_id"],
             path=where["path"].rstrip("/") + self.result_suffix, content_type=JSON_TYPE,
             payload=dumps(result_document(prediction, where["message_id"])),
             metadata={"prediction_id": prediction["id"], "frame_id": where["message_id"]},
         )
         try:
-            added = await self.router.accept(message, dedup_key=f"prediction-webhook:{webhook_id}")
+            added = await self.router.accept(message, dedup_key=own_id)
         except Overloaded as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503,
                                 headers={"Retry-After": str(int(exc.retry_after))})
         self.received += 1
         return JSONResponse({"accepted": True, "duplicate": not added, "message_id": message.id})
+
+
+def _limiter(request: Request) -> Any:
+    """The HTTP face's per-client counter of refused credentials, if the app has one."""
+    auth = getattr(request.app.state, "authenticator", None)
+    return auth.failures if auth is not None else None
+
+
+def token_key(webhook_secret: str) -> bytes:
+    """The key callback tokens are signed with, derived from the webhook secret."""
+    return hmac.new(webhook_secret.encode(), b"iot-pipelines callback token v2", hashlib.sha256).digest()
+
+
+def callback_token(key: bytes, message: Message, ttl: float = TOKEN_TTL, now: float | None = None) -> str:
+    """``base64(json [message id, project, device, path, expires]) . base64(HMAC)[:16]``."""
+    expires = int((time.time() if now is None else now) + ttl)
+    body = json.dumps([message.id, message.project_id, message.device_id, message.path, expires],
+                      separators=(",", ":")).encode()
+    mac = hmac.new(key, body, hashlib.sha256).digest()[:16]
+    return (base64.urlsafe_b64encode(body).rstrip(b"=") + b"." +
+            base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
 
 
 def result_document(prediction: dict[str, Any], frame_id: str) -> dict[str, Any]:
@@ -226,6 +282,15 @@ def result_document(prediction: dict[str, Any], frame_id: str) -> dict[str, Any]
 def _problem(status: int, detail: str) -> Response:
     return JSONResponse({"title": "Bad Request" if status == 400 else "Not Found", "detail": detail,
                          "status": status}, status_code=status, media_type="application/problem+json")
+
+
+def own_webhook_secret(store_path: Any) -> str:
+    """The secret the router made and keeps in its store (a fresh one per process for an
+    in-memory store)."""
+    if str(store_path) == ":memory:":
+        return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    from pipelines.http_auth import KeyStore
+    return KeyStore(store_path).webhook_secret()
 
 
 async def fetch_webhook_secret(client: httpx.AsyncClient, base_url: str, authorization: str) -> str:

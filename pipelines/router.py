@@ -39,7 +39,7 @@ from pipelines.log_context import with_message
 from pipelines.message import Message
 from pipelines.outbound_http import make_client
 from pipelines.secrets import SecretSource
-from pipelines.state_doc import delete_at, get_at, merge_at, set_at
+from pipelines.state_doc import MAX_STATE_BYTES, delete_at, get_at, merge_at, set_at
 from pipelines.store import InboxRow, RoutingOutcome, Store
 
 log = logging.getLogger("pipelines.router")
@@ -91,6 +91,7 @@ class RouterSettings:
     keep_log_rows: int | None = 100_000        # the logs destination
     keep_unmatched_rows: int | None = 10_000   # messages no pipeline matched
     housekeeping_interval: float = 60.0        # seconds between the pruning rounds
+    max_state_bytes: int = MAX_STATE_BYTES     # a device's whole state document, as JSON
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,7 +99,8 @@ class Router:
     def __init__(self, settings: RouterSettings, *, loaded: LoadResult | None = None) -> None:
         self.settings = settings
         self.loaded = loaded
-        self.store = Store(settings.store_path, synchronous=settings.synchronous)
+        self.store = Store(settings.store_path, synchronous=settings.synchronous,
+                           max_state_bytes=settings.max_state_bytes)
         self.http: httpx.AsyncClient | None = None
         self.engine: Engine | None = None
         self.delivery: Delivery | None = None

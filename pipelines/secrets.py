@@ -22,10 +22,20 @@ as written, so URLs and texts with a stray ``$`` keep working.
 Every value resolved by any ``SecretSource`` in this process (4 characters or longer;
 shorter ones would blank out ordinary text) is remembered by the module-level
 :func:`redact`, which the engine, the logs, dead letters and the CLI pass text through.
+
+:func:`redact` finds a secret in every form it travels in, not only as given:
+percent-encoded (``quote``, ``quote_plus``, upper- or lower-case hex), JSON-escaped, base64
+(standard and URL-safe, padded or not), inside any base64 text (a payload that contains the
+secret, shown base64: the stretch of base64 that only the secret's bytes determine is found at
+each of the three alignments; secrets of 8+ characters), and in HTTP Basic credentials
+(``Basic base64(user:pass)``, e.g. from a URL's userinfo: decoded, and blanked whole when they
+hold a secret). :func:`redact_tree` does the same for every string in nested dicts and lists.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import re
@@ -33,6 +43,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import yaml
 
@@ -46,7 +57,9 @@ __all__ = [
     "SecretsFileError",
     "install_log_redaction",
     "redact",
+    "redact_tree",
     "remember",
+    "secret_forms",
 ]
 
 REDACTED = "***"
@@ -90,6 +103,44 @@ class SecretsFileError(ValueError):
 # Process-wide redaction
 
 
+MIN_BASE64_CORE = 8  # shorter stretches of base64 would match ordinary text by chance
+_BASIC_RE = re.compile(r"(?i)\b(basic)(\s+)([A-Za-z0-9+/_-]{4,}={0,2})")
+
+
+def _base64_cores(raw: bytes) -> set[str]:
+    """The base64 text that ``raw`` alone determines wherever it sits in a longer byte string:
+    one stretch per alignment (offset mod 3), standard and URL-safe alphabets."""
+    cores: set[str] = set()
+    n = len(raw)
+    for k in range(3):
+        enc = base64.b64encode(b"\0" * k + raw).decode()
+        first = -(-8 * k // 6)          # the first character made of the secret's bits only
+        last = 8 * (k + n) // 6         # characters before this one are complete
+        core = enc[first:last]
+        if len(core) >= MIN_BASE64_CORE:
+            cores.add(core)
+            cores.add(core.replace("+", "-").replace("/", "_"))
+    return cores
+
+
+def secret_forms(value: str) -> set[str]:
+    """The texts ``value`` may appear as: as given, percent-encoded, JSON-escaped, base64."""
+    forms = {value}
+    for q in (quote(value, safe=""), quote(value, safe="/:@"), quote_plus(value)):
+        forms.add(q)
+        forms.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), q))
+    import json as _json
+    forms.add(_json.dumps(value)[1:-1])
+    raw = value.encode()
+    std = base64.b64encode(raw).decode()
+    for enc in (std, std.replace("+", "-").replace("/", "_")):
+        forms.add(enc)
+        forms.add(enc.rstrip("="))
+    if len(value) >= MIN_BASE64_CORE - 2:
+        forms |= _base64_cores(raw)
+    return {f for f in forms if len(f) >= MIN_REDACT_LENGTH}
+
+
 class _Redactor:
     """Every secret value resolved so far; thread-safe, one compiled regex, rebuilt on change."""
 
@@ -103,14 +154,30 @@ class _Redactor:
             return
         with self._lock:
             self._values.add(value)
+            forms = set().union(*(secret_forms(v) for v in self._values))
             # longest first so a secret that contains another is blanked whole
-            alternatives = sorted(self._values, key=len, reverse=True)
+            alternatives = sorted(forms, key=len, reverse=True)
             self._regex = re.compile("|".join(re.escape(v) for v in alternatives))
+
+    def _basic(self, match: re.Match[str]) -> str:
+        """``Basic <base64(user:pass)>``: blanked when the decoded credentials hold a secret."""
+        token = match.group(3)
+        try:
+            decoded = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_" if
+                                       ("-" in token or "_" in token) else None).decode("utf-8", "replace")
+        except (binascii.Error, ValueError):
+            return match.group(0)
+        regex = self._regex
+        if regex is not None and regex.search(decoded):
+            return f"{match.group(1)}{match.group(2)}{REDACTED}"
+        return match.group(0)
 
     def redact(self, text: str) -> str:
         regex = self._regex
         if regex is None or not text:
             return text
+        if "asic" in text:  # cheap test before the Basic-credentials regex
+            text = _BASIC_RE.sub(self._basic, text)
         return regex.sub(REDACTED, text)
 
     def clear(self) -> None:
@@ -125,6 +192,17 @@ _process_redactor = _Redactor()
 def redact(text: str) -> str:
     """``text`` with every secret value resolved so far in this process replaced by ``***``."""
     return _process_redactor.redact(text)
+
+
+def redact_tree(value: Any) -> Any:
+    """:func:`redact` applied to every string (keys too) in nested dicts and lists."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_tree(k): redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(v) for v in value]
+    return value
 
 
 def remember(value: str) -> None:
@@ -164,18 +242,51 @@ def install_log_redaction() -> None:
             handler.addFilter(RedactingFilter())
 
 
+def secret_argument(given: str | None, file: str | None, env: str, flag: str) -> str | None:
+    """A secret for a command-line option: from ``file`` (first line, stripped), else the
+    environment variable ``env``, else ``given`` on the command line, which every user of
+    the machine can read in ``ps``: that case logs a warning naming the safer routes."""
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {flag}-file {file}: {getattr(exc, 'strerror', None) or exc}") from None
+        from pipelines.file_perms import warn_if_shared
+        warn_if_shared(Path(file), f"{flag}-file")
+        lines = text.strip().splitlines()
+        value = lines[0].strip() if lines else ""
+        if not value:
+            raise ValueError(f"{flag}-file {file} is empty")
+        return value
+    if given:
+        logging.getLogger("pipelines.secrets").warning(
+            "%s on the command line is visible to every user of this machine (ps): use "
+            "%s-file FILE or the environment variable %s instead", flag, flag, env)
+        return given
+    return os.environ.get(env) or None
+
+
 # ---------------------------------------------------------------------------------------
 # Reading the secrets file
 
 
 def _load_yaml_secrets(path: Path, text: str) -> dict[str, str] | None:
     """The file as ``NAME: value`` YAML, or None if it is not a YAML mapping."""
+    from pipelines.yaml_limits import YamlLimitError, check_expansion
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return None
+    except RecursionError:
+        raise SecretsFileError(str(path), 1, 1, "the document nests too deep") from None
     if not isinstance(node, yaml.MappingNode):
         return None
+    try:
+        check_expansion(node, str(path))
+    except YamlLimitError:
+        mark = node.start_mark
+        raise SecretsFileError(str(path), mark.line + 1, mark.column + 1, "YAML aliases expand to too "
+                               "many nodes (a secrets file is NAME: value lines)") from None
     out: dict[str, str] = {}
     for key_node, value_node in node.value:
         mark = key_node.start_mark
@@ -227,6 +338,8 @@ def load_secrets_file(path: Path) -> dict[str, str]:
     """Names (upper-cased) to values. ``*.yml``/``*.yaml`` is YAML, ``*.env``/``.env`` is
     dotenv; anything else is YAML if it reads as a mapping, else dotenv."""
     path = Path(path)
+    from pipelines.file_perms import warn_if_shared
+    warn_if_shared(path, "secrets file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.http_auth import Authenticator
 from pipelines.http_face import bound_port, create_app, start_http, stop_http
 from pipelines.predictions_results import HOOK_PATH, PredictionResults
 from pipelines.reload import ConfigWatcher
@@ -34,10 +35,14 @@ class ServiceSettings:
     http_port: int | None = 8080          # None: no HTTP face (and no prediction callbacks)
     coap: Any = None                      # pipelines.ingest.coap.CoapSettings, or None for no CoAP
     mqtt: Any = None                      # pipelines.ingest.mqtt settings, or None for no MQTT
-    webhook_secret: str | None = None     # verifies prediction callbacks; None accepts unsigned
+    webhook_secret: str | None = None     # verifies prediction callbacks; None: one kept in the store
     public_url: str | None = None         # how the predictions API reaches us; default: the HTTP face
     console: bool = True                  # the web console at /console on the HTTP face
     watch_config: bool = False            # reload when the pipeline/secrets files change (serve: on)
+    protect_metrics: bool = False         # /healthz, /readyz, /metrics want a key too
+    http_cert: str | None = None          # PEM certificate and key: the face serves HTTPS
+    http_key: str | None = None
+    http_tls_self_signed: bool = False    # no cert given: make one in the store's folder on first start
 
 
 class RouterService:
@@ -50,12 +55,20 @@ class RouterService:
         self._http: Any = None
         self.console: Any = None
         self.watcher: ConfigWatcher | None = None
+        self._tls = False
+        self.authenticator: Authenticator | None = None
 
     @property
     def http_url(self) -> str | None:
         if self._http is None:
             return None
-        return f"http://{self.settings.http_host}:{bound_port(self._http)}"
+        host = self.settings.http_host
+        if host in ("0.0.0.0", "::", ""):  # every interface: loopback reaches it from here
+            host = "127.0.0.1" if host != "::" else "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self._tls else "http"
+        return f"{scheme}://{host}:{bound_port(self._http)}"
 
     @property
     def coap_dtls_port(self) -> int | None:
@@ -72,6 +85,14 @@ class RouterService:
             if self.router.settings.run_engine:
                 self.watcher = ConfigWatcher(self.router, also_refresh=[self._refresh_registry])
             if s.http_port is not None:
+                self.authenticator = Authenticator(s.router.store_path, host=s.http_host,
+                                                   protect_metrics=s.protect_metrics)
+                self.authenticator.check_startup()
+                certfile, keyfile = s.http_cert, s.http_key
+                if s.http_tls_self_signed and not certfile:
+                    from pipelines.http_tls import self_signed
+                    certfile, keyfile = self_signed(s.router.store_path, s.http_host)
+                self._tls = bool(certfile)
                 self.results = PredictionResults(self.router, callback_url="(pending)",
                                                  webhook_secret=s.webhook_secret)
                 from pipelines.device_services.rpc import http_routes as rpc_routes
@@ -80,12 +101,11 @@ class RouterService:
                     from pipelines.console import Console
                     self.console = Console(self.router, watcher=self.watcher, sessions=self._sessions)
                     extra.append(self.console.mount())
-                app = create_app(self.router, extra_routes=extra)
+                app = create_app(self.router, extra_routes=extra, authenticator=self.authenticator)
                 if self.console is not None:  # the browser's login form and key cookie
                     from pipelines.console.gate import ConsoleGate
-                    auth = getattr(self, "authenticator", None)
-                    app = ConsoleGate(app, authenticate=auth.authenticate if auth is not None else None)
-                self._http = await start_http(app, s.http_host, s.http_port)
+                    app = ConsoleGate(app, authenticate=self.authenticator.authenticate)
+                self._http = await start_http(app, s.http_host, s.http_port, certfile=certfile, keyfile=keyfile)
                 base = (s.public_url or self.http_url or "").rstrip("/")
                 self.results.callback_url = base + HOOK_PATH
                 self.results.install()

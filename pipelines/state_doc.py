@@ -7,12 +7,27 @@ Usage::
 
 Functions return a new document; the input is not modified. ``/`` (or ``""``) is the
 whole document. Merging is deep for objects; anything else is replaced.
+
+A whole document is capped (``MAX_STATE_BYTES`` of JSON by default, ``RouterSettings.max_state_bytes``):
+a write that would make it bigger raises ``StateTooLarge`` and changes nothing (CoAP answers
+4.13, a lightdb-state delivery dead-letters with that error).
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+MAX_STATE_BYTES = 1 << 20
+
+
+class StateTooLarge(ValueError):
+    """The document would be over its size cap after this write; nothing was written."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"device state document would be {size} bytes, over the {limit}-byte cap")
+        self.size = size
+        self.limit = limit
 
 
 def split(path: str) -> list[str]:

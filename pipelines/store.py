@@ -39,7 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipelines.file_perms import make_private
 from pipelines.message import Message
+from pipelines.state_doc import MAX_STATE_BYTES, StateTooLarge
 
 T = TypeVar("T")
 
@@ -245,8 +247,9 @@ class Store:
     """See the module docstring. All public methods are coroutines safe to call from the loop."""
 
     def __init__(self, path: str | Path = ":memory:", *, synchronous: str = "NORMAL",
-                 max_batch: int = 512) -> None:
+                 max_batch: int = 512, max_state_bytes: int = MAX_STATE_BYTES) -> None:
         self.path = str(path)
+        self.max_state_bytes = max_state_bytes
         self.synchronous = synchronous
         self.max_batch = max_batch
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
@@ -264,7 +267,10 @@ class Store:
 
     async def open(self) -> None:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # private: a new folder 0700, the file 0600 before SQLite opens it (its -wal and
+            # -shm files take the database file's permissions)
+            make_private(Path(self.path).parent, directory=True, create=True)
+            make_private(Path(self.path))
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
         await asyncio.to_thread(self._ready.wait)
@@ -883,11 +889,14 @@ class Store:
                              (project_id, device_id)).fetchone()
             doc, version = (json.loads(r[0]), r[1]) if r else ({}, 0)
             new = change(doc)
+            text = json.dumps(new)
+            if len(text) > self.max_state_bytes:
+                raise StateTooLarge(len(text), self.max_state_bytes)
             conn.execute(
                 "INSERT INTO state(project_id, device_id, doc, version, updated_at) VALUES (?,?,?,?,?)"
                 " ON CONFLICT(project_id, device_id) DO UPDATE SET doc = excluded.doc,"
                 " version = excluded.version, updated_at = excluded.updated_at",
-                (project_id, device_id, json.dumps(new), version + 1, now))
+                (project_id, device_id, text, version + 1, now))
             return new, version + 1
         return await self._run(op)
 

@@ -40,6 +40,7 @@ __all__ = [
     "TimestampError",
     "WebhookSignatureError",
     "WebhookVerificationError",
+    "check_headers",
     "sign",
     "signature",
     "verify",
@@ -112,6 +113,22 @@ def _header(headers: Mapping[str, str], name: str) -> str:
     if not value:
         raise MissingHeaderError(f"missing {name} header")
     return value
+
+
+def check_headers(headers: Mapping[str, str], now: float | None = None,
+                  tolerance: int = DEFAULT_TOLERANCE) -> None:
+    """What can be checked before the body arrives: the three headers are there and the
+    timestamp is fresh. Raises a WebhookSignatureError like ``verify``."""
+    _header(headers, "webhook-id")
+    ts_text = _header(headers, "webhook-timestamp")
+    _header(headers, "webhook-signature")
+    try:
+        ts = int(ts_text)
+    except ValueError as exc:
+        raise TimestampError("webhook-timestamp is not an integer number of seconds") from exc
+    current = time.time() if now is None else now
+    if abs(current - ts) > tolerance:
+        raise TimestampError(f"webhook-timestamp is {int(current - ts)} s away from now (tolerance {tolerance} s)")
 
 
 def verify(

@@ -5,8 +5,10 @@
     python -m predictions_service serve --host 0.0.0.0 --token A --token B --webhook-secret whsec_...
     python -m predictions_service build-model                           # build the ONNX into the cache
 
-Tokens and the webhook secret can also come from the environment (safer than argv, which ``ps``
-shows): ``PREDICTIONS_API_TOKENS`` (comma-separated) and ``PREDICTIONS_WEBHOOK_SECRET``.
+Tokens and the webhook secret can also come from files (``--token-file`` one token a line,
+``--webhook-secret-file``) or the environment: ``PREDICTIONS_API_TOKENS`` (comma-separated) and
+``PREDICTIONS_WEBHOOK_SECRET``. Given on the command line they are visible to every user in
+``ps``: that works, with a warning.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TOKEN",
-        help="accepted API token (repeatable); or set PREDICTIONS_API_TOKENS=a,b",
+        help="accepted API token (repeatable; visible in ps: prefer --token-file or PREDICTIONS_API_TOKENS=a,b)",
     )
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="accepted API tokens, one a line")
     p.add_argument("--allow-anonymous", action="store_true", help="serve requests without a token")
     p.add_argument(
         "--webhook-secret",
         metavar="whsec_...",
-        help="webhook signing secret; or PREDICTIONS_WEBHOOK_SECRET; default: random per run",
+        help="webhook signing secret (visible in ps: prefer --webhook-secret-file or "
+        "PREDICTIONS_WEBHOOK_SECRET); default: random per run",
     )
+    p.add_argument("--webhook-secret-file", type=Path, metavar="FILE", help="read the webhook secret from FILE")
     p.add_argument("--create-rate", type=int, default=600, help="prediction creates per minute per token")
     p.add_argument("--other-rate", type=int, default=3000, help="other calls per minute per token")
     p.add_argument(
@@ -71,11 +76,36 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
+def _from_file(path: Path, flag: str) -> list[str]:
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag} {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    values = [line for line in lines if line and not line.startswith("#")]
+    if not values:
+        raise ValueError(f"{flag} {path} is empty")
+    return values
+
+
+def _warn_argv(flag: str, safer: str) -> None:
+    print(f"predictions serve: warning: {flag} on the command line is visible to every user of this "
+          f"machine (ps): use {safer} instead", file=sys.stderr)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    tokens = list(args.token) or [
-        t.strip() for t in os.environ.get("PREDICTIONS_API_TOKENS", "").split(",") if t.strip()
-    ]
-    secret = args.webhook_secret or os.environ.get("PREDICTIONS_WEBHOOK_SECRET") or new_webhook_secret()
+    tokens = list(args.token)
+    if tokens:
+        _warn_argv("--token", "--token-file FILE or PREDICTIONS_API_TOKENS")
+    if getattr(args, "token_file", None):
+        tokens += _from_file(args.token_file, "--token-file")
+    tokens = tokens or [t.strip() for t in os.environ.get("PREDICTIONS_API_TOKENS", "").split(",") if t.strip()]
+    secret = None
+    if getattr(args, "webhook_secret_file", None):
+        secret = _from_file(args.webhook_secret_file, "--webhook-secret-file")[0]
+    elif args.webhook_secret:
+        _warn_argv("--webhook-secret", "--webhook-secret-file FILE or PREDICTIONS_WEBHOOK_SECRET")
+        secret = args.webhook_secret
+    secret = secret or os.environ.get("PREDICTIONS_WEBHOOK_SECRET") or new_webhook_secret()
     return Settings(
         host=args.host,
         port=args.port,

@@ -70,6 +70,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
 def test_clean_file_with_secrets_file(tmp_path: Path) -> None:
     (tmp_path / "caption.yaml").write_text(GOOD)
     (tmp_path / "secrets.env").write_text('# tokens\nreplicate_token="Bearer r8_cli_secret_value"\n')
+    (tmp_path / "secrets.env").chmod(0o600)  # a shared secrets file would be warned about
     proc = run_cli("validate", "caption.yaml", "--secrets", "secrets.env", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout == "1 pipeline OK\n"

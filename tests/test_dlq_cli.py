@@ -108,8 +108,10 @@ async def test_list_show_filters_and_errors(tmp_path: Path, capsys: pytest.Captu
     async with Store(store) as st:
         letter = (await st.dead_letters(pipeline="log", device_id="dev-b"))[0]
     out_file = tmp_path / "payload.bin"
+    code, out, _ = await asyncio.to_thread(cli, capsys, "dlq", "show", "--store", s, str(letter.id))
+    assert code == 0 and "89 50 4e 47" not in out and "--payload shows it" in out  # only on request
     code, out, _ = await asyncio.to_thread(cli, capsys, "dlq", "show", "--store", s, str(letter.id),
-                                           "--payload-out", str(out_file))
+                                           "--payload", "--payload-out", str(out_file))
     assert code == 0
     assert out_file.read_bytes() == msgs[1].payload  # the exact bytes
     assert "content_type:     image/png" in out and "last_status:      404" in out
@@ -273,11 +275,12 @@ async def test_list_and_show_redact_the_secrets_the_pipelines_refer_to(tmp_path:
     row = json.loads(dlq("list", "--json", "--secrets", "secrets.env"))
     assert secret not in json.dumps(row)
     assert row["metadata"] == {"api_key": "***"} and row["response_excerpt"] == "key *** rejected"
-    out = dlq("show", "1", "--secrets", "secrets.env", "--payload-out", "exact.bin")
+    out = dlq("show", "1", "--secrets", "secrets.env", "--payload", "--payload-out", "exact.bin")
     assert secret not in out
     assert "device sent ***" in out and '"api_key": "***"' in out and "key *** rejected" in out
     assert (tmp_path / "exact.bin").read_bytes() == payload  # --payload-out: the exact bytes
-    shown = json.loads(dlq("show", "1", "--json", "--secrets", "secrets.env"))
+    assert "payload_base64" not in json.loads(dlq("show", "1", "--json", "--secrets", "secrets.env"))
+    shown = json.loads(dlq("show", "1", "--json", "--payload", "--secrets", "secrets.env"))
     assert base64.b64decode(shown["payload_base64"]) == b"device sent ***" and shown["payload_redacted"]
     assert secret not in json.dumps(shown)
     # the secret from the environment, the pipelines named explicitly from elsewhere

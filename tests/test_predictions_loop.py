@@ -159,7 +159,7 @@ async def test_unknown_prediction_and_forged_callback_token_are_refused(chain):
         assert r.status_code == 404
         r = await client.post(service.http_url + HOOK_PATH + "?c=eyJhIjoxfQ.AAAA", content=body,
                               headers=headers)
-        assert r.status_code == 404
+        assert r.status_code == 401  # a forged token is refused before the body is read
     assert (await service.router.store.counters())["ingested"] == 0
 
 
@@ -263,7 +263,10 @@ async def test_the_loop_over_coap_frame_id_traceable_end_to_end(tmp_path):
             assert r.json()["output"] == doc["output"] == cam.stats.last_answer
 
 
-async def test_without_a_webhook_secret_only_the_routers_own_callback_token_is_accepted(tmp_path):
+async def test_without_a_webhook_secret_the_router_keeps_its_own_and_unsigned_callbacks_fail(tmp_path):
+    """Issue 14, finding 3: without --webhook-secret one seen ?c= token let anyone inject
+    results. Now there is always a secret (made once, kept in the store, the same after a
+    restart): a token alone is not enough, the body must be signed with that secret."""
     (tmp_path / "secrets.yaml").write_text("REPLICATE_TOKEN: Bearer test\n")
     settings = ServiceSettings(
         router=RouterSettings(pipelines=[ROOT / "pipeline.yaml"], store_path=tmp_path / "store.db",
@@ -271,19 +274,26 @@ async def test_without_a_webhook_secret_only_the_routers_own_callback_token_is_a
         http_port=0, webhook_secret=None)
     async with RouterService(settings) as service:
         router = service.router
+        own = service.results.webhook_secret
+        assert own.startswith("whsec_")
         frame = Message.new(device_id="cam-5", project_id="demo", path="/images",
                             content_type="image/png", payload=b"x")
-        await router.store.remember_prediction("p9", frame)  # known id, but no signature to trust
+        await router.store.remember_prediction("p9", frame)
         body = _prediction("p9")
+        hook = service.results.add_callback(
+            frame.evolve(json={"version": "v", "input": {}}), "https://api.replicate.com/v1/predictions"
+        ).json()["webhook"]
         async with httpx.AsyncClient() as client:
-            r = await client.post(service.http_url + HOOK_PATH, content=body)
-            assert r.status_code == 401
-            with_token = service.results.add_callback(
-                frame.evolve(json={"version": "v", "input": {}}), "https://api.replicate.com/v1/predictions")
-            hook = with_token.json()["webhook"]
-            r = await client.post(hook, content=body)
+            assert (await client.post(service.http_url + HOOK_PATH, content=body)).status_code == 401
+            r = await client.post(hook, content=body)  # the token alone: refused
+            assert r.status_code == 401 and "webhook-id" in r.json()["detail"]
+            forged = webhook_signature.sign(new_webhook_secret(), "m1", None, body)
+            assert (await client.post(hook, content=body, headers=forged)).status_code == 401
+            r = await client.post(hook, content=body, headers=webhook_signature.sign(own, "m1", None, body))
             assert r.status_code == 200, r.text
         assert (await router.store.counters())["ingested"] == 1
+    async with RouterService(settings) as again:
+        assert again.results.webhook_secret == own
 
 
 def test_the_callback_is_spliced_into_the_body_byte_for_byte():
@@ -291,6 +301,7 @@ def test_the_callback_is_spliced_into_the_body_byte_for_byte():
 
     results = PredictionResults.__new__(PredictionResults)
     results.callback_url, results.webhook_secret = "http://r/v1/hooks/predictions", "whsec_x"
+    results.token_ttl = 3600
     import os as _os
     results._fallback_key = _os.urandom(32)
     for body in ({"version": "v", "input": {"image": "data:image/png;base64,AAAA"}}, {}):

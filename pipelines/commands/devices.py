@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from pipelines.devices import DeviceEntry, DeviceRegistry, DeviceRegistryError
+from pipelines.yaml_limits import safe_load_bounded
 
 _NO_KEY = "missing (DTLS refused)"
 
@@ -105,7 +106,7 @@ def _add(path: Path, device_id: str, project: str | None, psk: str | None, psk_r
          certificate: bool = False) -> int:
     if path.exists():
         DeviceRegistry.load(path)  # validate before touching it
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = safe_load_bounded(path.read_text(), str(path)) or {}
     else:
         doc = {"project_id": project or "default", "devices": []}
     doc.setdefault("devices", [])

@@ -2,7 +2,8 @@
 
     pipeline dlq list   [--store S] [--pipeline P] [--step S] [--device D] [--since T] [--until T]
                         [--all] [--limit N] [--json] [--pipelines PATH] [--secrets FILE]
-    pipeline dlq show   [--store S] ID [--payload-out FILE] [--json] [--pipelines PATH] [--secrets FILE]
+    pipeline dlq show   [--store S] ID [--payload] [--payload-out FILE] [--json] [--pipelines PATH]
+                        [--secrets FILE]
     pipeline dlq replay [--store S] [--pipelines PATH] [--secrets FILE] [--override FROM=TO]
                         [ID ...] [filters]
     pipeline dlq purge  [--store S] [ID ...] [filters] [--yes]
@@ -14,7 +15,10 @@ take an ISO 8601 time (UTC if no zone), Unix seconds, or an age such as ``90s``,
 
 ``list`` and ``show`` redact every secret the pipelines refer to (``--pipelines``, default
 ``./pipeline.yaml`` if it exists, with ``--secrets`` and the environment) from what they
-print: errors, answers, metadata and payloads (``--json`` included). Only ``--payload-out``
+print: errors, answers, metadata and payloads (``--json`` included), in every form a secret
+travels in (percent-encoded, base64, Basic credentials: see ``pipelines.secrets``). ``show``
+prints the payload only when asked (``--payload``; with ``--json`` as ``payload_base64``,
+redacted before and after encoding). Only ``--payload-out``
 writes the exact bytes. Pipelines that do not load are ignored here.
 
 ``replay`` re-runs each selected letter from the step that failed, under the same message
@@ -44,7 +48,7 @@ from pipelines.commands.send import parse_overrides
 from pipelines.config import load_pipelines
 from pipelines.message import is_json_type
 from pipelines.router import Router, RouterSettings
-from pipelines.secrets import SecretSource, redact
+from pipelines.secrets import SecretSource, redact, redact_tree
 from pipelines.store import DeadLetter, Store
 
 DEFAULT_STORE = "pipeline-data/store.db"
@@ -111,8 +115,9 @@ def add_parser(subparsers: Any) -> None:
     sp = sub.add_parser("show", help="one dead letter in full")
     sp.add_argument("--store", default=DEFAULT_STORE, help="the router's store (default: %(default)s)")
     sp.add_argument("id", type=_positive_id, metavar="ID")
+    sp.add_argument("--payload", action="store_true", help="show the payload too (secrets redacted)")
     sp.add_argument("--payload-out", type=Path, metavar="FILE", help="write the exact payload bytes here")
-    sp.add_argument("--json", action="store_true", help="JSON (payload as base64)")
+    sp.add_argument("--json", action="store_true", help="JSON (with --payload: the payload as base64)")
     secrets_options(sp, ": the secrets it refers to are redacted")
     sp.set_defaults(func=run)
 
@@ -153,16 +158,6 @@ def _remember_pipeline_secrets(args: argparse.Namespace) -> None:
         # only for redaction: never in the way of reading the letters
         with contextlib.suppress(Exception):
             load_pipelines(paths, secrets)
-
-
-def _redact_tree(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {_redact_tree(k): _redact_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_tree(v) for v in value]
-    return value
 
 
 def _redact_bytes(payload: bytes) -> bytes:
@@ -211,7 +206,7 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 def _summary(dl: DeadLetter) -> dict[str, Any]:
-    return _redact_tree(dl.summary())
+    return redact_tree(dl.summary())
 
 
 async def _show(args: argparse.Namespace) -> int:
@@ -227,9 +222,12 @@ async def _show(args: argparse.Namespace) -> int:
     shown = _redact_bytes(payload)
     if args.json:
         import base64
-        extra = {"payload_redacted": True} if shown != payload else {}
-        print(json.dumps({**_summary(dl), "payload_base64": base64.b64encode(shown).decode(), **extra},
-                         indent=2))
+        extra: dict[str, Any] = {}
+        if args.payload:
+            encoded = redact(base64.b64encode(shown).decode())  # a secret in a base64 form inside too
+            extra = {"payload_base64": encoded, **({"payload_redacted": True} if shown != payload or
+                                                   encoded != base64.b64encode(shown).decode() else {})}
+        print(json.dumps({**_summary(dl), **extra}, indent=2))
         return 0
     summary = _summary(dl)
     for key in ("id", "message_id", "pipeline", "step", "stage", "project_id", "device_id", "path",
@@ -239,6 +237,12 @@ async def _show(args: argparse.Namespace) -> int:
         if value is None:
             continue
         print(f"{key + ':':<17} {json.dumps(value) if isinstance(value, dict) else value}")
+    if not args.payload:
+        print(f"payload:          {len(payload)} bytes (--payload shows it, secrets redacted; "
+              "--payload-out FILE writes the exact bytes)")
+        if args.payload_out:
+            print(f"payload written to {args.payload_out} ({len(payload)} bytes)")
+        return 0
     print("payload:")
     text = _as_text(payload, dl.message.content_type)
     if text is not None:

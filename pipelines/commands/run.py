@@ -10,8 +10,13 @@ What starts:
 - unless ``--replicate``: the local predictions service on loopback, speaking Replicate's API with a
   real offline image model; ``https://api.replicate.com`` is pointed at it without editing the
   pipeline, and ``$REPLICATE_TOKEN`` becomes a token the local service accepts;
-- unless ``--no-sim``: N simulated cameras with their own PSK identities (the registry file is
-  written to match), uploading frames and observing ``/.d/result`` for their captions.
+- unless ``--no-sim``: N simulated cameras with their own PSK identities (fresh random keys on
+  every start unless ``--key-seed``; the registry file is written to match), uploading frames
+  and observing ``/.d/result`` for their captions.
+
+``--host`` sets every address (``--http-host``/``--coap-host`` one each); ``0.0.0.0`` listens on
+every interface. The HTTP face then needs API keys (``pipeline keys create --store
+DATA/store.db``): without one it refuses to start. See ``pipeline serve --help`` for TLS.
 
 A live view shows it all on a terminal; plain log lines otherwise. Ctrl-C (or ``--duration``)
 stops the cameras, waits up to ``--drain`` seconds for answers still under way, stops
@@ -38,7 +43,9 @@ from rich.live import Live
 from rich.table import Table
 
 from pipelines.commands.serve import add_rate_limit_arguments
+from pipelines.file_perms import make_private
 from pipelines.gc_tuning import tune_for_serving
+from pipelines.http_auth import NoKeysError
 from pipelines.log_context import setup_logging
 from pipelines.router import ConfigError, RouterSettings
 from pipelines.secrets import SecretSource
@@ -61,8 +68,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds (default: run until Ctrl-C)")
     p.add_argument("--drain", type=float, default=15.0, help="seconds to wait for outstanding answers at stop")
-    p.add_argument("--seed", type=int, default=1, help="seed for camera identities and scenes")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--seed", type=int, default=1, help="seed for the cameras' scenes and frames")
+    p.add_argument("--key-seed", type=int, default=None,
+                   help="derive the cameras' keys from this seed (reproducible benchmarks only: anyone "
+                        "who knows it knows the keys); default: fresh random keys on every start")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on, 0.0.0.0 for every interface (default: 127.0.0.1)")
+    p.add_argument("--http-host", default=None, help="HTTP face address (default: --host)")
+    p.add_argument("--coap-host", default=None, help="CoAP address (default: --host)")
     p.add_argument("--http-port", type=int, default=8080, help="router HTTP face port (0: any free port)")
     p.add_argument("--coap-port", type=int, default=5684, help="CoAP over DTLS port (0: any free port)")
     p.add_argument("--plain", action="store_true", help="also serve plain CoAP (development only)")
@@ -79,6 +92,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--plain-output", action="store_true", help="log lines instead of the live view")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as text or one JSON object each (default: %(default)s)")
+    from pipelines.commands.serve import add_http_security_arguments
+    add_http_security_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -103,10 +118,15 @@ class _Stop:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if (args.http_tls != "off" or args.http_cert) and not args.replicate and not args.public_url:
+        print("pipeline run: the local predictions service cannot call back a router that serves TLS "
+              "with its own certificate yet: run without --http-tls here, or use `pipeline serve` "
+              "with --http-tls, or give --public-url", file=sys.stderr)
+        return 2
     console = Console(stderr=False, highlight=False)
     interactive = sys.stdout.isatty() and not args.plain_output
     data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
+    make_private(data, directory=True, create=True)  # 0700: the store and the keys go in it
     secrets_file = Path(args.secrets) if args.secrets else None
     source = SecretSource.from_sources(secrets_file)
 
@@ -159,27 +179,35 @@ async def _run(args: argparse.Namespace) -> int:
         if not args.no_sim and args.devices > 0:
             from device_sim.identity import fleet_identities, write_registry
 
-            identities = fleet_identities(args.devices, seed=args.seed, project_id="demo")
+            identities = fleet_identities(args.devices, seed=args.seed, project_id="demo",
+                                          key_seed=args.key_seed)
             write_registry(registry_path, identities)
         elif not registry_path.exists():
             registry_path.write_text("project_id: demo\ndevices: []\n")
         if args.transport == "coap":
             args.plain = True
-        coap = CoapSettings(host=args.host, dtls_port=args.coap_port, plain_enabled=args.plain,
+        from pipelines.commands.serve import http_security
+        http_host = args.http_host or args.host
+        coap_host = args.coap_host or args.host
+        coap = CoapSettings(host=coap_host, dtls_port=args.coap_port, plain_enabled=args.plain,
                             port=args.plain_port, registry_path=registry_path,
                             rate_limit=args.rate_limit, rate_burst=args.rate_burst)
         settings = ServiceSettings(
             router=RouterSettings(pipelines=args.pipelines or ["pipeline.yaml"],
                                   store_path=data / "store.db", secrets_file=secrets_file,
                                   url_overrides=overrides),
-            http_host=args.host, http_port=args.http_port, coap=coap,
-            webhook_secret=webhook_secret, public_url=args.public_url, watch_config=True)
+            http_host=http_host, http_port=args.http_port, coap=coap,
+            webhook_secret=webhook_secret, public_url=args.public_url, watch_config=True,
+            **http_security(args))
         service = RouterService(settings)
         try:
             await service.start()
         except ConfigError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
+            return 2
+        except NoKeysError as exc:
+            print(f"pipeline run: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"pipeline run: could not listen: {exc} (is another router running? "
@@ -202,7 +230,9 @@ async def _run(args: argparse.Namespace) -> int:
             from device_sim.fleet import Fleet
 
             port = service.coap_dtls_port if args.transport == "coaps" else service.coap_port
-            fleet = Fleet(identities, CameraConfig(host=args.host, port=port, transport=args.transport,
+            # the cameras reach the router's CoAP address; every interface: through loopback
+            cam_host = "127.0.0.1" if coap_host in ("0.0.0.0", "") else ("::1" if coap_host == "::" else coap_host)
+            fleet = Fleet(identities, CameraConfig(host=cam_host, port=port, transport=args.transport,
                                                    interval=args.interval, block_size=args.block_size),
                           seed=args.seed)
             await fleet.start()

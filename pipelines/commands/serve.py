@@ -20,12 +20,22 @@ ports if any), so scripts and tests can wait for it. The store is the durable SQ
 given by ``--store``: stopping the process any way at all, ``kill -9`` included, loses no
 acknowledged message; the next start resumes every unfinished run and delivery.
 
-``--http-ingest`` adds ``POST /v1/ingest/{project}/{device}/{path}`` to the HTTP face (no
-authentication: loopback or behind an authenticating proxy only). CoAP ingest starts when
-``--coap-dtls-port`` or ``--coap-port`` (plain CoAP, development only) is given.
+``--http-ingest`` adds ``POST /v1/ingest/{project}/{device}/{path}`` to the HTTP face (an
+``admin`` key once keys exist). CoAP ingest starts when ``--coap-dtls-port`` or ``--coap-port``
+(plain CoAP, development only) is given.
 ``--rate-limit`` / ``--rate-burst`` set the per-device token bucket of CoAP requests (each
 ``--workers`` process applies it to the devices it serves); ``GET /metrics`` counts what it
 refused per device (``pipeline_coap_rate_limited_total``).
+
+Security: the HTTP face wants ``Authorization: Bearer KEY`` once ``pipeline keys create`` made
+a key; with no key it is open on loopback only, and refuses to start on any other address
+(``--http-host 0.0.0.0``). ``--protect-metrics`` puts health and metrics behind a key too.
+``--http-tls self-signed`` makes a certificate in the store's folder on first start
+(``--http-cert``/``--http-key`` for your own). Prediction callbacks are always signed: without
+``--webhook-secret`` (or ``--webhook-secret-file``, or ``$PREDICTIONS_WEBHOOK_SECRET``) the
+router makes a secret and keeps it in the store (``pipeline keys webhook-secret`` prints it
+for the predictions service). Secrets given on the command line are visible in ``ps``:
+prefer the file or the environment variable.
 """
 
 from __future__ import annotations
@@ -33,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -58,6 +67,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--http-host", default="127.0.0.1", help="HTTP face address (default: %(default)s)")
     p.add_argument("--http-port", type=int, default=8080, help="HTTP face port, 0 for any (default: 8080)")
     p.add_argument("--http-ingest", action="store_true", help="accept messages at POST /v1/ingest/...")
+    add_http_security_arguments(p)
     p.add_argument("--coap-dtls-port", type=int, help="serve CoAP over DTLS on this port (needs --registry)")
     p.add_argument("--coap-port", type=int, help="serve plain CoAP on this port (development only)")
     p.add_argument("--coap-host", default="127.0.0.1",
@@ -71,6 +81,8 @@ def add_parser(subparsers: Any) -> None:
     add_rate_limit_arguments(p)
     p.add_argument("--max-queue", type=int, help="deliveries per destination queue before pushing back")
     p.add_argument("--max-inbox", type=int, help="unrouted messages before pushing back")
+    p.add_argument("--max-state-bytes", type=int, metavar="N",
+                   help="cap on one device's whole state document, as JSON (default: 1 MiB)")
     for table, what, default in (("stream", "lightdb-stream records", "1000000"),
                                  ("log", "logs destination records", "100000"),
                                  ("unmatched", "unmatched-message records", "10000")):
@@ -79,9 +91,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--override", action="append", default=[], metavar="FROM=TO",
                    help="send requests for base URL FROM to TO, e.g. "
                         "https://api.replicate.com=http://127.0.0.1:8008 (repeatable)")
-    p.add_argument("--webhook-secret", default=os.environ.get("PREDICTIONS_WEBHOOK_SECRET"),
-                   help="whsec_... secret that prediction callbacks are signed with "
-                        "(or PREDICTIONS_WEBHOOK_SECRET); unset: callbacks are not verified")
+    p.add_argument("--webhook-secret", default=None,
+                   help="whsec_... secret that prediction callbacks are signed with (visible in ps: "
+                        "prefer --webhook-secret-file or PREDICTIONS_WEBHOOK_SECRET); unset: one "
+                        "kept in the store")
+    p.add_argument("--webhook-secret-file", metavar="FILE", help="read the webhook secret from FILE")
     p.add_argument("--public-url", help="base URL at which the predictions API reaches this HTTP face")
     p.add_argument("--workers", type=int, default=1,
                    help="CoAP ingest processes sharing the CoAP ports with SO_REUSEPORT (default: 1); "
@@ -139,6 +153,34 @@ def _rows(text: str) -> int | str:
     return n
 
 
+def add_http_security_arguments(p: argparse.ArgumentParser) -> None:
+    """--protect-metrics, --http-cert/--http-key, --http-tls (shared with ``pipeline run``)."""
+    p.add_argument("--protect-metrics", action="store_true",
+                   help="/healthz, /readyz and /metrics want an API key too")
+    p.add_argument("--http-cert", metavar="PEM", help="TLS certificate for the HTTP face (with --http-key)")
+    p.add_argument("--http-key", metavar="PEM", help="TLS private key for the HTTP face")
+    p.add_argument("--http-tls", choices=("off", "self-signed"), default="off",
+                   help="self-signed: make a certificate in the store's folder on first start")
+
+
+def http_security(args: argparse.Namespace) -> dict[str, Any]:
+    """ServiceSettings fields from the arguments of ``add_http_security_arguments``."""
+    if bool(args.http_cert) != bool(args.http_key):
+        raise ValueError("--http-cert and --http-key go together")
+    return {"protect_metrics": args.protect_metrics, "http_cert": args.http_cert,
+            "http_key": args.http_key, "http_tls_self_signed": args.http_tls == "self-signed"}
+
+
+def webhook_secret_from(args: argparse.Namespace) -> str | None:
+    """--webhook-secret-file, --webhook-secret (warned: visible in ps), or the environment."""
+    from pipelines.secrets import remember, secret_argument
+    value = secret_argument(args.webhook_secret, getattr(args, "webhook_secret_file", None),
+                            "PREDICTIONS_WEBHOOK_SECRET", "--webhook-secret")
+    if value:
+        remember(value)
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> ServiceSettings:
     from pipelines.commands.send import parse_overrides
 
@@ -148,6 +190,8 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
         router.max_queue = args.max_queue
     if args.max_inbox:
         router.max_inbox = args.max_inbox
+    if args.max_state_bytes:
+        router.max_state_bytes = args.max_state_bytes
     for table in ("stream", "log", "unmatched"):
         rows = getattr(args, f"keep_{table}_rows", None)
         if rows is not None:
@@ -171,8 +215,8 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
         router.run_engine = False
         return ServiceSettings(router=router, http_port=None, coap=coap)
     return ServiceSettings(router=router, http_host=args.http_host, http_port=args.http_port, coap=coap,
-                           webhook_secret=args.webhook_secret, public_url=args.public_url,
-                           watch_config=not getattr(args, "no_watch", False))
+                           webhook_secret=webhook_secret_from(args), public_url=args.public_url,
+                           watch_config=not getattr(args, "no_watch", False), **http_security(args))
 
 
 def _defaults() -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 Examples::
 
-    pipeline sim --devices 3 --seed 1 --registry devices.yaml --registry-only   # just the keys
-    pipeline sim --devices 3 --seed 1 --registry devices.yaml --port 5684       # run until Ctrl-C
-    pipeline sim --devices 2 --transport coap --port 5683 --frames 5            # 5 frames each, then exit
+    pipeline sim --devices 3 --registry devices.yaml --registry-only   # fresh keys, written
+    pipeline sim --devices 3 --registry devices.yaml --port 5684       # reuses that file's keys
+    pipeline sim --devices 2 --transport coap --port 5683 --frames 5   # 5 frames each, then exit
+    pipeline sim --devices 50 --key-seed 7 ...                         # the same keys every run
 
-The registry file (same ``--seed`` and ``--project``) is the router's device registry for this
-fleet. With ``--frames`` the command exits 0 once every frame got its answer, 1 if the
+The registry file is the router's device registry for this fleet. Keys are fresh random ones
+unless ``--key-seed`` (reproducible benchmarks; anyone who knows the key seed knows the keys);
+``--registry FILE`` of an existing file (without ``--registry-only``) reuses the keys in it.
+``--seed`` picks scenes and frames only. With ``--frames`` the command exits 0 once every frame got its answer, 1 if the
 ``--duration`` ran out first. This module imports only ``device_sim``, never the router.
 """
 
@@ -18,9 +21,11 @@ import asyncio
 import contextlib
 import sys
 import time
+from pathlib import Path
 
 from device_sim import CameraConfig, CameraEvent, Fleet
 from device_sim.coap_link import BLOCK_SIZES
+from device_sim.identity import read_registry
 
 
 def add_parser(subparsers) -> None:
@@ -28,7 +33,9 @@ def add_parser(subparsers) -> None:
         "sim", help="run simulated cameras that upload frames and wait for their answers",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=1, help="number of cameras (cam-01..), default 1")
-    parser.add_argument("--seed", type=int, default=0, help="seed for identities, keys, scenes, frames")
+    parser.add_argument("--seed", type=int, default=0, help="seed for scenes and frames (not keys)")
+    parser.add_argument("--key-seed", type=int, default=None,
+                        help="derive keys from this seed (default: fresh random keys)")
     parser.add_argument("--project", default="demo", help="project id (PSK identity cam-NN@PROJECT)")
     parser.add_argument("--transport", choices=("coaps", "coap", "mqtt"), default="coaps")
     parser.add_argument("--host", default="127.0.0.1", help="router (or MQTT broker) host")
@@ -60,12 +67,23 @@ def run(args: argparse.Namespace) -> int:
             result_path=args.result_path, interval=args.interval, jitter=args.jitter,
             block_size=args.block_size, image_format=args.image_format, width=width, height=height,
             request_timeout=args.timeout, max_frames=args.frames)
-        fleet = Fleet.create(args.devices, seed=args.seed, project_id=args.project, config=config,
-                             on_event=None if args.quiet else _print_event)
+        events = None if args.quiet else _print_event
+        reuse = (args.registry and not args.registry_only and args.key_seed is None
+                 and Path(args.registry).exists())
+        if reuse:
+            identities = read_registry(args.registry, seed=args.seed)
+            if len(identities) < args.devices:
+                raise ValueError(f"{args.registry} holds {len(identities)} device(s), not {args.devices}")
+            fleet = Fleet(identities[:args.devices], config, seed=args.seed, on_event=events)
+        else:
+            fleet = Fleet.create(args.devices, seed=args.seed, project_id=args.project, config=config,
+                                 on_event=events, key_seed=args.key_seed)
     except ValueError as exc:
         print(f"pipeline sim: {exc}", file=sys.stderr)
         return 2
-    if args.registry:
+    if reuse:
+        print(f"keys from {args.registry}")
+    elif args.registry:
         path = fleet.write_registry(args.registry)
         print(f"registry for {args.devices} device(s) of project {args.project!r} written to {path}")
     elif args.registry_only:

@@ -67,7 +67,9 @@ from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchange
 from pipelines.ingest.coap_keepalive import answer_empty_non
 from pipelines.ingest.dtls_server import DtlsOptions, DtlsServerTransport, add_dtls_server, device_from_claims
 from pipelines.ingest.rate_limit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
+from pipelines.json_limits import JSONTooDeep, check_depth, loads_bounded
 from pipelines.message import Message
+from pipelines.state_doc import StateTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -362,16 +364,23 @@ def _encode_state(value: Any, accept: int | None) -> aiocoap.Message:
 def _decode_state(payload: bytes, content_format: int | None) -> Any:
     if content_format in (None, CF_JSON):
         try:
-            return json.loads(payload)
+            return loads_bounded(payload)
+        except JSONTooDeep as exc:
+            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not usable JSON: {exc}")) from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid JSON: {exc}")) from None
         except RecursionError:
             raise _Refusal(_error(Code.BAD_REQUEST, "payload is not usable JSON: nested too deeply")) from None
     if content_format == CF_CBOR:
         try:
-            return cbor2.loads(payload)
+            value = cbor2.loads(payload)
         except Exception as exc:  # cbor2 raises several types for bad input
             raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not valid CBOR: {exc}")) from None
+        try:
+            check_depth(value)
+        except JSONTooDeep as exc:
+            raise _Refusal(_error(Code.BAD_REQUEST, f"payload is not usable: {exc}")) from None
+        return value
     raise _Refusal(_error(Code.UNSUPPORTED_CONTENT_FORMAT, "state takes JSON (50) or CBOR (60)"))
 
 
@@ -410,7 +419,10 @@ class StateResource(_Base, resource.ObservableResource):
             value = _decode_state(body, request.opt.content_format)
         finally:
             server.state_uploads.release(len(body))
-        await server.target.set_state(who.project_id, who.device_id, path, value, merge=merge)
+        try:
+            await server.target.set_state(who.project_id, who.device_id, path, value, merge=merge)
+        except StateTooLarge as exc:
+            return _error(Code.REQUEST_ENTITY_TOO_LARGE, str(exc))
         response = aiocoap.Message(code=Code.CHANGED)
         if block1 is not None:
             response.opt.block1 = block1

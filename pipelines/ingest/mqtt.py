@@ -61,7 +61,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import random
@@ -79,6 +78,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipelines.devices import DeviceRegistry
 from pipelines.ingest import IngestTarget, Overloaded
+from pipelines.json_limits import loads_bounded
 from pipelines.message import Message, dumps
 from pipelines.state_doc import deep_merge, get_at, set_at
 
@@ -642,7 +642,7 @@ class MqttGateway:
             doc.pop(sub, None)
         else:
             try:
-                doc[sub] = json.loads(payload)
+                doc[sub] = loads_bounded(payload)  # too deep: kept as text, like any non-JSON
             except ValueError:
                 doc[sub] = payload.decode("utf-8", "replace")
         self.stats["state_updates"] += 1

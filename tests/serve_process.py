@@ -1,0 +1,81 @@
+"""A real ``pipeline serve`` subprocess for tests: started, waited for, stopped.
+
+    async with serving(tmp_path, "--http-ingest") as srv:
+        r = await client.get(srv.url + "/healthz")
+        srv.proc.pid                     # for /proc/PID/status (RSS)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PIPELINES = """
+pipelines:
+  keep:
+    filter: {path: /temp, content_type: application/json}
+    steps:
+      - name: keep
+        destination: {type: lightdb-state, version: v1, parameters: {path: /last}}
+"""
+
+
+@dataclass
+class Served:
+    proc: asyncio.subprocess.Process
+    url: str
+    store: Path
+    stderr_path: Path
+    proc_line: str = ""  # the whole "ready ..." line (CoAP addresses follow the HTTP URL)
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def serve_command(tmp: Path, *extra: str) -> list[str]:
+    pipelines = tmp / "p.yaml"
+    if not pipelines.exists():
+        pipelines.write_text(PIPELINES)
+    return [sys.executable, "-m", "pipelines.cli", "serve", "--pipelines", str(pipelines),
+            "--store", str(tmp / "data" / "store.db"), "--http-port", "0", *extra]
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> AsyncIterator[Served]:
+    err = tmp / f"serve-{len(list(tmp.glob('serve-*.log')))}.log"
+    with err.open("wb") as err_file:
+        proc = await asyncio.create_subprocess_exec(
+            *serve_command(tmp, *extra), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=err_file,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()  # type: ignore[union-attr]
+        assert line.startswith("ready "), (line, err.read_text())
+        yield Served(proc, line.split()[1], tmp / "data" / "store.db", err, line)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
