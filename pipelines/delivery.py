@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from pipelines.components import ComponentError, DeliveryError, Destination
 from pipelines.engine import RuntimePipeline, RuntimeStep, rebuild_message
+from pipelines.log_context import with_message, with_step
 from pipelines.metrics import LatencyHistogram
 from pipelines.retry import RetryPolicy
 from pipelines.secrets import redact
@@ -87,18 +88,9 @@ class QueueWorker:
         self.store = store
         self.pipeline = pipeline
         self.runtime = runtime  # rebuilds the request of rows stored with rebuild set
-        self.step = step
-        self.destination: Destination = step.destination
-        cfg = step.config
-        self.policy: RetryPolicy = cfg.retry or RetryPolicy()
-        self.max_in_flight = cfg.max_in_flight or DEFAULT_MAX_IN_FLIGHT
-        # read ahead so a freed slot never waits for a store round trip; bounded so a big
-        # backlog stays on disk, not in memory
-        self.prefetch = max(4 * self.max_in_flight, 64)
-        self.timeout = cfg.timeout
-        self.bucket = TokenBucket(cfg.rate) if cfg.rate else None
         self.stats = QueueStats()
         self.latency = LatencyHistogram()
+        self.use_step(step)
         self._wake = asyncio.Event()
         self._buffer: deque[DeliveryRow] = deque()
         self._held: set[int] = set()
@@ -110,6 +102,21 @@ class QueueWorker:
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
+
+    def use_step(self, step: RuntimeStep) -> None:
+        """Deliver with ``step``'s destination and settings from now on (a reload); deliveries
+        under way finish with the destination they started with."""
+        assert step.destination is not None
+        self.step = step
+        self.destination: Destination = step.destination
+        cfg = step.config
+        self.policy: RetryPolicy = cfg.retry or RetryPolicy()
+        self.max_in_flight = cfg.max_in_flight or DEFAULT_MAX_IN_FLIGHT
+        # read ahead so a freed slot never waits for a store round trip; bounded so a big
+        # backlog stays on disk, not in memory
+        self.prefetch = max(4 * self.max_in_flight, 64)
+        self.timeout = cfg.timeout
+        self.bucket = TokenBucket(cfg.rate) if cfg.rate else None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -193,7 +200,8 @@ class QueueWorker:
                 wait = max(0.0, min(IDLE_POLL, nxt - time.time()))
         if wait > 0 and not self._wake.is_set():
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):  # not wait_for: see Router._engine_loop
+                    await self._wake.wait()
             except TimeoutError:
                 self._unread = True  # look at the store again (other writers, due retries)
 
@@ -218,6 +226,8 @@ class QueueWorker:
                 self._wake.set()
 
     async def _deliver(self, row: DeliveryRow) -> None:
+        with_message(row.message)  # this task's log lines name the message and step
+        with_step(self.pipeline, self.step.name)
         started = time.time()
         attempts = row.attempts + 1
         first = row.first_attempt_at or started
@@ -326,3 +336,23 @@ class Delivery:
         w = self.workers.get((delivery.pipeline, delivery.step))
         if w:
             w.offer(delivery)
+
+    async def update(self, pipelines: list[RuntimePipeline]) -> set[asyncio.Task]:
+        """A reload: workers of steps that still exist take the new step; those of steps
+        that are gone stop (their rows stay queued in the store); new steps get workers.
+        Returns the deliveries still under way with the old destinations."""
+        steps = {(p.name, s.name): (s, p) for p in pipelines for s in p.steps if s.destination is not None}
+        busy: set[asyncio.Task] = set()
+        for key in [k for k in self.workers if k not in steps]:
+            await self.workers.pop(key).stop()
+        for key, (step, pipeline) in steps.items():
+            w = self.workers.get(key)
+            if w is None:
+                w = self.workers[key] = QueueWorker(self.store, key[0], step, pipeline)
+                w.start()
+            else:
+                busy |= {t for t in w._tasks if not t.done()}
+                w.use_step(step)
+                w.runtime = pipeline  # requests stored for rebuilding are rebuilt by the new set
+                w.notify()
+        return busy

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipelines.components import ComponentContext, ComponentError, Destination, Transformer
+from pipelines.log_context import with_step
 from pipelines.message import Message
 from pipelines.secrets import redact
 from pipelines.store import PendingDeadLetter, PendingDelivery, RoutingOutcome
@@ -168,6 +169,7 @@ class Engine:
         for step in pipeline.steps[start:]:
             out = current
             if step.transformer is not None:
+                with_step(pipeline.name, step.name)  # log lines name the step (pipelines.log_context)
                 t0 = time.perf_counter()
                 try:
                     out = await step.transformer.transform(current)

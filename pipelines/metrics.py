@@ -82,6 +82,13 @@ class _Snapshot:
         for p, s in sorted(keys):
             depth.add_metric([p, s], r.queue_depths.get((p, s), 0))
         yield depth
+        gen = GaugeMetricFamily("pipeline_config_generation",
+                                "configuration generation: 1 at start, +1 per reload swapped in")
+        gen.add_metric([], r.generation)
+        refused = CounterMetricFamily("pipeline_config_reload_failures",
+                                      "reloads refused (the last good configuration kept serving)")
+        refused.add_metric([], r.reload_failures)
+        yield from (gen, refused)
         for source in getattr(r, "metric_sources", ()):  # the CoAP ingest's counters, if it runs
             yield from source()
         if r.delivery is None:

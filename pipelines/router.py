@@ -40,6 +40,7 @@ from pipelines.config import LoadResult, PipelineConfig, StepConfig, load_pipeli
 from pipelines.delivery import Delivery
 from pipelines.engine import Engine, StepTrace, build_pipelines
 from pipelines.ingest import Overloaded
+from pipelines.log_context import with_message
 from pipelines.message import Message
 from pipelines.outbound_http import make_client
 from pipelines.secrets import SecretSource
@@ -129,6 +130,14 @@ class Router:
         self.ready = False
         self._response_hooks: list[Callable[[Message, str, httpx.Response], Awaitable[None]]] = []
         self._request_hooks: list[Callable[[Message, str], Message | None]] = []
+        # observers (the web console): told of every message accepted and every state write
+        self.on_accepted: list[Callable[[Sequence[Message]], None]] = []
+        self.on_state_written: list[Callable[[str, str, str, Any], None]] = []
+        # hot reload (see ``reload``): the configuration's generation, refused reloads and why
+        self.generation = 1
+        self.reload_failures = 0
+        self.reload_problems: list[str] = []
+        self._retiring: set[asyncio.Task] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -197,6 +206,49 @@ class Router:
         self.http = make_client(timeout=self.settings.http_timeout)
         self.engine = Engine(build_pipelines(self.pipeline_configs, self._context_for))
 
+    async def reload(self, loaded: LoadResult) -> None:
+        """Swap in a new, already validated set of pipelines between messages.
+
+        Messages whose routing started keep the engine they started with (each is routed
+        once, by the old or the new pipelines); new ones go by the new set. Delivery queues
+        of steps that still exist (same pipeline and step name) keep going with the new
+        step's destination and settings; steps that are gone stop, and what still waits
+        for them becomes dead letters once the old engine's routes are committed (as at
+        start: ``pipeline dlq replay`` sends them on if the step comes back). Raises
+        ``ConfigError`` (nothing changed) if the set has problems or does not build."""
+        if loaded.problems:
+            raise ConfigError(loaded.problems)
+        if not self.settings.run_engine or self.engine is None or self.delivery is None:
+            self.loaded, self.pipeline_configs = loaded, loaded.pipelines
+            self.generation += 1
+            return
+        try:
+            runtime = build_pipelines(loaded.pipelines, self._context_for)
+        except Exception as exc:
+            raise ConfigError([f"the pipelines did not build: {type(exc).__name__}: {exc}"]) from exc
+        old = self.engine
+        engine = Engine(runtime)
+        engine.transform_failed = old.transform_failed
+        # no await between these two: the engine loop sees either the old set or the new one
+        self.engine = engine
+        self.loaded, self.pipeline_configs = loaded, loaded.pipelines
+        busy = {t for t in self._routing if not t.done()}
+        busy |= await self.delivery.update(runtime)
+        self.generation += 1
+        task = asyncio.create_task(self._retire(old, busy), name="retire-engine")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, old: Engine, busy: set[asyncio.Task], grace: float = 60.0) -> None:
+        """Once what started on the old configuration is done: close its components and make
+        dead letters of deliveries left for steps the new one no longer has."""
+        try:
+            if busy:
+                await asyncio.wait(busy, timeout=grace)
+            await self._dead_letter_orphaned_queues()
+        finally:
+            await old.close()
+
     async def stop(self) -> None:
         self.ready = False
         for t in self._tasks:
@@ -207,6 +259,9 @@ class Router:
         for t in list(self._routing):
             t.cancel()
         await asyncio.gather(*self._routing, return_exceptions=True)
+        for t in list(self._retiring):
+            t.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for _, _, tell in self._to_finish:  # never committed: routed again on the next start
             tell(asyncio.CancelledError())
         self._to_finish.clear()
@@ -250,6 +305,7 @@ class Router:
         if added:
             self.inbox_depth += 1
             self._inbox_event.set()
+            self._tell_accepted((message,))
         return added
 
     async def accept_many(self, messages: Sequence[Message],
@@ -278,7 +334,16 @@ class Router:
         if n:
             self.inbox_depth += n
             self._inbox_event.set()
+            if self.on_accepted:
+                self._tell_accepted([m for m, a in zip(messages, added, strict=True) if a])
         return added
+
+    def _tell_accepted(self, messages: Sequence[Message]) -> None:
+        for cb in self.on_accepted:
+            try:
+                cb(messages)
+            except Exception:  # an observer must never cost a message
+                log.exception("observer of accepted messages failed")
 
     # -- the engine loop ----------------------------------------------------------------
 
@@ -314,8 +379,11 @@ class Router:
                 await self._route_page(rows, sem, unmatched)
                 if not full:
                     # other processes (CoAP workers) write the inbox too: look again soon
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                    # cancel that lands as the event fires, and stop() then waits forever
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._inbox_event.wait(), 0.05)
+                        async with asyncio.timeout(0.05):
+                            await self._inbox_event.wait()
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -338,17 +406,19 @@ class Router:
                 continue
             await sem.acquire()
             self._in_progress.add(message.id)
-            t = asyncio.create_task(self._route_one(message, sem))
+            # the engine that matched it routes it, even if a reload swaps engines meanwhile
+            t = asyncio.create_task(self._route_one(message, sem, self.engine))
             self._routing.add(t)
             t.add_done_callback(self._routing.discard)
 
-    async def _route_one(self, message: Message, sem: asyncio.Semaphore) -> None:
+    async def _route_one(self, message: Message, sem: asyncio.Semaphore, engine: Engine) -> None:
         backoff = 0.5
+        with_message(message)  # this task's log lines name the message (pipelines.log_context)
         try:
             while True:
                 try:
-                    assert self.engine is not None and self.delivery is not None
-                    outcome, _ = await self.engine.route(message)
+                    assert self.delivery is not None
+                    outcome, _ = await engine.route(message)
                     fut = self._finish_later(message, outcome)
                     assert fut is not None
                     await fut
@@ -362,6 +432,7 @@ class Router:
                     # pause, as a busy or full store may recover; a restart would also pick it up
                     log.exception("routing message %s failed; trying again in %.1f s", message.id, backoff)
                     await asyncio.sleep(backoff)
+                    engine = self.engine or engine  # a retry goes by the newest configuration
                     backoff = min(backoff * 2, 30.0)
         finally:
             sem.release()
@@ -526,6 +597,11 @@ class Router:
         else:
             await self.store.update_state(project_id, device_id, lambda d: set_at(d, path, value))
         self._changed(project_id, device_id)
+        for cb in self.on_state_written:
+            try:
+                cb(project_id, device_id, path, value)
+            except Exception:
+                log.exception("observer of state writes failed")
 
     async def merge_state(self, project_id: str, device_id: str, path: str, value: Any) -> None:
         await self.set_state(project_id, device_id, path, value, merge=True)

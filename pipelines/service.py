@@ -22,6 +22,7 @@ from typing import Any
 from pipelines.http_auth import Authenticator
 from pipelines.http_face import bound_port, create_app, start_http, stop_http
 from pipelines.predictions_results import HOOK_PATH, PredictionResults
+from pipelines.reload import ConfigWatcher
 from pipelines.router import Router, RouterSettings
 
 log = logging.getLogger("pipelines.service")
@@ -36,6 +37,8 @@ class ServiceSettings:
     mqtt: Any = None                      # pipelines.ingest.mqtt settings, or None for no MQTT
     webhook_secret: str | None = None     # verifies prediction callbacks; None: one kept in the store
     public_url: str | None = None         # how the predictions API reaches us; default: the HTTP face
+    console: bool = True                  # the web console at /console on the HTTP face
+    watch_config: bool = False            # reload when the pipeline/secrets files change (serve: on)
     protect_metrics: bool = False         # /healthz, /readyz, /metrics want a key too
     http_cert: str | None = None          # PEM certificate and key: the face serves HTTPS
     http_key: str | None = None
@@ -50,6 +53,8 @@ class RouterService:
         self.coap: Any = None
         self.mqtt: Any = None
         self._http: Any = None
+        self.console: Any = None
+        self.watcher: ConfigWatcher | None = None
         self._tls = False
         self.authenticator: Authenticator | None = None
 
@@ -77,6 +82,8 @@ class RouterService:
         s = self.settings
         await self.router.start()
         try:
+            if self.router.settings.run_engine:
+                self.watcher = ConfigWatcher(self.router, also_refresh=[self._refresh_registry])
             if s.http_port is not None:
                 self.authenticator = Authenticator(s.router.store_path, host=s.http_host,
                                                    protect_metrics=s.protect_metrics)
@@ -89,8 +96,15 @@ class RouterService:
                 self.results = PredictionResults(self.router, callback_url="(pending)",
                                                  webhook_secret=s.webhook_secret)
                 from pipelines.device_services.rpc import http_routes as rpc_routes
-                app = create_app(self.router, extra_routes=self.results.routes() + rpc_routes(self.router.store),
-                                 authenticator=self.authenticator)
+                extra = self.results.routes() + rpc_routes(self.router.store)
+                if s.console:
+                    from pipelines.console import Console
+                    self.console = Console(self.router, watcher=self.watcher, sessions=self._sessions)
+                    extra.append(self.console.mount())
+                app = create_app(self.router, extra_routes=extra, authenticator=self.authenticator)
+                if self.console is not None:  # the browser's login form and key cookie
+                    from pipelines.console.gate import ConsoleGate
+                    app = ConsoleGate(app, authenticate=self.authenticator.authenticate)
                 self._http = await start_http(app, s.http_host, s.http_port, certfile=certfile, keyfile=keyfile)
                 base = (s.public_url or self.http_url or "").rstrip("/")
                 self.results.callback_url = base + HOOK_PATH
@@ -102,12 +116,32 @@ class RouterService:
                 from pipelines.ingest.mqtt import MqttIngest
                 self.mqtt = MqttIngest(self.router, s.mqtt)
                 await self.mqtt.start()
+            if self.watcher is not None and s.watch_config:
+                self.watcher.start()
         except BaseException:
             await self.stop()
             raise
         return self
 
+    def _sessions(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return self.coap.device_sessions() if self.coap is not None else {}
+
+    def _refresh_registry(self) -> None:
+        if self.coap is not None:
+            self.coap.registry.refresh()
+
+    async def reload(self, why: str = "requested") -> bool:
+        """Re-read the pipelines and secrets (and the device registry) and swap them in; False
+        if they were refused (the last good configuration keeps serving)."""
+        if self.watcher is None:
+            return False
+        return await self.watcher.reload(why)
+
     async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.console is not None:
+            self.console.close()
         for part in (self.mqtt, self.coap):
             if part is not None:
                 try:

@@ -913,6 +913,14 @@ class Store:
             return n
         return await self._run(op)
 
+    async def open_dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """(pipeline, step) -> dead letters not yet replayed (the console's per-step column)."""
+        def op(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            return {(p, s): n for p, s, n in conn.execute(
+                "SELECT pipeline, step, COUNT(*) FROM dead_letters WHERE replayed_at IS NULL"
+                " GROUP BY pipeline, step")}
+        return await self._run(op)
+
     # -- device state -------------------------------------------------------------------
 
     async def get_state(self, project_id: str, device_id: str) -> tuple[Any, int]:

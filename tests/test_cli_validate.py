@@ -86,13 +86,26 @@ def test_secret_from_environment_and_missing_secret(tmp_path: Path) -> None:
     (tmp_path / "caption.yaml").write_text(GOOD)
     proc = run_cli("validate", "caption.yaml", cwd=tmp_path, env={"Replicate_Token": "Bearer from-env"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # a fresh clone: the secret is not set yet; a warning that says where it goes, exit 0
     proc = run_cli("validate", "caption.yaml", cwd=tmp_path)
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(
+        "caption.yaml:27:26: warning: pipeline 'caption' step 'predict' parameter 'headers.Authorization': "
+        "secret 'REPLICATE_TOKEN' is not set (put it in the secrets file or the environment); ")
+    assert "`pipeline run` makes $REPLICATE_TOKEN" in lines[0] and "--strict" in lines[0]
+    assert lines[1:] == ["1 pipeline OK (1 secret not set: see the warning above)"]
+    # --strict (the machine that will run the router): a problem, exit 1
+    proc = run_cli("validate", "--strict", "caption.yaml", cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [
         "caption.yaml:27:26: pipeline 'caption' step 'predict' parameter 'headers.Authorization': secret "
         "'REPLICATE_TOKEN' is not set (put it in the secrets file or the environment)",
         "1 problem in 1 file",
     ]
+    proc = run_cli("validate", "caption.yaml", "--format", "json", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert [p["severity"] for p in json.loads(proc.stdout)] == ["warning"]
     # CI without the secrets: everything else is still checked
     proc = run_cli("validate", "--allow-missing-secrets", "caption.yaml", cwd=tmp_path)
     assert (proc.returncode, proc.stdout) == (0, "1 pipeline OK\n")

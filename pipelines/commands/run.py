@@ -46,8 +46,9 @@ from pipelines.commands.serve import add_rate_limit_arguments
 from pipelines.file_perms import make_private
 from pipelines.gc_tuning import tune_for_serving
 from pipelines.http_auth import NoKeysError
+from pipelines.log_context import setup_logging
 from pipelines.router import ConfigError, RouterSettings
-from pipelines.secrets import SecretSource, install_log_redaction
+from pipelines.secrets import SecretSource
 from pipelines.service import RouterService, ServiceSettings
 
 REPLICATE_BASE = "https://api.replicate.com"
@@ -89,6 +90,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--block-size", type=int, default=1024, help="cameras' Block1 size (16..1024)")
     add_rate_limit_arguments(p)
     p.add_argument("--plain-output", action="store_true", help="log lines instead of the live view")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text or one JSON object each (default: %(default)s)")
     from pipelines.commands.serve import add_http_security_arguments
     add_http_security_arguments(p)
     p.set_defaults(func=run)
@@ -97,9 +100,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.devices < 0:
         raise ValueError("--devices must be 0 or more")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    install_log_redaction()
+    setup_logging(logging.INFO, args.log_format)
     for noisy in ("coap-ingest", "coap", "aiocoap", "httpx", "uvicorn", "predictions_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return asyncio.run(_run(args))
@@ -196,7 +197,8 @@ async def _run(args: argparse.Namespace) -> int:
                                   store_path=data / "store.db", secrets_file=secrets_file,
                                   url_overrides=overrides),
             http_host=http_host, http_port=args.http_port, coap=coap,
-            webhook_secret=webhook_secret, public_url=args.public_url, **http_security(args))
+            webhook_secret=webhook_secret, public_url=args.public_url, watch_config=True,
+            **http_security(args))
         service = RouterService(settings)
         try:
             await service.start()
@@ -217,7 +219,9 @@ async def _run(args: argparse.Namespace) -> int:
                       + (f"  CoAP udp/{service.coap_port}" if service.coap_port else "")
                       + f"  store {data / 'store.db'}")
         console.print(f"predictions API: {predictions_desc}")
-        console.print(f"pipelines: {', '.join(p.name for p in router.pipeline_configs)}")
+        console.print(f"pipelines: {', '.join(p.name for p in router.pipeline_configs)}"
+                      " (edit the file: it is reloaded live)")
+        console.print(f"web console: {service.http_url}/console/")
 
         # --- the cameras ---------------------------------------------------------------
         fleet = None

@@ -5,6 +5,15 @@
     pipeline serve --pipelines p.yaml --coap-dtls-port 5684 --registry devices.yaml
     pipeline serve --coap-dtls-port 5684 --registry devices.yaml --workers 2   # SO_REUSEPORT
     pipeline serve --coap-dtls-port 5684 --registry devices.yaml --rate-limit 50 --rate-burst 500
+    pipeline serve --config router.yaml [--http-port 9000]    # one file; flags override it
+
+``--config FILE`` reads store, listeners, pipelines, registry, secrets, limits, URL overrides
+and logging from one YAML file (see ``pipelines.router_config`` and the README's
+``router.yaml``), checked with FILE:LINE:COL like the pipelines; every flag given on the
+command line wins over the file. The pipeline and secrets files are watched: a change (or
+SIGHUP) is validated and swapped in between messages; a refused one keeps the last good set
+(``--no-watch``: SIGHUP only). ``--log-format json`` writes one JSON object per log line,
+with the message id, device, pipeline and step where they apply.
 
 Once everything listens it prints one line, ``ready http://HOST:PORT`` (then the CoAP
 ports if any), so scripts and tests can wait for it. The store is the durable SQLite file
@@ -34,21 +43,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from pipelines.gc_tuning import tune_for_serving
+from pipelines.log_context import setup_logging
 from pipelines.router import RouterSettings
-from pipelines.secrets import install_log_redaction
 from pipelines.service import RouterService, ServiceSettings
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="run the router headless with its HTTP face until stopped",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE",
+                   help="router configuration file (router.yaml); flags given here override it")
     p.add_argument("--pipelines", action="append", default=None, metavar="PATH",
                    help="pipeline file or directory (repeatable; default: ./pipeline.yaml)")
     p.add_argument("--store", default="pipeline-data/store.db", help="SQLite store (default: %(default)s)")
@@ -91,6 +102,10 @@ def add_parser(subparsers: Any) -> None:
                         "the kernel keeps each device on one process, this one also runs the engine")
     p.add_argument("--ingest-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="WARNING", help="log level (default: %(default)s)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text or one JSON object each (default: %(default)s)")
+    p.add_argument("--no-watch", action="store_true",
+                   help="do not reload when the pipeline or secrets files change (SIGHUP still reloads)")
     p.set_defaults(func=run)
 
 
@@ -201,13 +216,45 @@ def settings_from(args: argparse.Namespace) -> ServiceSettings:
         return ServiceSettings(router=router, http_port=None, coap=coap)
     return ServiceSettings(router=router, http_host=args.http_host, http_port=args.http_port, coap=coap,
                            webhook_secret=webhook_secret_from(args), public_url=args.public_url,
-                           **http_security(args))
+                           watch_config=not getattr(args, "no_watch", False), **http_security(args))
+
+
+def _defaults() -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return vars(parser.parse_args(["serve"]))
+
+
+def apply_config(args: argparse.Namespace) -> list[str]:
+    """Fill in from ``args.config`` what the flags left at their defaults; the file's problems
+    (FILE:LINE:COL: ...), nothing applied, if it has any. A flag given with exactly its default
+    value cannot be told apart from no flag: the file's value is used then."""
+    from pipelines.router_config import load_router_config
+
+    config = load_router_config(Path(args.config))
+    if config.problems:
+        return [str(p) for p in config.problems]
+    defaults = _defaults()
+    for dest, value in config.values.items():
+        if dest == "watch":
+            args.no_watch = args.no_watch or not value
+        elif dest == "override":
+            args.override = value + list(args.override)  # later wins: the flags
+        elif getattr(args, dest, None) == defaults.get(dest):
+            setattr(args, dest, value)
+    return []
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
+    if getattr(args, "config", None):
+        problems = apply_config(args)
+        if problems:
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            print(f"pipeline serve: {args.config} has {len(problems)} problem(s); nothing started",
+                  file=sys.stderr)
+            return 2
+    setup_logging(args.log_level, args.log_format)
     if args.workers < 1:
         raise ValueError("--workers must be 1 or more")
     if args.workers > 1 and args.coap_dtls_port is None and args.coap_port is None:
@@ -217,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _worker_command(args: argparse.Namespace, dtls_port: int | None, plain_port: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--ingest-only", "--store", str(args.store),
-           "--coap-host", args.coap_host, "--log-level", args.log_level]
+           "--coap-host", args.coap_host, "--log-level", args.log_level, "--log-format", args.log_format]
     for p in args.pipelines or ["pipeline.yaml"]:
         cmd += ["--pipelines", str(p)]
     cmd += ["--rate-limit", repr(args.rate_limit), "--rate-burst", repr(args.rate_burst)]
@@ -254,6 +301,15 @@ async def serve(settings: ServiceSettings, args: argparse.Namespace | None = Non
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     async with RouterService(settings) as service:
+        reloads: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references)
+
+        def on_sighup() -> None:
+            task = asyncio.ensure_future(service.reload("SIGHUP"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGHUP: reload the configuration
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         workers = await _start_workers(args, service) if args is not None and args.workers > 1 else []
         tune_for_serving()
         try:

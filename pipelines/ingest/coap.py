@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,8 @@ class _Server:
         # (project, device) -> requests answered 4.29; at most MAX_LIMITED_DEVICES series (plain
         # CoAP devices name themselves), the rest are counted under device "(other)"
         self.rate_limited: dict[tuple[str, str], int] = {}
+        # per device: how it last talked to us and what it was refused (the console shows it)
+        self.sessions: dict[tuple[str, str], dict[str, Any]] = {}
 
     def count(self, what: str, n: int = 1) -> None:
         self.stats[what] = self.stats.get(what, 0) + n
@@ -212,7 +215,7 @@ class _Server:
             raise _Refusal(_error(Code.BAD_REQUEST, "token longer than 8 bytes"))
         entry = device_from_claims(request.remote)
         if entry is not None:
-            return _Who(entry.project_id, entry.device_id)
+            return self._seen(_Who(entry.project_id, entry.device_id), request)
         if getattr(request.remote, "scheme", "coap") == "coaps":
             raise _Refusal(_error(Code.UNAUTHORIZED, "DTLS session without a known device identity"))
         device_id = None
@@ -226,12 +229,29 @@ class _Server:
             raise _Refusal(_error(Code.BAD_REQUEST, "?d= must be letters, digits, '.', '_', ':' or '-'"))
         entry = self.registry.find_device(device_id)
         project = entry.project_id if entry is not None else self.registry.default_project
-        return _Who(project, device_id)
+        return self._seen(_Who(project, device_id), request)
+
+    def _seen(self, who: _Who, request: aiocoap.Message) -> _Who:
+        s = self.sessions.get((who.project_id, who.device_id))
+        if s is None:
+            if len(self.sessions) >= 10_000:  # bounded: forget the oldest
+                self.sessions.pop(next(iter(self.sessions)))
+            s = self.sessions[(who.project_id, who.device_id)] = {"rate_limited": 0, "refused": 0}
+        s["transport"] = "DTLS" if getattr(request.remote, "scheme", "coap") == "coaps" else "plain CoAP"
+        s["address"] = str(getattr(request.remote, "hostinfo", "") or "")
+        s["at"] = time.time()
+        return who
+
+    def refused(self, who: _Who, what: str) -> None:
+        s = self.sessions.get((who.project_id, who.device_id))
+        if s is not None:
+            s[what] = s.get(what, 0) + 1
 
     def check_rate(self, who: _Who) -> None:
         wait = self.limiter.take((who.project_id, who.device_id))
         if wait:
             self.count("rate_limited")
+            self.refused(who, "rate_limited")
             key = (who.project_id, who.device_id)
             if key not in self.rate_limited and len(self.rate_limited) >= MAX_LIMITED_DEVICES:
                 key = (who.project_id, "(other)")
@@ -285,6 +305,7 @@ async def _reassemble(server: _Server, uploads: Block1Assembler, request: aiocoa
         raise _Refusal(msg)
     if isinstance(out, Refused):
         server.count(f"refused_{out.code}")
+        server.refused(who, "refused")
         raise _Refusal(_refused_to_message(out))
     assert isinstance(out, Complete)
     return out.body, BlockOption.BlockwiseTuple(out.num, False, out.szx)
@@ -333,6 +354,7 @@ class StreamResource(_Base):
                 await server.target.accept(msg)
             except Overloaded as exc:
                 server.count("overloaded")
+                server.refused(who, "refused")
                 # the reason names internal pipelines and queues: not for devices' eyes
                 return _error(Code.SERVICE_UNAVAILABLE, "router busy, retry later", max_age=exc.retry_after)
         finally:
@@ -602,6 +624,11 @@ class CoapIngest:
     @property
     def registry(self) -> DeviceRegistry:
         return self.server.registry
+
+    def device_sessions(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """(project, device) -> transport ("DTLS"/"plain CoAP"), address, at (last request),
+        rate_limited and refused counts."""
+        return self.server.sessions
 
     @property
     def stats(self) -> dict[str, int]:
