@@ -76,6 +76,9 @@ class TokenBucket:
             await asyncio.sleep((1 - self.tokens) / self.rate)
 
 
+KEEP_GENERATIONS = 16  # configurations whose pipelines a queue keeps for rebuilding requests
+
+
 class QueueWorker:
     """One destination step's queue. Rows move: store -> ``_buffer`` (prefetched, payloads
     in memory, bounded) -> in flight (at most ``max_in_flight``) -> outcome written. A row
@@ -88,6 +91,9 @@ class QueueWorker:
         self.store = store
         self.pipeline = pipeline
         self.runtime = runtime  # rebuilds the request of rows stored with rebuild set
+        # the pipeline of each recent configuration generation: a row is rebuilt by the steps
+        # that routed it, even across a reload (older or unknown generations: the current one)
+        self.runtimes: dict[int, RuntimePipeline] = {0: runtime} if runtime is not None else {}
         self.stats = QueueStats()
         self.latency = LatencyHistogram()
         self.use_step(step)
@@ -239,9 +245,10 @@ class QueueWorker:
                 if row.rebuild:  # the routed message is stored: make the step's request again
                     if self.runtime is None:
                         raise ComponentError(f"delivery {row.seq} needs its pipeline to rebuild the request")
-                    message = await rebuild_message(self.runtime, row.step_index, row.step, row.message)
+                    runtime = self.runtimes.get(row.rebuild - 1, self.runtime)
+                    message = await rebuild_message(runtime, row.step_index, row.step, row.message)
                     # from here on it is the request: a dead letter keeps these exact bytes
-                    row = dataclasses.replace(row, message=message, rebuild=False)
+                    row = dataclasses.replace(row, message=message, rebuild=0)
                 if self.timeout:
                     # asyncio.timeout rather than wait_for: no extra task per delivery
                     async with asyncio.timeout(self.timeout):
@@ -337,7 +344,7 @@ class Delivery:
         if w:
             w.offer(delivery)
 
-    async def update(self, pipelines: list[RuntimePipeline]) -> set[asyncio.Task]:
+    async def update(self, pipelines: list[RuntimePipeline], generation: int) -> set[asyncio.Task]:
         """A reload: workers of steps that still exist take the new step; those of steps
         that are gone stop (their rows stay queued in the store); new steps get workers.
         Returns the deliveries still under way with the old destinations."""
@@ -349,10 +356,13 @@ class Delivery:
             w = self.workers.get(key)
             if w is None:
                 w = self.workers[key] = QueueWorker(self.store, key[0], step, pipeline)
+                w.runtimes = {generation: pipeline}
                 w.start()
             else:
                 busy |= {t for t in w._tasks if not t.done()}
                 w.use_step(step)
-                w.runtime = pipeline  # requests stored for rebuilding are rebuilt by the new set
+                w.runtime = w.runtimes[generation] = pipeline
+                for old in sorted(w.runtimes)[:-KEEP_GENERATIONS]:
+                    del w.runtimes[old]
                 w.notify()
         return busy

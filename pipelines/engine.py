@@ -100,7 +100,7 @@ def build_pipelines(configs: list[PipelineConfig], context_for: ContextFactory) 
 async def rebuild_message(pipeline: RuntimePipeline, step_index: int, step_name: str,
                           message: Message) -> Message:
     """The message step ``step_index`` delivers, recomputed from the routed ``message`` (a
-    delivery stored with ``rebuild=True``): the step rules of ``Engine.run_pipeline``, with
+    delivery stored with ``rebuild`` set): the step rules of ``Engine.run_pipeline``, with
     the deterministic transformers the engine ran when it routed the message. Raises
     ``ComponentError`` when the step is not the one the delivery was made for (the pipeline
     changed since) or a transformer now fails."""
@@ -122,6 +122,7 @@ class Engine:
         self.pipelines = pipelines
         # deliveries after deterministic transformers carry the routed message (module docstring)
         self.rebuild = rebuild
+        self.generation = 0  # Router.generation of this set: tags deliveries stored for rebuilding
         # pipelines whose transformers are all deterministic: routing them is local work
         self._local = {p.name: all(s.transformer is None or s.transformer.deterministic for s in p.steps)
                        for p in pipelines}
@@ -192,7 +193,8 @@ class Engine:
             if step.destination is not None:
                 rebuildable = pure and (step.transformer is None or step.transformer.deterministic)
                 deliveries.append(PendingDelivery(out, pipeline.name, step.name, step.index,
-                                                  source=message if rebuildable and out is not message else None))
+                                                  source=message if rebuildable and out is not message else None,
+                                                  generation=self.generation))
                 if trace:
                     traces.append(StepTrace(pipeline.name, step.name, "enqueued", out.content_type,
                                             len(out.payload)))

@@ -228,12 +228,13 @@ class Router:
             raise ConfigError([f"the pipelines did not build: {type(exc).__name__}: {exc}"]) from exc
         old = self.engine
         engine = Engine(runtime)
+        engine.generation = self.generation + 1
         engine.transform_failed = old.transform_failed
         # no await between these two: the engine loop sees either the old set or the new one
         self.engine = engine
         self.loaded, self.pipeline_configs = loaded, loaded.pipelines
         busy = {t for t in self._routing if not t.done()}
-        busy |= await self.delivery.update(runtime)
+        busy |= await self.delivery.update(runtime, engine.generation)
         self.generation += 1
         task = asyncio.create_task(self._retire(old, busy), name="retire-engine")
         self._retiring.add(task)

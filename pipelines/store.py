@@ -163,8 +163,9 @@ class DeliveryRow:
     attempts: int
     first_attempt_at: float | None
     message: Message
-    # message is the routed one: pipelines.engine.rebuild_message makes the step's request
-    rebuild: bool = False
+    # message is the routed one: pipelines.engine.rebuild_message makes the step's request,
+    # with the pipelines of configuration generation ``rebuild - 1`` (0: not to be rebuilt)
+    rebuild: int = 0
 
 
 @dataclass
@@ -754,7 +755,7 @@ class Store:
                 " d.metadata, p.data, d.rebuild FROM deliveries d JOIN payloads p ON p.id = d.payload_id"
                 f" WHERE d.seq IN ({','.join('?' * len(seqs))})", seqs).fetchall()
             by_seq = {r[0]: r for r in rows}
-            return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6), bool(r[14]))
+            return [DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _message_from(r, 6), r[14])
                     for r in (by_seq[s] for s in seqs if s in by_seq)]
         return await self._run(op)
 
@@ -1091,10 +1092,12 @@ class PendingDelivery:
     # worker makes the request again (pipelines.engine.rebuild_message)
     source: Message | None = None
     seq: int | None = None  # the row's seq, set when it is inserted (hand it to its queue at once)
+    generation: int = 0  # the configuration (Router.generation) that routed it: rebuilt by the same
 
     @property
-    def rebuild(self) -> bool:
-        return self.source is not None
+    def rebuild(self) -> int:
+        """What the ``rebuild`` column holds: 0, or the routing generation + 1."""
+        return self.generation + 1 if self.source is not None else 0
 
 
 @dataclass

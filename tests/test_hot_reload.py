@@ -203,3 +203,33 @@ def test_sighup_reloads_a_running_serve(tmp_path, sink):
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "configuration reloaded (SIGHUP): generation 2" in err
+
+
+async def test_a_delivery_waiting_for_a_retry_keeps_the_request_of_the_pipeline_that_routed_it(tmp_path, sink):
+    """Deliveries made by deterministic steps are stored as the routed frame and their request
+    is made again when sent (pipelines.engine.rebuild_message). A frame routed by version 1 and
+    still waiting for its retry when version 2 comes in is sent as version 1 made it."""
+    pipeline = tmp_path / "pipeline.yaml"
+    sink.answer("/out", lambda n: Answer(503, {"Retry-After": "1"}) if n < 3 else Answer(204))
+    write(pipeline, PIPELINE.format(version=1, url=sink.url("/out")))
+    settings = ServiceSettings(router=RouterSettings(pipelines=[pipeline], store_path=tmp_path / "s.db"),
+                               http_port=None)
+    async with RouterService(settings) as service:
+        router = service.router
+        sent = []
+        for i in range(3):
+            m = Message.new(device_id="d", project_id="p", path="/frames",
+                            content_type="application/json", payload=b'{"i": %d}' % i)
+            await router.accept(m)
+            sent.append(m.id)
+        await wait_until(lambda: len(sink.got("/out")) >= 3, 10, "the first attempts (503)")
+        write(pipeline, PIPELINE.format(version=2, url=sink.url("/out")))
+        assert await service.reload("test")
+        await wait_until(lambda: len(sink.got("/out")) >= 6, 20, "the retries")
+        retried = {g.ce_id: json.loads(g.body)["routed_by"] for g in sink.got("/out")[3:]}
+        assert retried == dict.fromkeys(sent, 1)
+        m = Message.new(device_id="d", project_id="p", path="/frames", content_type="application/json",
+                        payload=b'{"i": 3}')
+        await router.accept(m)  # routed by the new set
+        await wait_until(lambda: len(sink.got("/out")) >= 7, 10, "the new frame")
+        assert json.loads(sink.got("/out")[6].body)["routed_by"] == 2
