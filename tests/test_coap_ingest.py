@@ -36,7 +36,13 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
 
 UUID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 LIBCOAP = shutil.which("coap-client-openssl")
-needs_libcoap = pytest.mark.skipif(LIBCOAP is None, reason="coap-client-openssl (libcoap3-bin) not installed")
+needs_libcoap = pytest.mark.usefixtures("require_libcoap")
+
+
+@pytest.fixture
+def require_libcoap() -> None:
+    """A missing tool fails the test (never a silent skip): ``./dev`` installs libcoap3-bin."""
+    assert LIBCOAP is not None, "coap-client-openssl not found: run ./dev setup (Debian libcoap3-bin)"
 
 KEY_01 = "cam-01-secret"
 KEY_02 = "0x" + "a1b2c3d4e5f60718293a4b5c6d7e8f90"  # a binary key, given as hex

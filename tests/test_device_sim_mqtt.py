@@ -19,7 +19,14 @@ import pytest
 
 from device_sim import Camera, CameraConfig, LinkError, fleet_identities
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto not installed")
+pytestmark = pytest.mark.usefixtures("require_mosquitto")
+
+
+@pytest.fixture
+def require_mosquitto() -> None:
+    """A missing broker fails the test (never a silent skip): ``./dev`` installs mosquitto."""
+    assert shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto"), \
+        "mosquitto not found: run ./dev setup (Debian mosquitto)"
 
 
 def free_tcp_port() -> int:
