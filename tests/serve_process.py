@@ -3,6 +3,8 @@
     async with serving(tmp_path, "--http-ingest") as srv:
         r = await client.get(srv.url + "/healthz")
         srv.proc.pid                     # for /proc/PID/status (RSS)
+
+    wait_healthy(proc, "http://127.0.0.1:PORT", 30)   # any server subprocess: GET /healthz is 200
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +50,21 @@ class Served:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> None:
+    """Return once ``base + "/healthz"`` answers 200; fail (with its stderr) if ``proc`` exits
+    first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "service did not come up"
+        time.sleep(0.05)
 
 
 def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
