@@ -5,6 +5,7 @@
         srv.proc.pid                     # for /proc/PID/status (RSS)
 
     wait_healthy(proc, "http://127.0.0.1:PORT", 30)   # any server subprocess: GET /healthz is 200
+    letters = await dead_letters_soon(client)         # the dead letters, once there are some
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> None:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "service did not come up"
         time.sleep(0.05)
+
+
+async def dead_letters_soon(client: httpx.AsyncClient, tries: int = 200) -> list:
+    """``GET /v1/dead-letters`` until it lists some (every 0.05 s, ``tries`` times): the last list."""
+    for _ in range(tries):
+        letters = (await client.get("/v1/dead-letters")).json()
+        if letters:
+            break
+        await asyncio.sleep(0.05)
+    return letters
 
 
 def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
