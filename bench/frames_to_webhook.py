@@ -61,6 +61,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from http_sink import read_request  # noqa: E402  (bench/, the script's folder)
+
 from tests.mqtt_broker import Mosquitto, free_port  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iot-pipelines-bench"
@@ -165,12 +167,7 @@ def sink_main(port: int, frames: list[tuple[int, bytes]], warm: int, conn: Conne
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                body = await reader.readexactly(length) if length else b""
+                head, body = await read_request(reader)
                 counts["requests"] += 1
                 writer.write(check(head, body) if head.startswith(b"POST") else bad("not a POST"))
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):

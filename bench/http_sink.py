@@ -23,17 +23,23 @@ _count = 0
 _bytes = 0
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request on a keep-alive connection: its head (up to the blank line) and its
+    Content-Length body (empty without one)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return head, (await reader.readexactly(length) if length else b"")
+
+
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     global _count, _bytes
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
+            head, received = await read_request(reader)
+            length = len(received)
             if head.startswith(b"POST"):
                 _count += 1
                 _bytes += length

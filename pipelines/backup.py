@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.store import books_gaps
+from pipelines.store import books_gaps, read_books
 
 
 @dataclass
@@ -77,17 +77,6 @@ def backup_store(store: str | os.PathLike[str], target: str | os.PathLike[str]) 
         src.close()
     os.replace(tmp, dst_path)
     return BackupInfo(dst_path, dst_path.stat().st_size, time.monotonic() - started)
-
-
-def read_books(conn: sqlite3.Connection) -> dict[str, int]:
-    """The counters and current sizes, as ``Store.counters`` reports them."""
-    out = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-    out["inbox"] = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
-    out["deliveries_queued"] = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
-    out["payloads"] = conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0]
-    out["dead_letters_open"] = conn.execute(
-        "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL").fetchone()[0]
-    return out
 
 
 def check_store(path: str | os.PathLike[str]) -> CheckReport:

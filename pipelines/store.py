@@ -134,6 +134,20 @@ BOOKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+def read_books(conn: sqlite3.Connection, unwritten: dict[str, int] | None = None) -> dict[str, int]:
+    """The counters and current sizes, as ``Store.counters`` reports them (``unwritten``: counter
+    changes not yet in the table, added to it)."""
+    out = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+    for name, by in (unwritten or {}).items():
+        out[name] = out.get(name, 0) + by
+    out["inbox"] = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
+    out["deliveries_queued"] = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+    out["payloads"] = conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0]
+    out["dead_letters_open"] = conn.execute(
+        "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL").fetchone()[0]
+    return out
+
+
 def books_gaps(books: dict[str, int]) -> dict[str, int]:
     """Left side minus right side of each identity in ``BOOKS``: all zero when the books hold."""
     return {name: sum(books.get(k, 0) for k in left) - sum(books.get(k, 0) for k in right)
@@ -472,16 +486,8 @@ class Store:
 
     async def counters(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
-            out = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-            # changes made earlier in this same transaction, not yet written to the table
-            for name, by in (getattr(_tls, "batch", None) or {}).items():
-                out[name] = out.get(name, 0) + by
-            out["inbox"] = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
-            out["deliveries_queued"] = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
-            out["payloads"] = conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0]
-            out["dead_letters_open"] = conn.execute(
-                "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL").fetchone()[0]
-            return out
+            # with changes made earlier in this same transaction, not yet written to the table
+            return read_books(conn, getattr(_tls, "batch", None))
         return await self._run(op)
 
     async def bump_counter(self, name: str, by: int = 1) -> None:

@@ -119,9 +119,14 @@ def check_headers(headers: Mapping[str, str], now: float | None = None,
                   tolerance: int = DEFAULT_TOLERANCE) -> None:
     """What can be checked before the body arrives: the three headers are there and the
     timestamp is fresh. Raises a WebhookSignatureError like ``verify``."""
-    _header(headers, "webhook-id")
+    _fresh_headers(headers, now, tolerance)
+
+
+def _fresh_headers(headers: Mapping[str, str], now: float | None, tolerance: int) -> tuple[str, str, str]:
+    """``check_headers``, giving the id, timestamp and signature headers' text."""
+    msg_id = _header(headers, "webhook-id")
     ts_text = _header(headers, "webhook-timestamp")
-    _header(headers, "webhook-signature")
+    sig_header = _header(headers, "webhook-signature")
     try:
         ts = int(ts_text)
     except ValueError as exc:
@@ -129,6 +134,7 @@ def check_headers(headers: Mapping[str, str], now: float | None = None,
     current = time.time() if now is None else now
     if abs(current - ts) > tolerance:
         raise TimestampError(f"webhook-timestamp is {int(current - ts)} s away from now (tolerance {tolerance} s)")
+    return msg_id, ts_text, sig_header
 
 
 def verify(
@@ -140,17 +146,7 @@ def verify(
 ) -> None:
     """Return None if the webhook is authentic and fresh; raise a WebhookSignatureError otherwise."""
     key = _key(secret)
-    msg_id = _header(headers, "webhook-id")
-    ts_text = _header(headers, "webhook-timestamp")
-    sig_header = _header(headers, "webhook-signature")
-    try:
-        ts = int(ts_text)
-    except ValueError as exc:
-        raise TimestampError("webhook-timestamp is not an integer number of seconds") from exc
-    current = time.time() if now is None else now
-    if abs(current - ts) > tolerance:
-        away = int(current - ts)
-        raise TimestampError(f"webhook-timestamp is {away} s away from now (tolerance {tolerance} s)")
+    msg_id, ts_text, sig_header = _fresh_headers(headers, now, tolerance)
     signed = f"{msg_id}.{ts_text}.".encode() + _as_bytes(body)
     expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
     for entry in sig_header.split(" "):

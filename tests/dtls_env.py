@@ -29,16 +29,18 @@ def seeded(seed: int) -> random.Random:
     return random.Random(seed)
 
 
-def pipelines_file(tmp_path: Path, hook: HTTPRecorder) -> Path:
+def pipelines_file(tmp_path: Path, hook: HTTPRecorder, name: str = "all", more: str = "") -> Path:
+    """``pipelines.yaml``: pipeline ``name`` sends ``/images`` to ``hook``; ``more``: further
+    pipelines (YAML text indented under ``pipelines:``)."""
     path = tmp_path / "pipelines.yaml"
     path.write_text(f"""\
 pipelines:
-  all:
+  {name}:
     filter: {{path: /images}}
     steps:
       - name: out
         destination: {{type: webhook, version: v1, parameters: {{url: "{hook.url('/hook')}"}}}}
-""")
+""" + more)
     return path
 
 

@@ -3,6 +3,12 @@
     async with serving(tmp_path, "--http-ingest") as srv:
         r = await client.get(srv.url + "/healthz")
         srv.proc.pid                     # for /proc/PID/status (RSS)
+
+    wait_healthy(proc, "http://127.0.0.1:PORT", 30)   # any server subprocess: GET /healthz is 200
+    letters = await dead_letters_soon(client)         # the dead letters, once there are some
+
+    router = KillableServe([sys.executable, "-m", "pipelines.cli", "serve", ...], tmp / "router.log")
+    line = await router.launch(20)                    # its "ready ..." line; then kill9(), launch() again
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +54,64 @@ class Served:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> None:
+    """Return once ``base + "/healthz"`` answers 200; fail (with its stderr) if ``proc`` exits
+    first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "service did not come up"
+        time.sleep(0.05)
+
+
+async def dead_letters_soon(client: httpx.AsyncClient, tries: int = 200) -> list:
+    """``GET /v1/dead-letters`` until it lists some (every 0.05 s, ``tries`` times): the last list."""
+    for _ in range(tries):
+        letters = (await client.get("/v1/dead-letters")).json()
+        if letters:
+            break
+        await asyncio.sleep(0.05)
+    return letters
+
+
+class KillableServe:
+    """A server process a test kills (SIGKILL) and starts again on the same store: ``args`` is
+    its command line, its stderr is appended to ``log`` across restarts, ``starts`` counts the
+    starts a subclass's ``start`` confirmed."""
+
+    stop_timeout: float = 20  # seconds ``terminate`` waits
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def launch(self, timeout: float) -> str:
+        """Start the process; its first line on stdout (waited for at most ``timeout`` s)."""
+        with self.log.open("ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=err,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stdout is not None
+        return (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode()
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), self.stop_timeout)
 
 
 def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import os
 import random
-import signal
 import socket
 import sys
 import time
@@ -32,7 +31,8 @@ from aiocoap import Code
 from delivery_sink import Sink
 from test_delivery_faults import write_pipelines
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.serve_process import KillableServe
+
 CAMERAS = 6
 FRAMES = 60
 KILLS = 3
@@ -44,40 +44,23 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-class CoapRouter:
+class CoapRouter(KillableServe):
     def __init__(self, tmp: Path, pipelines: Path, port: int, dtls: bool) -> None:
-        self.args = [sys.executable, "-m", "pipelines.cli", "serve", "--pipelines", str(pipelines),
-                     "--store", str(tmp / "store.db"), "--http-port", "0"]
+        args = [sys.executable, "-m", "pipelines.cli", "serve", "--pipelines", str(pipelines),
+                "--store", str(tmp / "store.db"), "--http-port", "0"]
         if dtls:
             registry = tmp / "devices.yaml"
             registry.write_text("project_id: demo\ndevices:\n" + "".join(
                 f"  - id: cam-{n}\n    psk: {key_of(n).decode()}\n" for n in range(CAMERAS)))
-            self.args += ["--coap-dtls-port", str(port), "--registry", str(registry)]
+            args += ["--coap-dtls-port", str(port), "--registry", str(registry)]
         else:
-            self.args += ["--coap-port", str(port)]
-        self.log = tmp / "router.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
+            args += ["--coap-port", str(port)]
+        super().__init__(args, tmp / "router.log")
 
     async def start(self) -> None:
-        with self.log.open("ab") as err:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=err,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert self.proc.stdout is not None
-        line = (await asyncio.wait_for(self.proc.stdout.readline(), 30)).decode()
+        line = await self.launch(30)
         assert "coap://" in line or "coaps://" in line, f"router did not start: {line!r}; see {self.log}"
         self.starts += 1
-
-    async def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    async def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 20)
 
 
 def key_of(n: int) -> bytes:

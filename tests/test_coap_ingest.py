@@ -19,20 +19,17 @@ from pathlib import Path
 
 import aiocoap
 import cbor2
+import dtls_env
 import numpy as np
 import pytest
 from aiocoap import Code
 from aiocoap.optiontypes import BlockOption
+from dtls_env import HTTPRecorder, wait_for
 from PIL import Image
 
 from device_sim.dtls_transport import dtls_client_context
 from pipelines.ingest.coap import CoapIngest, CoapSettings
 from pipelines.router import Router, RouterSettings
-
-try:
-    from tests.http_recorder import HTTPRecorder
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from http_recorder import HTTPRecorder
 
 UUID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 LIBCOAP = shutil.which("coap-client-openssl")
@@ -78,16 +75,6 @@ def make_png(approx_bytes: int, seed: int = 0) -> bytes:
 
 def request(method, uri: str, payload: bytes = b"", **opts) -> aiocoap.Message:
     return aiocoap.Message(code=method, uri=uri, payload=payload, **opts)
-
-
-async def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_udp_port() -> int:
@@ -150,22 +137,17 @@ def registry_path(tmp_path: Path, monkeypatch) -> Path:
     return path
 
 
-def pipelines_file(tmp_path: Path, hook: HTTPRecorder) -> Path:
-    path = tmp_path / "pipelines.yaml"
-    path.write_text(f"""\
-pipelines:
-  frames:
-    filter: {{path: /images}}
-    steps:
-      - name: out
-        destination: {{type: webhook, version: v1, parameters: {{url: "{hook.url('/hook')}"}}}}
+RESULTS_PIPELINE = """\
   results:
-    filter: {{path: /results, content_type: application/json}}
+    filter: {path: /results, content_type: application/json}
     steps:
       - name: to-device
-        destination: {{type: lightdb-state, version: v1, parameters: {{path: /result}}}}
-""")
-    return path
+        destination: {type: lightdb-state, version: v1, parameters: {path: /result}}
+"""
+
+
+def pipelines_file(tmp_path: Path, hook: HTTPRecorder) -> Path:
+    return dtls_env.pipelines_file(tmp_path, hook, name="frames", more=RESULTS_PIPELINE)
 
 
 @pytest.fixture

@@ -24,17 +24,13 @@ import httpx
 import pytest
 from aiocoap import Code
 from aiocoap.optiontypes import BlockOption
+from dtls_env import HTTPRecorder, wait_for
 
 from pipelines.ingest.coap import CoapIngest, CoapSettings
 from pipelines.ingest.datagram_counts import DATAGRAMS
 from pipelines.message import Message
 from pipelines.router import Router, RouterSettings
 from pipelines.service import RouterService, ServiceSettings
-
-try:
-    from tests.http_recorder import HTTPRecorder
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from http_recorder import HTTPRecorder
 
 REGISTRY = "project_id: demo\ndevices:\n  - id: cam-01\n    psk: cam-01-secret\n"
 
@@ -121,17 +117,6 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
-
-
-async def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def delivered(hook: HTTPRecorder, message_id: str):

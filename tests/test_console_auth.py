@@ -10,28 +10,19 @@ import httpx
 import pytest
 from delivery_sink import Answer, Sink
 from playwright.async_api import async_playwright
-from test_console_browser import CHROMIUM, CHROMIUM_ARGS
+from test_console_browser import ALERTS, CHROMIUM, CHROMIUM_ARGS
 
 from pipelines.http_auth import KeyStore
 from pipelines.message import Message
 from pipelines.router import RouterSettings
 from pipelines.service import RouterService, ServiceSettings
 
-PIPELINE = """
-pipelines:
-  alerts:
-    filter: {{path: /alerts}}
-    steps:
-      - name: notify
-        destination: {{type: webhook, version: v1, parameters: {{url: "{url}"}}}}
-"""
-
 
 @pytest.fixture
 async def keyed(tmp_path):
     sink = Sink().start()
     sink.answer("/a", lambda n: Answer(400) if n == 0 else Answer(204))
-    (tmp_path / "p.yaml").write_text(PIPELINE.format(url=sink.url("/a")))
+    (tmp_path / "p.yaml").write_text(ALERTS.format(url=sink.url("/a")))
     store = tmp_path / "store.db"
     keys = KeyStore(store)
     _, read = keys.create("read", name="viewer")

@@ -10,9 +10,7 @@ every duplicate is the same frame under the same id, and the books balance.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,8 +20,8 @@ from delivery_sink import Sink
 from test_delivery_faults import write_pipelines
 
 from pipelines.store import Store, books_gaps
+from tests.serve_process import KillableServe
 
-ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 2000
 KILLS = 3
 
@@ -32,36 +30,24 @@ def payload(i: int) -> bytes:
     return (f"frame {i:05d} ".encode() * 40)[:512]
 
 
-class RouterProcess:
+class RouterProcess(KillableServe):
+    stop_timeout = 15
+
     def __init__(self, tmp: Path, pipelines: Path) -> None:
-        self.args = [sys.executable, "-m", "pipelines.cli", "serve", "--pipelines", str(pipelines),
-                     "--store", str(tmp / "store.db"), "--http-port", "0", "--http-ingest"]
-        self.log = tmp / "router.log"
-        self.proc: asyncio.subprocess.Process | None = None
+        super().__init__([sys.executable, "-m", "pipelines.cli", "serve", "--pipelines", str(pipelines),
+                          "--store", str(tmp / "store.db"), "--http-port", "0", "--http-ingest"],
+                         tmp / "router.log")
         self.url = ""
-        self.starts = 0
 
     async def start(self) -> None:
-        with self.log.open("ab") as err:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=err,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert self.proc.stdout is not None
-        line = (await asyncio.wait_for(self.proc.stdout.readline(), 20)).decode()
+        line = await self.launch(20)
         assert line.startswith("ready http://"), f"router did not start: {line!r}; see {self.log}"
         self.url = line.split()[1]
         self.starts += 1
 
     async def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
+        await super().kill9()
         self.url = ""
-
-    async def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 15)
 
 
 async def test_sigkill_while_streaming_loses_no_acknowledged_frame(tmp_path: Path) -> None:

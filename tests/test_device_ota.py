@@ -21,6 +21,7 @@ import cbor2
 import pytest
 from aiocoap import Code
 from aiocoap.optiontypes import BlockOption
+from pipeline_texts import RPC_RESULTS
 
 from pipelines.device_services import ota
 from pipelines.ingest.coap import CoapIngest, CoapSettings
@@ -36,14 +37,7 @@ devices:
     tags: [lobby, beta]
 """
 
-PIPELINES = """\
-pipelines:
-  rpc-results:
-    filter: {path: /.rpc/result}
-    steps:
-      - name: keep
-        destination: {type: lightdb-stream, version: v1}
-"""
+PIPELINES = RPC_RESULTS
 
 SEED = int(os.environ.get("TEST_SEED", "1204"))
 print(f"test_device_ota seed {SEED}")

@@ -14,19 +14,13 @@ from pathlib import Path
 import aiocoap
 import cbor2
 from aiocoap import Code
+from pipeline_texts import RPC_RESULTS
 
 from pipelines.device_services import ota, rpc, settings
 from pipelines.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINES = """
-pipelines:
-  rpc-results:
-    filter: {path: /.rpc/result}
-    steps:
-      - name: keep
-        destination: {type: lightdb-stream, version: v1}
-"""
+PIPELINES = RPC_RESULTS
 
 
 class Device:

@@ -21,19 +21,13 @@ import re
 
 import pytest
 from golioth_sdk import SdkRouter, pipeline
+from pipeline_texts import RPC_RESULTS
 
 pytestmark = pytest.mark.timeout(600)
 
 SEED = 20261204
 DEVICE = "sdk-dev-1"  # registered with ``pipeline devices add`` (its generated key)
-PIPELINES = """\
-pipelines:
-  rpc-results:
-    filter: {path: /.rpc/result}
-    steps:
-      - name: keep
-        destination: {type: lightdb-stream, version: v1}
-"""
+PIPELINES = RPC_RESULTS
 
 
 def cli_json(*args: str) -> object:

@@ -24,7 +24,7 @@ from pipelines.devices import DeviceRegistry, DeviceRegistryError
 from pipelines.ingest.coap import CoapIngest, CoapSettings
 from pipelines.router import Router, RouterSettings
 from pipelines.secrets import SecretsFileError, load_secrets_file
-from tests.serve_process import cli, serving
+from tests.serve_process import cli, dead_letters_soon, serving
 
 # 9 levels of 9 aliases each: 9**9 (387 million) nodes once expanded, in a few hundred bytes
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -146,11 +146,7 @@ async def test_deep_json_through_a_pipeline_is_a_clear_dead_letter(tmp_path):
         body = "[" * 800 + "1" + "]" * 800
         r = await c.post("/v1/ingest/demo/d/temp", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 202
-        for _ in range(200):
-            letters = (await c.get("/v1/dead-letters")).json()
-            if letters:
-                break
-            await asyncio.sleep(0.05)
+        letters = await dead_letters_soon(c)
     assert "nested too deeply" in letters[0]["error"] and "internal" not in letters[0]["error"]
     assert "RecursionError" not in srv.stderr()
 

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ from photos import photo
 from PIL import Image
 
 from predictions_service import Settings, StartupError, blip, running
+from tests.serve_process import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = blip.VERSION
@@ -67,16 +67,7 @@ def test_python_m_serves_until_terminated(classifier, tmp_path):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "service did not come up"
-            time.sleep(0.05)
+        wait_healthy(proc, f"http://127.0.0.1:{port}", 20)
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/predictions",
             headers={"Authorization": "Token cli-token", "Prefer": "wait"},

@@ -8,7 +8,6 @@ real ``pipeline serve`` delivers to a real server that quotes back what it was s
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import random
@@ -28,7 +27,7 @@ from starlette.routing import Route
 
 from pipelines.secrets import redact, remember, secret_forms
 from tests.delivery_sink import free_port
-from tests.serve_process import cli, serving
+from tests.serve_process import cli, dead_letters_soon, serving
 
 SEED = random.randrange(1 << 30)
 print(f"seed {SEED}")
@@ -114,11 +113,7 @@ async def test_no_form_of_a_secret_in_logs_dead_letters_http_or_cli(tmp_path, ec
             httpx.AsyncClient(base_url=srv.url) as c:
         r = await c.post("/v1/ingest/demo/dev-1/x", content=payload, headers={"content-type": "application/json"})
         assert r.status_code == 202
-        for _ in range(200):
-            letters = (await c.get("/v1/dead-letters")).json()
-            if letters:
-                break
-            await asyncio.sleep(0.05)
+        letters = await dead_letters_soon(c)
         assert letters and letters[0]["last_status"] == 401
         answer = (await c.get("/v1/dead-letters")).text
         assert "denied" in letters[0]["response_excerpt"] and "***" in letters[0]["response_excerpt"]

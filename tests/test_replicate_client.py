@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from replicate import Client  # the official client: the test extra pins replica
 from replicate.exceptions import ReplicateError
 
 from predictions_service import blip
+from tests.serve_process import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "r8_client_test"
@@ -55,16 +55,7 @@ def server(classifier, tmp_path_factory):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "service did not come up"
-        time.sleep(0.05)
+    wait_healthy(proc, base, 30)
     try:
         yield base
     finally:

@@ -11,18 +11,13 @@ import time
 from pathlib import Path
 
 import httpx
+from pipeline_texts import KEEP_READINGS
 
 from pipelines.cli import main
 from pipelines.router_config import is_router_config, load_router_config
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINE = """
-pipelines:
-  keep:
-    filter: {path: /readings}
-    steps:
-      - name: stream
-        destination: {type: lightdb-stream, version: v1}
+PIPELINE = KEEP_READINGS + """\
   bad:
     filter: {path: /bad, content_type: application/json}
     steps:

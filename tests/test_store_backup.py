@@ -13,19 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline_texts import KEEP_READINGS
+
 from pipelines.cli import main
 from pipelines.message import Message
 from pipelines.router import RouterSettings
 from pipelines.service import RouterService, ServiceSettings
 
-PIPELINE = """
-pipelines:
-  keep:
-    filter: {path: /readings}
-    steps:
-      - name: stream
-        destination: {type: lightdb-stream, version: v1}
-"""
+PIPELINE = KEEP_READINGS
 
 
 def numbers_in(path: Path) -> set[int]:

@@ -11,6 +11,9 @@ Usage::
     poller = ChangePoller(store, "SELECT MAX(id) FROM ota_releases", tables=TABLES)
     stop = poller.listen(callback)             # callback() on the loop when the value changes
 
+    # in add_observation: notify when poller sees a change and current() gives something new
+    await notify_changes(serverobservation, poller, current, lambda value: answer_for(value))
+
 Each service owns its tables (``CREATE TABLE IF NOT EXISTS``, run in the store's writer
 transaction on first use), so the store module does not need to know about them, and the CLI
 (another process) sees the same rows. A ``pipeline`` command writes in its own process; the
@@ -25,14 +28,14 @@ import contextlib
 import logging
 import sqlite3
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiocoap
 from aiocoap import Code, resource
 from aiocoap.optiontypes import BlockOption
 
-from pipelines.ingest.coap import _error, _Refusal, _Server
+from pipelines.ingest.coap import _Base, _error, _Refusal, _Server
 from pipelines.store import Store
 
 log = logging.getLogger("pipelines.device_services")
@@ -165,28 +168,55 @@ class ChangePoller:
                         log.exception("change listener failed")
 
 
-class ServiceResource(resource.Resource, resource.PathCapable):
-    """Base of the services' resources: refusals (``Refusal``) become their answers."""
+class ServiceResource(_Base):
+    """Base of the services' resources: refusals (``Refusal``) become their answers (as in
+    ingest's resources, whose base this is), and they keep the store."""
 
     link: dict[str, Any] = {}
 
     def __init__(self, server: _Server, store: Store) -> None:
-        super().__init__()
-        self.server = server
+        super().__init__(server)
         self.store = store
 
     async def needs_blockwise_assembly(self, request):
         return False  # bodies are small (checked), and Block2 is answered per block
 
-    async def render(self, request):
-        try:
-            return await super().render(request)
-        except _Refusal as refusal:
-            return refusal.response
+    def _path(self, request: aiocoap.Message) -> list[str]:
+        return [p for p in request.opt.uri_path if p != ""]
 
-    def get_resources_as_linkheader(self):
-        from aiocoap.util.linkformat import Link, LinkFormat
-        return LinkFormat([Link("/", **self.link)])
+
+async def notify_changes(serverobservation: Any, poller: ChangePoller, current: Callable[[], Awaitable[Any]],
+                         answer: Callable[[Any], aiocoap.Message]) -> None:
+    """Keep one observation fed: whenever ``poller`` sees a change, ask ``current()`` again and,
+    if it differs from what the observer last got, send ``first_block(answer(value))``. The
+    first answer is rendered by the resource's ``render_get``; this remembers what it was."""
+    try:
+        last: list[Any] = [await current()]
+    except Exception:
+        last = [None]
+    pending: list[asyncio.Task] = []
+
+    async def notify() -> None:
+        try:
+            value = await current()
+        except Exception:
+            return
+        if value != last[0]:
+            last[0] = value
+            serverobservation.trigger(first_block(answer(value)))
+
+    def changed() -> None:
+        pending[:] = [t for t in pending if not t.done()]
+        pending.append(asyncio.get_running_loop().create_task(notify()))
+
+    stop = poller.listen(changed)
+
+    def cancelled() -> None:
+        stop()
+        for t in pending:
+            t.cancel()
+
+    serverobservation.accept(cancelled)
 
 
 def refuse(code: Code, reason: str) -> _Refusal:

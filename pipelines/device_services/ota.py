@@ -66,7 +66,7 @@ from pipelines.device_services.common import (
     block2_answer,
     decode_cbor_or_json,
     error,
-    first_block,
+    notify_changes,
     refuse,
     small_body,
 )
@@ -440,36 +440,8 @@ class OtaResource(ServiceResource, resource.ObservableResource):
             return
         if kind != "desired" or request.opt.accept not in (None, CF_CBOR):
             return
-        last: list[bytes | None] = [None]
-        pending: list[asyncio.Task] = []
-
-        async def notify() -> None:
-            try:
-                body = await self.manifest_for(who.device_id)
-            except Exception:
-                return
-            if body != last[0]:
-                last[0] = body
-                answer = aiocoap.Message(code=Code.CONTENT, payload=body, content_format=CF_CBOR)
-                serverobservation.trigger(first_block(answer))
-
-        def changed() -> None:
-            pending[:] = [t for t in pending if not t.done()]
-            pending.append(asyncio.get_running_loop().create_task(notify()))
-
-        # the first answer is rendered by render_get; remember what it was
-        try:
-            last[0] = await self.manifest_for(who.device_id)
-        except Exception:
-            last[0] = None
-        stop = self.poller.listen(changed)
-
-        def cancelled() -> None:
-            stop()
-            for t in pending:
-                t.cancel()
-
-        serverobservation.accept(cancelled)
+        await notify_changes(serverobservation, self.poller, lambda: self.manifest_for(who.device_id),
+                             lambda body: aiocoap.Message(code=Code.CONTENT, payload=body, content_format=CF_CBOR))
 
 
 def _check_report(report: Any, package: str) -> tuple[int, int, str | None, str | None]:

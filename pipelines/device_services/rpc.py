@@ -199,9 +199,6 @@ class RpcResource(ServiceResource, resource.ObservableResource):
         self.observers: dict[str, list[_Observer]] = {}
         self._sending = asyncio.Lock()
 
-    def _path(self, request: aiocoap.Message) -> list[str]:
-        return [p for p in request.opt.uri_path if p != ""]
-
     async def render_get(self, request):
         self.server.who(request)
         if self._path(request):

@@ -27,7 +27,6 @@ Devices (CoAP, under ``/.c``):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -50,6 +49,7 @@ from pipelines.device_services.common import (
     add_at,
     decode_cbor_or_json,
     first_block,
+    notify_changes,
     refuse,
     small_body,
 )
@@ -247,9 +247,6 @@ class SettingsResource(ServiceResource, resource.ObservableResource):
     async def ready(self) -> None:
         await TABLES.ready(self.store)
 
-    def _path(self, request: aiocoap.Message) -> list[str]:
-        return [p for p in request.opt.uri_path if p != ""]
-
     async def render_get(self, request):
         who = self.server.who(request)
         if self._path(request):
@@ -280,33 +277,9 @@ class SettingsResource(ServiceResource, resource.ObservableResource):
         if self._path(request) or request.opt.accept not in (None, CF_CBOR, CF_JSON):
             return
         accept = request.opt.accept
-        try:
-            last: list[Any] = [await document_for(self.store, who.project_id, who.device_id)]
-        except Exception:
-            last = [None]
-        pending: list[asyncio.Task] = []
-
-        async def notify() -> None:
-            try:
-                doc = await document_for(self.store, who.project_id, who.device_id)
-            except Exception:
-                return
-            if doc != last[0]:
-                last[0] = doc
-                serverobservation.trigger(first_block(_encode(doc, accept)))
-
-        def changed() -> None:
-            pending[:] = [t for t in pending if not t.done()]
-            pending.append(asyncio.get_running_loop().create_task(notify()))
-
-        stop = self.poller.listen(changed)
-
-        def cancelled() -> None:
-            stop()
-            for t in pending:
-                t.cancel()
-
-        serverobservation.accept(cancelled)
+        await notify_changes(serverobservation, self.poller,
+                             lambda: document_for(self.store, who.project_id, who.device_id),
+                             lambda doc: _encode(doc, accept))
 
 
 def add_resources(site: resource.Site, server: Server, store: Store) -> SettingsResource:
