@@ -223,7 +223,7 @@ class Cameras:
             warnings.simplefilter("ignore", DeprecationWarning)
             msg.opt.block1 = BlockOption.BlockwiseTuple(0, False, BLOCK_SZX)
         try:
-            answer = await asyncio.wait_for(self.contexts[session].request(msg).response, 60)
+            answer = await asyncio.wait_for(self.contexts[session].request(msg).response, 30)
         except (Exception, TimeoutError) as exc:  # counted, the run goes on
             print(f"  upload of frame {index} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             self.failed += 1
@@ -234,17 +234,26 @@ class Cameras:
             return False
         return True
 
-    async def probe(self, timeout: float = 60.0) -> None:
+    async def probe(self, timeout: float = 60.0) -> int:
+        """Upload its camera's first frame on every session, one session after another (so the DTLS handshakes
+        happen one at a time, before any clock: 16 at once made first uploads time out), until
+        one reached the sink; returns how many of these uploads succeeded (the warm-up uploads
+        those frames again: the sink counts all but one of them as duplicates)."""
         deadline = time.monotonic() + timeout
+        ok = 0
+        for s in range(len(self.contexts)):
+            ok += await self.upload(s, s % self.cameras)  # the session's camera's first frame
         while not self.seen:
             if time.monotonic() > deadline:
                 raise RuntimeError("no frame reached the sink")
-            await self.upload(0, 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), 1.0)
             self.changed.clear()
+            if not self.seen:
+                ok += await self.upload(0, 0)
+        return ok
 
-    async def run(self, first: int, last: int, stall: float = 15.0) -> None:
+    async def run(self, first: int, last: int, stall: float = 10.0) -> None:
         """Upload frames first..last-1 (each by a session of its camera), then wait until the
         sink has seen them all or nothing arrived for ``stall`` seconds."""
         todo: list[list[int]] = [[] for _ in range(self.cameras)]
@@ -305,7 +314,7 @@ def run_case(case: str, dtls: bool, work: Path, frames: list[tuple[int, bytes]],
             cams = Cameras(port, dtls, cameras, sessions, frames, parent, window)
             await cams.open()
             try:
-                await cams.probe()
+                probes = await cams.probe()
                 await cams.run(1, warm)
                 pids = process_tree(server.pid)
                 spies = [] if profile is None else [subprocess.Popen(
@@ -325,7 +334,7 @@ def run_case(case: str, dtls: bool, work: Path, frames: list[tuple[int, bytes]],
                     spy.send_signal(2)
                     spy.wait(30)
                 return {"cpu": cpu, "client": client, "wall": wall, "rss": rss, "procs": len(pids),
-                        "failed": cams.failed - failed0}
+                        "failed": cams.failed - failed0, "probes": probes}
             finally:
                 await cams.close()
 
@@ -358,7 +367,8 @@ def run_case(case: str, dtls: bool, work: Path, frames: list[tuple[int, bytes]],
     return {"case": case, "dtls": dtls, "rate": rate, "cpu_ms": 1000 * measured["cpu"] / n,
             "cores": measured["cpu"] / measured["wall"], "rss": measured["rss"], "procs": measured["procs"],
             "client_ms": 1000 * measured["client"] / n, "failed": measured["failed"],
-            "lost": len(frames) - warm - len(arrivals), "dups": stats["duplicates"], "bad": stats["bad"],
+            "lost": len(frames) - warm - len(arrivals), "dups": stats["duplicates"] - max(0, measured["probes"] - 1),
+            "bad": stats["bad"],
             "bad_samples": stats["bad_samples"]}
 
 
@@ -371,9 +381,11 @@ def label(case: str, dtls: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=1200, help="frames in the measured run")
+    ap.add_argument("--frames", type=int, default=800, help="frames in the measured run")
     ap.add_argument("--cameras", type=int, default=4)
-    ap.add_argument("--sessions", type=int, default=4, help="CoAP endpoints (DTLS sessions) per camera")
+    ap.add_argument("--sessions", type=int, default=1,
+                    help="CoAP endpoints (DTLS sessions) per camera; above 1, sessions after the first of an"
+                         " identity time out (seen here, not investigated)")
     ap.add_argument("--warmup", type=int, default=100, help="frames before the measured run")
     ap.add_argument("--window", type=int, default=200, help="frames started but not yet at the sink")
     ap.add_argument("--cases", default="baseline,1,2", help="comma-separated: baseline, N (serve --workers N)")
