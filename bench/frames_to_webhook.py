@@ -145,7 +145,12 @@ def sink_main(port: int, frames: list[tuple[int, bytes]], warm: int, conn: Conne
             image = doc["input"]["image"]
         except (ValueError, KeyError, TypeError):
             return bad("body is not the create request")
-        if doc.get("version") != VERSION or not image.startswith(PREFIX) or len(doc) != 2:
+        # `pipeline serve` (with its HTTP face) also asks Replicate for a callback: the documented
+        # webhook + webhook_events_filter fields; nothing else may be added
+        extra = set(doc) - {"version", "input"}
+        if extra and (extra != {"webhook", "webhook_events_filter"} or not str(doc["webhook"]).startswith("http")):
+            return bad(f"unexpected fields {sorted(extra)}")
+        if doc.get("version") != VERSION or not image.startswith(PREFIX) or len(doc["input"]) != 1:
             return bad("body does not match camera-caption's request")
         who = ids.get(hashlib.sha1(image[len(PREFIX):].encode()).digest())
         if who is None:
