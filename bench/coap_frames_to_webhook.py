@@ -65,6 +65,8 @@ from frames_to_webhook import (  # noqa: E402  # shared frames, sink and /proc h
     load_frames,
     peak_rss_mb,
     sink_main,
+    steady_rate,
+    stop_all,
 )
 
 BLOCK_SZX = 6  # 1024-byte blocks
@@ -348,21 +350,9 @@ def run_case(case: str, dtls: bool, work: Path, frames: list[tuple[int, bytes]],
                 for log in sorted(work.glob("*.log")):
                     print(f"  --- {log.name} (tail)\n", log.read_text(errors="replace")[-1500:], file=sys.stderr)
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        parent.send("stop")
-        sink.join(10)
-        if sink.is_alive():
-            sink.kill()
+        stop_all([server], parent, sink)
     arrivals = sorted(stats["main_arrivals"])
-    rate = 0.0
-    if len(arrivals) >= 10:
-        a, b = int(0.1 * (len(arrivals) - 1)), int(0.9 * (len(arrivals) - 1))
-        rate = (b - a) / max(arrivals[b] - arrivals[a], 1e-9)
+    rate = steady_rate(arrivals)
     n = max(1, len(arrivals))
     return {"case": case, "dtls": dtls, "rate": rate, "cpu_ms": 1000 * measured["cpu"] / n,
             "cores": measured["cpu"] / measured["wall"], "rss": measured["rss"], "procs": measured["procs"],

@@ -404,6 +404,30 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def stop_all(procs: list[subprocess.Popen], parent: Connection, sink: Any) -> None:
+    """End the processes under test (TERM, then KILL after 20 s), then the sink process."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    parent.send("stop")
+    sink.join(10)
+    if sink.is_alive():
+        sink.kill()
+
+
+def steady_rate(arrivals: list[float]) -> float:
+    """Frames/s between the 10% and 90% quantiles of the sorted arrival times (0 if too few)."""
+    if len(arrivals) < 10:
+        return 0.0
+    a, b = int(0.1 * (len(arrivals) - 1)), int(0.9 * (len(arrivals) - 1))
+    return (b - a) / max(arrivals[b] - arrivals[a], 1e-9)
+
+
 def run_case(case: str, work: Path, frames: list[tuple[int, bytes]], cameras: int, warm: int,
              window: int, profile: Path | None = None) -> dict[str, Any]:
     parent, child = mp.Pipe()
@@ -447,24 +471,10 @@ def run_case(case: str, work: Path, frames: list[tuple[int, bytes]], cameras: in
             parent.send("stats")
             stats = parent.recv()
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        parent.send("stop")
-        sink.join(10)
-        if sink.is_alive():
-            sink.kill()
+        stop_all(procs, parent, sink)
     arrivals = sorted(stats["main_arrivals"])
     main = len(frames) - warm
-    rate = 0.0
-    if len(arrivals) >= 10:
-        lo, hi = arrivals[int(0.1 * (len(arrivals) - 1))], arrivals[int(0.9 * (len(arrivals) - 1))]
-        rate = (int(0.9 * (len(arrivals) - 1)) - int(0.1 * (len(arrivals) - 1))) / max(hi - lo, 1e-9)
+    rate = steady_rate(arrivals)
     return {"case": case, "rate": rate, "cpu_ms": 1000 * cpu / max(1, len(arrivals)), "cores": cpu / wall,
             "broker_ms": 1000 * broker_cpu / max(1, len(arrivals)), "rss": rss, "procs": len(procs),
             "lost": main - len(arrivals), "dups": stats["duplicates"], "bad": stats["bad"],
