@@ -150,7 +150,19 @@ class Transformer(Component):
     deterministic: ClassVar[bool] = False
 
     async def transform(self, message: Message) -> Message:
-        raise NotImplementedError
+        """The step's work. A transformer that needs no waiting implements ``transform_sync``
+        instead (this then calls it); one that waits (network, a queue) overrides this."""
+        return self.transform_sync(message)
+
+    def transform_sync(self, message: Message) -> Message:
+        """The step's work as a plain call, for transformers that never wait (all the
+        deterministic built-ins): the engine calls it directly, saving a coroutine per step."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither transform nor transform_sync")
+
+    @property
+    def has_sync(self) -> bool:
+        """True when this transformer's class implements ``transform_sync``."""
+        return type(self).transform_sync is not Transformer.transform_sync
 
 
 class Destination(Component):

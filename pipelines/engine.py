@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipelines.components import ComponentContext, ComponentError, Destination, Transformer
-from pipelines.log_context import with_step
+from pipelines.log_context import STEP
 from pipelines.message import Message
 from pipelines.secrets import redact
 from pipelines.store import PendingDeadLetter, PendingDelivery, RoutingOutcome
@@ -64,6 +64,19 @@ class RuntimeStep:
     index: int
     transformer: Transformer | None
     destination: Destination | None
+    pipeline: str = ""
+    # set from the above: the transformer's plain-call form, when it has one (no coroutine per
+    # message); the (pipeline, step) pair log lines are tagged with; whether the step keeps
+    # the message a deterministic function of the routed one
+    run_sync: Callable[[Message], Message] | None = field(init=False, default=None)
+    log_key: tuple[str, str] = field(init=False, default=("", ""))
+    deterministic: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        t = self.transformer
+        self.run_sync = t.transform_sync if t is not None and t.has_sync else None
+        self.log_key = (self.pipeline, self.config.name)
+        self.deterministic = t is None or t.deterministic
 
     @property
     def name(self) -> str:
@@ -92,7 +105,7 @@ def build_pipelines(configs: list[PipelineConfig], context_for: ContextFactory) 
             ctx = context_for(pc, sc)
             t = sc.transformer.cls(sc.transformer.params, ctx) if sc.transformer else None
             d = sc.destination.cls(sc.destination.params, ctx) if sc.destination else None
-            rp.steps.append(RuntimeStep(sc, i, t, d))  # type: ignore[arg-type]
+            rp.steps.append(RuntimeStep(sc, i, t, d, pc.name))  # type: ignore[arg-type]
         out.append(rp)
     return out
 
@@ -111,9 +124,10 @@ async def rebuild_message(pipeline: RuntimePipeline, step_index: int, step_name:
     current = message
     for step in steps[:step_index]:
         if step.transformer is not None and step.destination is None:
-            current = await step.transformer.transform(current)
-    if steps[step_index].transformer is not None:
-        current = await steps[step_index].transformer.transform(current)  # type: ignore[union-attr]
+            current = step.run_sync(current) if step.run_sync is not None else await step.transformer.transform(current)
+    last = steps[step_index]
+    if last.transformer is not None:
+        current = last.run_sync(current) if last.run_sync is not None else await last.transformer.transform(current)
     return current
 
 
@@ -141,14 +155,14 @@ class Engine:
 
     async def route(self, message: Message, *, trace: bool = False) -> tuple[RoutingOutcome, list[StepTrace]]:
         matched = self.matching(message)
-        outcome = RoutingOutcome(matched=bool(matched), deliveries=[], dead=[])
         traces: list[StepTrace] = []
         if not matched:
-            return outcome, traces
-        if len(matched) == 1:
-            results = [await self.run_pipeline(matched[0], message, 0, trace)]
-        else:
-            results = await asyncio.gather(*(self.run_pipeline(p, message, 0, trace) for p in matched))
+            return RoutingOutcome(matched=False, deliveries=[], dead=[]), traces
+        if len(matched) == 1:  # the common case, without the bookkeeping of several
+            deliveries, dead, traces = await self.run_pipeline(matched[0], message, 0, trace)
+            return RoutingOutcome(True, deliveries, dead, 0 if dead else 1, 1 if dead else 0), traces
+        outcome = RoutingOutcome(matched=True, deliveries=[], dead=[])
+        results = await asyncio.gather(*(self.run_pipeline(p, message, 0, trace) for p in matched))
         for deliveries, dead, tr in results:
             outcome.deliveries.extend(deliveries)
             outcome.dead.extend(dead)
@@ -167,13 +181,16 @@ class Engine:
         current = message
         # current is a deterministic function of message (rebuild_message can recompute it)
         pure = self.rebuild and start == 0
-        for step in pipeline.steps[start:]:
+        steps = pipeline.steps if start == 0 else pipeline.steps[start:]
+        for step in steps:
             out = current
-            if step.transformer is not None:
-                with_step(pipeline.name, step.name)  # log lines name the step (pipelines.log_context)
-                t0 = time.perf_counter()
+            transformer = step.transformer
+            if transformer is not None:
+                STEP.set(step.log_key)  # log lines name the step (pipelines.log_context)
+                t0 = time.perf_counter() if trace else 0.0
                 try:
-                    out = await step.transformer.transform(current)
+                    run_sync = step.run_sync
+                    out = run_sync(current) if run_sync is not None else await transformer.transform(current)
                 except Exception as exc:
                     reason = _reason(exc, step)
                     self.transform_failed[(pipeline.name, step.name)] = \
@@ -191,16 +208,16 @@ class Engine:
                                             len(out.payload), preview=out.payload[:300],
                                             seconds=time.perf_counter() - t0))
             if step.destination is not None:
-                rebuildable = pure and (step.transformer is None or step.transformer.deterministic)
+                rebuildable = pure and step.deterministic
                 deliveries.append(PendingDelivery(out, pipeline.name, step.name, step.index,
                                                   source=message if rebuildable and out is not message else None,
                                                   generation=self.generation))
                 if trace:
                     traces.append(StepTrace(pipeline.name, step.name, "enqueued", out.content_type,
                                             len(out.payload)))
-            if step.destination is None:
+            elif transformer is not None:
                 current = out  # transformer only: replaces the message for later steps
-                pure = pure and (step.transformer is None or step.transformer.deterministic)
+                pure = pure and step.deterministic
         return deliveries, [], traces
 
     async def close(self) -> None:

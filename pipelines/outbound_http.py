@@ -86,9 +86,9 @@ def is_retryable_status(status: int) -> bool:
 
 
 def rfc3339(ts: datetime) -> str:
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if ts.tzinfo is not UTC:  # naive is taken as UTC; another zone is converted
+        ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return ts.isoformat().replace("+00:00", "Z")
 
 
 def cloudevents_headers(message: Message) -> dict[str, str]:
@@ -202,27 +202,45 @@ _CE_NAMES = (b"Content-Type", b"Ce-Specversion", b"Ce-Id", b"Ce-Source", b"Ce-Su
 _CE_LOWER = tuple(n.lower() for n in _CE_NAMES)
 
 
-def _raw_headers(message: Message, user: dict[bytes, tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+_ID, _TIME = object(), object()  # the per-message values in a header plan
+
+
+@lru_cache(maxsize=4096)
+def _header_plan(content_type: str, device_id: str, project_id: str, path: str,
+                 user_items: tuple[tuple[str, str], ...]) -> tuple[Any, ...]:
+    """The raw header pairs for messages of one device, path and content type with one set of
+    user headers, worked out once: every pair fixed except ``_ID`` and ``_TIME`` (filled per
+    message). Ours in order, the user's in place of ours of the same name, then the user's others."""
+    path = path if path.startswith("/") else "/" + path
+    ours = (content_type.encode("ascii"), b"1.0", _ID, ce_header_value(device_id).encode("ascii"),
+            ce_header_value(project_id).encode("ascii"),
+            ce_header_value(f"io.golioth.data.v1/.s{path}").encode("ascii"), _TIME)
+    user = _user_header_template(user_items) if user_items else {}
+    plan: list[Any] = []
+    for name, lower, value in zip(_CE_NAMES, _CE_LOWER, ours, strict=True):
+        mine = user.get(lower)
+        plan.append(mine if mine is not None else (value if value is _ID or value is _TIME else (name, value)))
+    plan.extend(pair for lower, pair in user.items() if lower not in _CE_LOWER)
+    return tuple(plan)
+
+
+def _raw_headers(message: Message, user_items: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
     """What ``build_headers`` gives, as raw pairs: our headers (ASCII, as ``httpx.Headers``
     encodes a dict) with the user's in place of ours of the same name, then the user's others."""
-    path = message.path if message.path.startswith("/") else "/" + message.path
-    values = (message.content_type, "1.0", ce_header_value(message.id), ce_header_value(message.device_id),
-              ce_header_value(message.project_id), ce_header_value(f"io.golioth.data.v1/.s{path}"),
-              rfc3339(message.timestamp))
-    if not user:
-        return [(name, value.encode("ascii")) for name, value in zip(_CE_NAMES, values, strict=True)]
-    out = []
-    for name, lower, value in zip(_CE_NAMES, _CE_LOWER, values, strict=True):
-        mine = user.get(lower)
-        out.append(mine if mine is not None else (name, value.encode("ascii")))
-    out.extend(pair for lower, pair in user.items() if lower not in _CE_LOWER)
+    plan = _header_plan(message.content_type, message.device_id, message.project_id, message.path, user_items)
+    out = list(plan)
+    if plan[2] is _ID:
+        out[2] = (b"Ce-Id", ce_header_value(message.id).encode("ascii"))
+    if plan[6] is _TIME:
+        out[6] = (b"Ce-Time", rfc3339(message.timestamp).encode("ascii"))
     return out
 
 
 def request_headers(message: Message, user_headers: Mapping[str, str] | None = None) -> list[tuple[bytes, bytes]]:
     """The headers ``post_message`` sends for ``message``: what ``build_headers`` gives, as raw
-    pairs, with the user's headers encoded once per distinct set (cached)."""
-    return _raw_headers(message, _user_header_template(tuple(user_headers.items())) if user_headers else {})
+    pairs; all but the message's id and time worked out once per device, path, content type and
+    set of user headers (cached)."""
+    return _raw_headers(message, tuple(user_headers.items()) if user_headers else ())
 
 
 class OutboundClient(httpx.AsyncClient):

@@ -19,6 +19,7 @@ HTTP binding's rule), into JSON as itself, into an MQTT topic as UTF-8.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -66,13 +67,14 @@ def path_problem(segments: Sequence[str]) -> str | None:
 # CloudEvents HTTP binding, 3.1.3.2: outside U+0021..U+007E, and space, '"' and '%', are
 # percent-encoded (UTF-8) in header values.
 _HEADER_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "%"}
+_HEADER_PLAIN = re.compile(r"[\x21\x23\x24\x26-\x7e]*").fullmatch  # only _HEADER_SAFE characters
 
 
 def ce_header_value(value: str) -> str:
     """``value`` as a CloudEvents ``ce-*`` HTTP header value: ASCII, percent-encoded where needed.
     Printable ASCII other than ``"`` and ``%`` is left as it is (so ordinary values are unchanged);
     anything else, lone surrogates included, is encoded as UTF-8 bytes ``%XX``."""
-    if value.isascii() and value.isprintable() and not any(c in value for c in ' "%'):
+    if _HEADER_PLAIN(value) is not None:  # the common case, one C call
         return value
     out = []
     for ch in value:

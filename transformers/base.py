@@ -15,6 +15,7 @@ type, anything else is a MIME type compared without parameters) and raises a
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pipelines.components import Component, TransformError
@@ -32,10 +33,15 @@ def _accepted(wanted: str, content_type: str) -> bool:
     return base_type(content_type) == wanted
 
 
+@lru_cache(maxsize=1024)
+def _accepts(accepts: tuple[str, ...], content_type: str) -> bool:
+    return any(_accepted(w, content_type) for w in accepts)
+
+
 def require_content_type(component: Component, message: Message) -> None:
     """Raise ``TransformError`` unless the message's content type is one ``component`` accepts."""
     accepts = type(component).accepts
-    if accepts is None or any(_accepted(w, message.content_type) for w in accepts):
+    if accepts is None or _accepts(accepts, message.content_type):
         return
     expected = " or ".join("application/json" if w == "json" else w for w in accepts)
     raise TransformError(

@@ -27,7 +27,7 @@ class Base64(Transformer):
         decode: bool = Field(default=False, strict=True,
                              description="Decode instead of encode.", examples=[False, True])
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         if not self.params.decode:
             return message.evolve(payload=base64.b64encode(message.payload), content_type="text/plain",
                                   json_safe_text=True)

@@ -65,7 +65,7 @@ class CborToJson(Transformer):
     summary = "Decode a CBOR payload into JSON."
     accepts = ("application/cbor",)
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         require_content_type(self, message)
         payload = message.payload
         if not payload:

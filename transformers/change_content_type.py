@@ -36,5 +36,5 @@ class ChangeContentType(Transformer):
                 raise ValueError("content_type must be a MIME type such as image/png")
             return value
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         return message.evolve(content_type=self.params.content_type)

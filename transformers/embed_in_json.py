@@ -25,7 +25,7 @@ class EmbedInJson(Transformer):
         key: str = Field(description="The key the payload text is stored under.",
                          examples=["image", "text"], min_length=1)
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         try:
             text = message.payload.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -34,5 +34,7 @@ class EmbedInJson(Transformer):
                 "data with a base64 or data-url step first"
             ) from None
         # a data URL or base64 text needs no JSON escaping: let the serialiser copy it
-        safe = (text,) if message.json_safe_text else ()
-        return message.evolve(json={self.params.key: text}, safe_strings=safe)
+        if message.json_safe_text:  # ASCII: the payload is the string's encoding, reused as is
+            return message.evolve(json={self.params.key: text}, safe_strings=(text,),
+                                  safe_encoded=(message.payload,))
+        return message.evolve(json={self.params.key: text}, safe_strings=())

@@ -69,7 +69,7 @@ class ExtractTimestamp(Transformer):
     summary = "Use a top-level t/ts/time/timestamp value as the message time and remove it."
     accepts = ("json",)
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         doc = read_json(self, message)
         if not isinstance(doc, dict):
             return message

@@ -33,7 +33,7 @@ class InjectMetadata(Transformer):
     summary = "Wrap the JSON payload as {data, device_id, project_id, timestamp{seconds, nanos}}."
     accepts = ("json",)
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         doc = read_json(self, message)
         seconds, nanos = seconds_nanos(message.timestamp)
         return message.evolve(json={

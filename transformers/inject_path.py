@@ -21,7 +21,7 @@ class InjectPath(Transformer):
     summary = "Nest the JSON payload under the message path, one object level per segment."
     accepts = ("json",)
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         doc = read_json(self, message)
         for segment in reversed([s for s in message.path.split("/") if s]):
             doc = {segment: doc}

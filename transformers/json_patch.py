@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from pipelines.components import Transformer, TransformError
+from pipelines.components import ComponentContext, Transformer, TransformError
 from pipelines.message import Message
 from transformers.base import read_json
 from transformers.registry import register
@@ -156,7 +156,7 @@ def _missing(tokens: tuple[str, ...]) -> PatchError:
 def _get(doc: Any, tokens: tuple[str, ...]) -> Any:
     node = doc
     for i, token in enumerate(tokens):
-        if isinstance(node, dict):
+        if type(node) is dict or isinstance(node, dict):
             if token not in node:
                 raise _missing(tokens[: i + 1])
             node = node[token]
@@ -171,18 +171,19 @@ def _parent(doc: Any, tokens: tuple[str, ...], *, create: bool) -> Any:
     """The container holding ``tokens[-1]``; with ``create``, missing objects on the way are
     made (Golioth's ``add`` leniency)."""
     node = doc
-    for i, token in enumerate(tokens[:-1]):
-        if isinstance(node, dict):
-            if token not in node:
-                if not create:
-                    raise _missing(tokens[: i + 1])
-                node[token] = {}
-            node = node[token]
-        elif isinstance(node, list):
-            node = node[_index(token, len(node), allow_end=False, tokens=tokens[: i + 1])]
-        else:
-            raise PatchError(f"{_show(tokens[: i + 1])} is not an object or array")
-    if not isinstance(node, dict | list):
+    if len(tokens) > 1:
+        for i, token in enumerate(tokens[:-1]):
+            if isinstance(node, dict):
+                if token not in node:
+                    if not create:
+                        raise _missing(tokens[: i + 1])
+                    node[token] = {}
+                node = node[token]
+            elif isinstance(node, list):
+                node = node[_index(token, len(node), allow_end=False, tokens=tokens[: i + 1])]
+            else:
+                raise PatchError(f"{_show(tokens[: i + 1])} is not an object or array")
+    if type(node) is not dict and not isinstance(node, (dict, list)):
         raise PatchError(f"{_show(tokens[:-1])} is not an object or array")
     return node
 
@@ -191,7 +192,7 @@ def _add(doc: Any, tokens: tuple[str, ...], value: Any) -> Any:
     if not tokens:
         return value
     parent = _parent(doc, tokens, create=True)
-    if isinstance(parent, dict):
+    if type(parent) is dict or isinstance(parent, dict):
         parent[tokens[-1]] = value
     else:
         parent.insert(_index(tokens[-1], len(parent), allow_end=True, tokens=tokens), value)
@@ -204,7 +205,7 @@ def _remove(doc: Any, tokens: tuple[str, ...], *, lenient: bool) -> tuple[Any, A
         raise PatchError("cannot remove the whole document")
     try:
         parent = _parent(doc, tokens, create=False)
-        if isinstance(parent, dict):
+        if type(parent) is dict or isinstance(parent, dict):
             if tokens[-1] not in parent:
                 raise _missing(tokens)
             return doc, parent.pop(tokens[-1])
@@ -283,10 +284,15 @@ class JsonPatch(Transformer):
         def operations(self) -> list[Operation]:
             return self._ops
 
-    async def transform(self, message: Message) -> Message:
+    def __init__(self, params: BaseModel, context: ComponentContext) -> None:
+        super().__init__(params, context)
+        # read once: a pydantic private attribute costs a __getattr__ call on every access
+        self._ops = params.operations  # type: ignore[attr-defined]
+
+    def transform_sync(self, message: Message) -> Message:
         doc = read_json(self, message)
         try:
-            patched = apply_patch(doc, self.params.operations)
+            patched = apply_patch(doc, self._ops)
         except PatchTestFailed:
             return message
         except PatchError as exc:

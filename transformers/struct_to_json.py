@@ -152,7 +152,7 @@ class StructToJson(Transformer):
     accepts = ("application/octet-stream",)
     Params = StructParams
 
-    async def transform(self, message: Message) -> Message:
+    def transform_sync(self, message: Message) -> Message:
         require_content_type(self, message)
         try:
             doc = decode_struct(self.params.members, message.payload)
