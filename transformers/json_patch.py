@@ -222,8 +222,20 @@ def apply_patch(doc: Any, ops: list[Operation]) -> Any:
     doc = _clone(doc)
     for i, op in enumerate(ops):
         try:
-            if op.op == "add":
-                doc = _add(doc, op.path, _clone(op.value))
+            kind, path = op.op, op.path
+            if kind == "add":
+                value = op.value
+                if type(value) is dict or type(value) is list:
+                    value = _clone(value)
+                if len(path) == 1 and type(doc) is dict:  # a top-level member: _add in one step
+                    doc[path[0]] = value
+                else:
+                    doc = _add(doc, path, value)
+            elif kind == "move" and type(doc) is dict and op.from_ is not None and len(op.from_) == 1 \
+                    and op.from_[0] in doc and op.from_ != path:
+                # a top-level member moved (the common "move /image to /input/image"): what the
+                # general branch below does, without walking the pointer twice
+                doc = _add(doc, path, doc.pop(op.from_[0]))
             elif op.op == "remove":
                 doc, _ = _remove(doc, op.path, lenient=True)
             elif op.op == "replace":
