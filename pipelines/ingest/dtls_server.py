@@ -220,6 +220,9 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             "unsigned int(SSL *, const char *, unsigned char *, unsigned int)", self._psk_lookup)
         self._ctx = ssl_context(options, self._psk_callback)
         self._last_log = 0.0
+        # ``coap_fastpath.ContinuationFastPath`` (set by the ingest): tried on each decrypted
+        # datagram before the screening and aiocoap; it answers Block1 continuation blocks itself
+        self.fast_path: Callable[..., bool] | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -457,6 +460,9 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
 
     def _dispatch(self, session: _Session, plaintext: bytes) -> None:
         if self._mman is None or session.remote is None:
+            return
+        fast = self.fast_path
+        if fast is not None and fast(plaintext, session.remote, self._mman, session.remote.send):
             return
         # the checks plain CoAP gets (coap_datagrams.screen): undecodable messages answered
         # (RST / 4.02) and counted, unknown critical options, type/code misfits, token reuse
