@@ -298,7 +298,7 @@ class Cameras:
 
 
 def run_case(case: str, dtls: bool, work: Path, frames: list[tuple[int, bytes]], cameras: int, sessions: int,
-             warm: int, window: int, profile: Path | None) -> dict[str, Any]:
+             warm: int, window: int, profile: Path | None, gil: bool = False) -> dict[str, Any]:
     registry = work / "devices.yaml"
     write_registry(registry, cameras)
     parent, child = mp.Pipe()
@@ -321,7 +321,8 @@ def run_case(case: str, dtls: bool, work: Path, frames: list[tuple[int, bytes]],
                 pids = process_tree(server.pid)
                 spies = [] if profile is None else [subprocess.Popen(
                     [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(p), "--rate", "200",
-                     "--format", "raw", "--output", str(profile / f"{'dtls' if dtls else 'coap'}-{case}-{i}.txt")],
+                     "--format", "raw", *(["--gil"] if gil else []),
+                     "--output", str(profile / f"{'dtls' if dtls else 'coap'}-{case}-{i}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i, p in enumerate(pids)]
                 cpu0 = sum(cpu_seconds(p) for p in pids)
                 client0 = time.process_time()
@@ -383,6 +384,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="run every case this many times; medians are shown")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="py-spy record (raw collapsed stacks) each server process during the measured run")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: only samples holding the GIL (the Python CPU; idle waits left out)")
     args = ap.parse_args()
     cases = [c for c in args.cases.split(",") if c]
     transports = [t == "dtls" for t in args.transports.split(",") if t]
@@ -399,7 +402,7 @@ def main() -> None:
                 work.mkdir()
                 print(f"running {label(case, dtls)} (round {round_ + 1}) ...", flush=True)
                 r = run_case(case, dtls, work, frames, args.cameras, args.sessions, args.warmup, args.window,
-                             args.profile)
+                             args.profile, args.profile_gil)
                 runs[(dtls, case)].append(r)
                 print(f"  {r['rate']:.0f} frames/s, server {r['cpu_ms']:.2f} CPU ms/frame, "
                       f"client {r['client_ms']:.2f}", flush=True)

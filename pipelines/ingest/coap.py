@@ -74,7 +74,7 @@ from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
 from pipelines.ingest.coap_datagrams import MAX_DATAGRAM, RECEIVE_BUFFER, IngestUDP6
 from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
-from pipelines.ingest.coap_fastpath import Answer, ContinuationBlock, ContinuationFastPath, continue_answer, uint
+from pipelines.ingest.coap_fastpath import Answer, Block1FastPath, UploadBlock, continue_answer, uint
 from pipelines.ingest.coap_keepalive import answer_empty_non
 from pipelines.ingest.coap_options import option_refusal
 from pipelines.ingest.dtls_server import DtlsOptions, DtlsServerTransport, add_dtls_server, device_from_claims
@@ -165,9 +165,14 @@ def _max_age(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+def _reason(text: str) -> bytes:
+    """A diagnostic payload: the reason's UTF-8, at most 200 bytes of whole characters."""
+    return text.encode()[:200].decode("utf-8", "ignore").encode()
+
+
 def _error(code: Code | int, reason: str, *, max_age: float | None = None,
            size1: int | None = None) -> aiocoap.Message:
-    msg = aiocoap.Message(code=Code(code), payload=reason.encode()[:200].decode("utf-8", "ignore").encode())
+    msg = aiocoap.Message(code=Code(code), payload=_reason(reason))
     if max_age is not None:
         msg.opt.max_age = _max_age(max_age)
     if size1 is not None:
@@ -244,11 +249,12 @@ class _Server:
         s["at"] = time.time()
         return who
 
-    def fast_block(self, block: ContinuationBlock, remote: Any) -> Answer | None:
-        """The answer to a Block1 continuation block of ``POST /.s/...`` read at the datagram
-        (``coap_fastpath``), or None to let aiocoap's pipeline take it (a device that is not
-        named, a path to refuse): then nothing was changed. The same steps as ``StreamResource.
-        post`` for such a block (who, path, the assembler), with the same answers."""
+    def fast_block(self, block: UploadBlock, remote: Any) -> Answer | None:
+        """The answer to a Block1 block with more to come of ``POST /.s/...`` read at the
+        datagram (``coap_fastpath``), or None to let aiocoap's pipeline take it (a device that
+        is not named, a path to refuse): then nothing was changed. The same steps as
+        ``StreamResource.post`` for such a block (who, path, rate limit for block 0, the
+        assembler), with the same answers."""
         entry = device_from_claims(remote)
         if entry is not None:
             who = _Who(entry.project_id, entry.device_id)
@@ -272,6 +278,11 @@ class _Server:
             self._seen(who, remote)
         else:  # transport and address were set by the upload's block 0, from this same remote
             s["at"] = time.time()
+        if block.num == 0:
+            wait = self.rate_wait(who)
+            if wait:
+                return Answer(int(Code.TOO_MANY_REQUESTS), [(14, uint(_max_age(wait)))],  # Max-Age
+                              _reason(self.rate_reason(who)))
         key = (remote.blockwise_key, who, path, block.request_tag)
         out = self.uploads.feed(key, block.num, True, block.szx, block.payload, size1=block.size1,
                                 token=block.token, content_format=block.content_format)
@@ -286,14 +297,15 @@ class _Server:
             options.append((14, uint(_max_age(out.max_age))))  # Max-Age
         if out.size1 is not None:
             options.append((60, uint(out.size1)))  # Size1
-        return Answer(out.code, options, out.reason.encode()[:200].decode("utf-8", "ignore").encode())
+        return Answer(out.code, options, _reason(out.reason))
 
     def refused(self, who: _Who, what: str) -> None:
         s = self.sessions.get((who.project_id, who.device_id))
         if s is not None:
             s[what] = s.get(what, 0) + 1
 
-    def check_rate(self, who: _Who) -> None:
+    def rate_wait(self, who: _Who) -> float:
+        """Seconds the device must wait (counted as refused), or 0 when the request may go on."""
         wait = self.limiter.take((who.project_id, who.device_id))
         if wait:
             self.count("rate_limited")
@@ -302,9 +314,15 @@ class _Server:
             if key not in self.rate_limited and len(self.rate_limited) >= MAX_LIMITED_DEVICES:
                 key = (who.project_id, "(other)")
             self.rate_limited[key] = self.rate_limited.get(key, 0) + 1
-            raise _Refusal(_error(Code.TOO_MANY_REQUESTS,
-                                  f"device {who.device_id} is over {self.settings.rate_limit:g} requests/s",
-                                  max_age=wait))
+        return wait
+
+    def rate_reason(self, who: _Who) -> str:
+        return f"device {who.device_id} is over {self.settings.rate_limit:g} requests/s"
+
+    def check_rate(self, who: _Who) -> None:
+        wait = self.rate_wait(who)
+        if wait:
+            raise _Refusal(_error(Code.TOO_MANY_REQUESTS, self.rate_reason(who), max_age=wait))
 
 
 _PATHS: dict[tuple[str, ...], tuple[str, str | None]] = {}  # Uri-Path -> (path, problem); a few per fleet
@@ -690,7 +708,7 @@ class CoapIngest:
         self._housekeeping: asyncio.Task | None = None
         self.exchange_tables: list[RecentExchanges] = []
         self.plain: IngestUDP6 | None = None
-        self.fast_path: ContinuationFastPath | None = None
+        self.fast_path: Block1FastPath | None = None
 
     @property
     def registry(self) -> DeviceRegistry:
@@ -750,7 +768,7 @@ class CoapIngest:
             raise
         self.exchange_tables = cap_recent_exchanges(ctx, s.max_recent_exchanges)
         if s.fast_blocks:
-            self.fast_path = ContinuationFastPath(self.server.fast_block)
+            self.fast_path = Block1FastPath(self.server.fast_block)
             for transport in (self.plain, self.dtls):
                 if transport is not None:
                     transport.fast_path = self.fast_path

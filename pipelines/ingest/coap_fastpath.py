@@ -1,21 +1,22 @@
-"""A lean path for Block1 continuation blocks of ``POST /.s/...``: answered 2.31 at the datagram.
+"""A lean path for the Block1 blocks of ``POST /.s/...`` that have more to come: answered at the datagram.
 
 Usage (``CoapIngest`` installs it on each transport; the transports call it per datagram)::
 
-    fast = ContinuationFastPath(handler)          # handler(block, remote) -> Answer | None
+    fast = Block1FastPath(handler)                # handler(block, remote) -> Answer | None
     if not fast(data, remote, manager, send):     # manager: the transport's aiocoap MessageManager
         ... the datagram goes on to aiocoap as before (screen -> dispatch_message)
 
 Why it replaces aiocoap's work: a camera frame of 44 KB is 44 Block1 exchanges, and each went
 through aiocoap's whole request pipeline (``Message.decode``, the message and token layers, a
 ``Pipe`` and a task per request, ``Message`` objects for the answer, ``encode``): some 160 µs
-of CPU per block, ten times the cost of the frame's storage. A continuation block (Block1
-number > 0, more to come) needs none of it: its answer is a 2.31 Continue built from the
-header, or a refusal from the upload's assembler, and never waits for anything.
+of CPU per block, ten times the cost of the frame's storage. A block with more to come (M = 1)
+needs none of it: its answer is a 2.31 Continue built from the header, or a refusal (from the
+upload's assembler, or the rate limit for a block 0), and never waits for anything. The last
+block, which stores the frame and answers 2.04 after the commit, stays with aiocoap.
 
 What it takes (everything else, or anything it cannot read, goes to aiocoap untouched):
 a CON or NON POST whose options are only Uri-Path (first segment ``.s``), Content-Format,
-Uri-Query, Block1 (number > 0, M = 1, SZX <= 6), Size1 and Request-Tag, each well formed
+Uri-Query, Block1 (M = 1, SZX <= 6), Size1 and Request-Tag, each well formed
 (lengths within RFC 7252 / 7959 / 9175 ranges, the non-repeatable ones once, Uri-Path and
 Uri-Query UTF-8), a token of at most 8 bytes not in use by a request aiocoap is still
 answering. The handler decides the rest (who is talking, the path, the assembler) and may
@@ -49,8 +50,8 @@ EXCHANGE_LIFETIME = 247.0  # seconds (RFC 7252 §4.8.2), as aiocoap's default tr
 
 
 @dataclass(slots=True)
-class ContinuationBlock:
-    """One parsed continuation block (Block1 number > 0, M = 1)."""
+class UploadBlock:
+    """One parsed Block1 block with more to come (M = 1)."""
 
     mtype: int
     mid: int
@@ -80,6 +81,7 @@ class PreparedAnswer:
     ``mid`` and calls the transport's ``send``, which calls ``encode()``: these are here."""
 
     __slots__ = ("data", "mid", "mtype", "remote")
+    request = None  # unlike aiocoap's answers, never linked to the request (its 1 KB block)
 
     def __init__(self, data: bytes, mtype: Any, mid: int, remote: Any) -> None:
         self.data, self.mtype, self.mid, self.remote = data, mtype, mid, remote
@@ -93,8 +95,8 @@ def uint(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
-def parse_continuation(data: bytes) -> ContinuationBlock | None:
-    """The continuation block in ``data``, or None for anything else (or anything odd)."""
+def parse_upload_block(data: bytes) -> UploadBlock | None:
+    """The Block1 block with more to come in ``data``, or None for anything else (or anything odd)."""
     n = len(data)
     if n < 4:
         return None
@@ -173,14 +175,14 @@ def parse_continuation(data: bytes) -> ContinuationBlock | None:
     if block is None or not path or path[0] != ".s":
         return None
     num, more, szx = block >> 4, block & 0x08, block & 0x07
-    if num == 0 or not more or szx == 7:
+    if not more or szx == 7:
         return None
     mid = data[2] << 8 | data[3]
-    return ContinuationBlock(mtype, mid, token, path, query, content_format, num, szx, size1,
+    return UploadBlock(mtype, mid, token, path, query, content_format, num, szx, size1,
                              tuple(tags), payload)
 
 
-def encode_answer(block: ContinuationBlock, answer: Answer) -> bytes:
+def encode_answer(block: UploadBlock, answer: Answer) -> bytes:
     """The answer datagram: a piggybacked ACK to a CON (its message id), a NON to a NON."""
     if block.mtype == 0:
         head = struct.pack("!BBH", 0x60 | len(block.token), answer.code, block.mid)
@@ -219,10 +221,10 @@ def continue_answer(num: int, szx: int) -> Answer:
     return Answer(2 * 32 + 31, [(BLOCK1, uint(num << 4 | 0x08 | szx))])
 
 
-Handler = Callable[[ContinuationBlock, Any], Answer | None]
+Handler = Callable[[UploadBlock, Any], Answer | None]
 
 
-class ContinuationFastPath:
+class Block1FastPath:
     """Per transport: ``fast(data, remote, manager, send)`` -> True if the datagram was handled."""
 
     def __init__(self, handler: Handler) -> None:
@@ -246,7 +248,7 @@ class ContinuationFastPath:
                 send(seen.data)
             self.duplicates += 1
             return True
-        block = parse_continuation(data)
+        block = parse_upload_block(data)
         if block is None:
             return False
         # a token aiocoap is still answering from this remote: its checks apply (screen)
@@ -259,8 +261,8 @@ class ContinuationFastPath:
         if answer is None:
             return False
         out = encode_answer(block, answer)
-        table.remember(key, EXCHANGE_LIFETIME)
-        table[key] = PreparedAnswer(out, ACK if block.mtype == 0 else NON, block.mid, remote)
+        table.remember_answered(key, EXCHANGE_LIFETIME,
+                                PreparedAnswer(out, ACK if block.mtype == 0 else NON, block.mid, remote))
         self.handled += 1
         send(out)
         return True
