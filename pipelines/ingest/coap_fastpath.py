@@ -16,7 +16,8 @@ block, which stores the frame and answers 2.04 after the commit, stays with aioc
 
 What it takes (everything else, or anything it cannot read, goes to aiocoap untouched):
 a CON or NON POST whose options are only Uri-Path (first segment ``.s``), Content-Format,
-Uri-Query, Block1 (M = 1, SZX <= 6), Size1 and Request-Tag, each well formed
+Uri-Query, Block1 (M = 1, SZX <= 6), Size1, Request-Tag, and Uri-Host / Uri-Port (libcoap
+sends them; the router ignores them, as ``coap_options`` says), each well formed
 (lengths within RFC 7252 / 7959 / 9175 ranges, the non-repeatable ones once, Uri-Path and
 Uri-Query UTF-8), a token of at most 8 bytes not in use by a request aiocoap is still
 answering. The handler decides the rest (who is talking, the path, the assembler) and may
@@ -43,9 +44,9 @@ from aiocoap.numbers.types import ACK, NON
 from pipelines.ingest.coap_exchanges import RecentExchanges
 
 POST = 2
-URI_PATH, CONTENT_FORMAT, URI_QUERY, BLOCK1, SIZE1, REQUEST_TAG = 11, 12, 15, 27, 60, 292
-MAX_OPTION_LENGTH = {URI_PATH: 255, CONTENT_FORMAT: 2, URI_QUERY: 255, BLOCK1: 3, SIZE1: 4, REQUEST_TAG: 8}
-REPEATABLE = frozenset({URI_PATH, URI_QUERY, REQUEST_TAG})
+URI_HOST, URI_PORT, URI_PATH, CONTENT_FORMAT, URI_QUERY, BLOCK1, SIZE1, REQUEST_TAG = 3, 7, 11, 12, 15, 27, 60, 292
+MAX_OPTION_LENGTH = {URI_HOST: 255, URI_PORT: 2, URI_PATH: 255, CONTENT_FORMAT: 2, URI_QUERY: 255, BLOCK1: 3,
+                     SIZE1: 4, REQUEST_TAG: 8}
 EXCHANGE_LIFETIME = 247.0  # seconds (RFC 7252 §4.8.2), as aiocoap's default transport tuning
 
 
@@ -116,6 +117,7 @@ def parse_upload_block(data: bytes) -> UploadBlock | None:
     query: list[str] = []
     content_format = size1 = block = None
     tags: list[bytes] = []
+    host_seen = port_seen = False
     payload = b""
     try:
         while pos < n:
@@ -166,10 +168,20 @@ def parse_upload_block(data: bytes) -> UploadBlock | None:
                 if content_format is not None:
                     return None
                 content_format = int.from_bytes(value, "big")
-            else:  # SIZE1
+            elif number == SIZE1:
                 if size1 is not None:
                     return None
                 size1 = int.from_bytes(value, "big")
+            else:  # Uri-Host, Uri-Port: the router ignores them (coap_options), but never twice
+                if number == URI_HOST:
+                    if host_seen:
+                        return None
+                    host_seen = True
+                    value.decode()
+                elif port_seen:
+                    return None
+                else:
+                    port_seen = True
     except (IndexError, UnicodeDecodeError):
         return None
     if block is None or not path or path[0] != ".s":
