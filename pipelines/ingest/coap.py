@@ -15,6 +15,9 @@ Resources (see ``/work/shared/specs/devices.md``):
   reassembled here (``coap_blockwise``) with a body limit, a memory cap and expiry. The
   answer is 2.04 Changed only after ``target.accept`` returned (the message is stored); its
   payload is the message id (ASCII), so a device can correlate the frame with its results.
+  The blocks with more to come are answered at the datagram by ``coap_fastpath`` (through
+  ``_Server.fast_block``, the same steps and answers as ``StreamResource.post``), before
+  aiocoap's request pipeline; ``CoapSettings.fast_blocks=False`` turns that off.
 * ``GET (Observe) / PUT / POST / DELETE /.d/<path>``: the device's state document (JSON,
   Content-Format 50; PUT/POST also take CBOR, 60). Observers are notified when it changes.
 * ``GET /.well-known/core``.
