@@ -202,8 +202,16 @@ def encode_answer(block: UploadBlock, answer: Answer) -> bytes:
         head = struct.pack("!BBH", 0x50 | len(block.token), answer.code, random.getrandbits(16))
     out = bytearray(head)
     out += block.token
+    options = answer.options
+    if len(options) == 1 and options[0][0] == BLOCK1 and len(options[0][1]) < 13:
+        # the 2.31 Continue of nearly every block: Block1 alone (delta 27 = 13 + 14, short value)
+        value = options[0][1]
+        out.append(0xD0 | len(value))
+        out.append(BLOCK1 - 13)
+        out += value
+        return bytes(out)
     last = 0
-    for number, value in sorted(answer.options, key=lambda o: o[0]):
+    for number, value in sorted(options, key=lambda o: o[0]):
         delta, length = number - last, len(value)
         last = number
         ext = b""
