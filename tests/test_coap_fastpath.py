@@ -396,3 +396,21 @@ def test_prepared_answer_is_resent_by_aiocoaps_duplicate_handling():
     answer = PreparedAnswer(b"\x60\x5f\x00\x01", aiocoap.ACK, 1, ("127.0.0.1", 1))
     manager._send_initially(answer)
     assert sent == [b"\x60\x5f\x00\x01"]
+
+
+async def test_dtls_session_takes_an_empty_datagram_and_goes_on(router, registry_path, hook):
+    """The session's records are read through OpenSSL's binding directly: an empty datagram from
+    the peer's address is counted as dropped (no traceback) and the session keeps serving."""
+    from dtls_peer import DtlsPeer
+
+    async with CoapIngest(router, settings(registry_path, dtls_enabled=True, plain_enabled=False)) as srv:
+        peer = DtlsPeer(srv.dtls_port)
+        try:
+            await peer.handshake(b"cam-01@demo", b"cam-01-secret")
+            peer.send_raw(b"")
+            request = aiocoap.Message(code=Code.POST, uri_path=[".s", "after"], payload=b"still here")
+            answer = await peer.request(request)
+            await expect_delivered(hook, answer, b"still here")
+            assert srv.dtls.stats["datagrams_dropped"] == 1 and srv.dtls.session_count == 1
+        finally:
+            peer.close()

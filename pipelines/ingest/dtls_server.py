@@ -443,8 +443,11 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         shared buffer and no exception for the "nothing more to read" that ends every datagram;
         any other outcome is turned into pyOpenSSL's exception (``_raise_ssl_error``) and ends
         the session, as before."""
+        if not data:   # an empty datagram: no record in it
+            self.stats["datagrams_dropped"] += 1
+            return False
         conn = session.conn
-        if lib.BIO_write(conn._into_ssl, data, len(data)) <= 0 and data:
+        if lib.BIO_write(conn._into_ssl, data, len(data)) <= 0:
             conn.bio_write(data)   # pyOpenSSL raises the BIO's error
         plaintexts = []
         closed = False
