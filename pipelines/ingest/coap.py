@@ -150,7 +150,7 @@ class CoapSettings:
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
     max_datagram: int = MAX_DATAGRAM  # plain CoAP receive buffer; a longer datagram gets 4.13
     receive_buffer: int = RECEIVE_BUFFER  # kernel receive queue asked for, bytes (0: OS default)
-    fast_blocks: bool = True         # answer Block1 continuation blocks at the datagram (coap_fastpath)
+    fast_blocks: bool = True         # answer Block1 blocks with more to come at the datagram (coap_fastpath)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

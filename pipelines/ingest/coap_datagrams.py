@@ -224,8 +224,8 @@ class IngestUDP6(MessageInterfaceUDP6):
     max_datagram = MAX_DATAGRAM
     block_szx = MAX_BLOCK_SZX
     receive_buffer = RECEIVE_BUFFER
-    # ``coap_fastpath.ContinuationFastPath`` (set by the ingest): tried on each whole datagram
-    # before the screening and aiocoap; it answers Block1 continuation blocks itself
+    # ``coap_fastpath.Block1FastPath`` (set by the ingest): tried on each whole datagram
+    # before the screening and aiocoap; it answers the Block1 blocks with more to come
     fast_path: Any = None
 
     def connection_made(self, transport):

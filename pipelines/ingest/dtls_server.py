@@ -225,8 +225,8 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             "unsigned int(SSL *, const char *, unsigned char *, unsigned int)", self._psk_lookup)
         self._ctx = ssl_context(options, self._psk_callback)
         self._last_log = 0.0
-        # ``coap_fastpath.ContinuationFastPath`` (set by the ingest): tried on each decrypted
-        # datagram before the screening and aiocoap; it answers Block1 continuation blocks itself
+        # ``coap_fastpath.Block1FastPath`` (set by the ingest): tried on each decrypted
+        # datagram before the screening and aiocoap; it answers the Block1 blocks with more to come
         self.fast_path: Callable[..., bool] | None = None
 
     # --- setup -------------------------------------------------------------------------------
