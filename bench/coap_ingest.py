@@ -649,7 +649,7 @@ def main() -> int:
         print(f"handshakes: {handshakes['frames']} in {args.handshake_seconds:g} s from {args.client_procs} "
               f"client processes = {handshakes['fps']:.0f}/s ({handshakes['failed']} failed); server CPU "
               f"{handshakes['cpu_ms']:.2f} ms per handshake")
-    if hostile is not None:
+    if hostile is not None and hostile["pairs"]:
         runs = hostile["pairs"]
         junk_rate = statistics.mean(r.get("junk_per_s", 0.0) for r in runs[1::2])
         print(f"\nHostile traffic: one router process, runs without and with a junk sender "

@@ -15,6 +15,9 @@ Resources (see ``/work/shared/specs/devices.md``):
   reassembled here (``coap_blockwise``) with a body limit, a memory cap and expiry. The
   answer is 2.04 Changed only after ``target.accept`` returned (the message is stored); its
   payload is the message id (ASCII), so a device can correlate the frame with its results.
+  The blocks with more to come are answered at the datagram by ``coap_fastpath`` (through
+  ``_Server.fast_block``, the same steps and answers as ``StreamResource.post``), before
+  aiocoap's request pipeline; ``CoapSettings.fast_blocks=False`` turns that off.
 * ``GET (Observe) / PUT / POST / DELETE /.d/<path>``: the device's state document (JSON,
   Content-Format 50; PUT/POST also take CBOR, 60). Observers are notified when it changes.
 * ``GET /.well-known/core``.
@@ -60,7 +63,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiocoap
 import cbor2
@@ -74,6 +77,7 @@ from pipelines.ingest import IngestTarget, Overloaded
 from pipelines.ingest.coap_blockwise import Block1Assembler, Complete, Continue, Refused
 from pipelines.ingest.coap_datagrams import MAX_DATAGRAM, RECEIVE_BUFFER, IngestUDP6
 from pipelines.ingest.coap_exchanges import RecentExchanges, cap_recent_exchanges
+from pipelines.ingest.coap_fastpath import Answer, Block1FastPath, UploadBlock, continue_answer, uint
 from pipelines.ingest.coap_keepalive import answer_empty_non
 from pipelines.ingest.coap_options import option_refusal
 from pipelines.ingest.dtls_server import DtlsOptions, DtlsServerTransport, add_dtls_server, device_from_claims
@@ -146,6 +150,7 @@ class CoapSettings:
     registry_refresh: float = 2.0    # seconds between checks of the registry file's mtime
     max_datagram: int = MAX_DATAGRAM  # plain CoAP receive buffer; a longer datagram gets 4.13
     receive_buffer: int = RECEIVE_BUFFER  # kernel receive queue asked for, bytes (0: OS default)
+    fast_blocks: bool = True         # answer Block1 blocks with more to come at the datagram (coap_fastpath)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,9 +168,14 @@ def _max_age(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+def _reason(text: str) -> bytes:
+    """A diagnostic payload: the reason's UTF-8, at most 200 bytes of whole characters."""
+    return text.encode()[:200].decode("utf-8", "ignore").encode()
+
+
 def _error(code: Code | int, reason: str, *, max_age: float | None = None,
            size1: int | None = None) -> aiocoap.Message:
-    msg = aiocoap.Message(code=Code(code), payload=reason.encode()[:200].decode("utf-8", "ignore").encode())
+    msg = aiocoap.Message(code=Code(code), payload=_reason(reason))
     if max_age is not None:
         msg.opt.max_age = _max_age(max_age)
     if size1 is not None:
@@ -178,8 +188,7 @@ class _Refusal(Exception):
         self.response = response
 
 
-@dataclass(frozen=True)
-class _Who:
+class _Who(NamedTuple):  # a tuple: hashed in C, as part of every block's upload key
     project_id: str
     device_id: str
 
@@ -215,7 +224,7 @@ class _Server:
             raise _Refusal(_error(Code.BAD_REQUEST, "token longer than 8 bytes"))
         entry = device_from_claims(request.remote)
         if entry is not None:
-            return self._seen(_Who(entry.project_id, entry.device_id), request)
+            return self._seen(_Who(entry.project_id, entry.device_id), request.remote)
         if getattr(request.remote, "scheme", "coap") == "coaps":
             raise _Refusal(_error(Code.UNAUTHORIZED, "DTLS session without a known device identity"))
         device_id = None
@@ -229,25 +238,76 @@ class _Server:
             raise _Refusal(_error(Code.BAD_REQUEST, "?d= must be letters, digits, '.', '_', ':' or '-'"))
         entry = self.registry.find_device(device_id)
         project = entry.project_id if entry is not None else self.registry.default_project
-        return self._seen(_Who(project, device_id), request)
+        return self._seen(_Who(project, device_id), request.remote)
 
-    def _seen(self, who: _Who, request: aiocoap.Message) -> _Who:
+    def _seen(self, who: _Who, remote: Any) -> _Who:
         s = self.sessions.get((who.project_id, who.device_id))
         if s is None:
             if len(self.sessions) >= 10_000:  # bounded: forget the oldest
                 self.sessions.pop(next(iter(self.sessions)))
             s = self.sessions[(who.project_id, who.device_id)] = {"rate_limited": 0, "refused": 0}
-        s["transport"] = "DTLS" if getattr(request.remote, "scheme", "coap") == "coaps" else "plain CoAP"
-        s["address"] = str(getattr(request.remote, "hostinfo", "") or "")
+        s["transport"] = "DTLS" if getattr(remote, "scheme", "coap") == "coaps" else "plain CoAP"
+        s["address"] = str(getattr(remote, "hostinfo", "") or "")
         s["at"] = time.time()
         return who
+
+    def fast_block(self, block: UploadBlock, remote: Any) -> Answer | None:
+        """The answer to a Block1 block with more to come of ``POST /.s/...`` read at the
+        datagram (``coap_fastpath``), or None to let aiocoap's pipeline take it (a device that
+        is not named, a path to refuse): then nothing was changed. The same steps as
+        ``StreamResource.post`` for such a block (who, path, rate limit for block 0, the
+        assembler), with the same answers."""
+        entry = device_from_claims(remote)
+        if entry is not None:
+            who = _Who(entry.project_id, entry.device_id)
+        elif getattr(remote, "scheme", "coap") == "coaps":
+            return None
+        else:
+            device_id = None
+            for q in block.query:
+                key, _, value = q.partition("=")
+                if key == "d":
+                    device_id = value
+            if device_id is None or not _DEVICE_ID_RE.match(device_id):
+                return None
+            found = self.registry.find_device(device_id)
+            who = _Who(found.project_id if found is not None else self.registry.default_project, device_id)
+        path = _stream_path(block.path, 1)
+        if path is None:
+            return None
+        s = self.sessions.get((who.project_id, who.device_id))
+        if s is None:
+            self._seen(who, remote)
+        else:  # transport and address were set by the upload's block 0, from this same remote
+            s["at"] = time.time()
+        if block.num == 0:
+            wait = self.rate_wait(who)
+            if wait:
+                return Answer(int(Code.TOO_MANY_REQUESTS), [(14, uint(_max_age(wait)))],  # Max-Age
+                              _reason(self.rate_reason(who)))
+        key = (remote.blockwise_key, who, path, block.request_tag)
+        out = self.uploads.feed(key, block.num, True, block.szx, block.payload, size1=block.size1,
+                                token=block.token, content_format=block.content_format)
+        self.count("blocks")
+        if isinstance(out, Continue):
+            return continue_answer(out.num, out.szx)
+        assert isinstance(out, Refused)  # a block with more to come never completes an upload
+        self.count(f"refused_{out.code}")
+        self.refused(who, "refused")
+        options = []
+        if out.max_age is not None:
+            options.append((14, uint(_max_age(out.max_age))))  # Max-Age
+        if out.size1 is not None:
+            options.append((60, uint(out.size1)))  # Size1
+        return Answer(out.code, options, _reason(out.reason))
 
     def refused(self, who: _Who, what: str) -> None:
         s = self.sessions.get((who.project_id, who.device_id))
         if s is not None:
             s[what] = s.get(what, 0) + 1
 
-    def check_rate(self, who: _Who) -> None:
+    def rate_wait(self, who: _Who) -> float:
+        """Seconds the device must wait (counted as refused), or 0 when the request may go on."""
         wait = self.limiter.take((who.project_id, who.device_id))
         if wait:
             self.count("rate_limited")
@@ -256,20 +316,49 @@ class _Server:
             if key not in self.rate_limited and len(self.rate_limited) >= MAX_LIMITED_DEVICES:
                 key = (who.project_id, "(other)")
             self.rate_limited[key] = self.rate_limited.get(key, 0) + 1
-            raise _Refusal(_error(Code.TOO_MANY_REQUESTS,
-                                  f"device {who.device_id} is over {self.settings.rate_limit:g} requests/s",
-                                  max_age=wait))
+        return wait
+
+    def rate_reason(self, who: _Who) -> str:
+        return f"device {who.device_id} is over {self.settings.rate_limit:g} requests/s"
+
+    def check_rate(self, who: _Who) -> None:
+        wait = self.rate_wait(who)
+        if wait:
+            raise _Refusal(_error(Code.TOO_MANY_REQUESTS, self.rate_reason(who), max_age=wait))
+
+
+_PATHS: dict[tuple[str, ...], tuple[str, str | None]] = {}  # Uri-Path -> (path, problem); a few per fleet
+_MAX_PATHS = 4096
+
+
+def _checked_path(uri_path: tuple[str, ...] | list[str], skip: int) -> tuple[str, str | None]:
+    """(message path, why it may not be used or None) for Uri-Path segments after ``skip``;
+    remembered, since every block of every upload names the same few paths."""
+    cache_key = (str(skip), *uri_path)
+    hit = _PATHS.get(cache_key)
+    if hit is not None:
+        return hit
+    segments = list(uri_path[skip:])
+    if segments and segments[-1] == "":
+        segments.pop()  # trailing slash
+    out = "/" + "/".join(segments), path_problem(segments)  # what a path may hold: pipelines.stream_paths
+    if len(_PATHS) >= _MAX_PATHS:
+        _PATHS.clear()
+    _PATHS[cache_key] = out
+    return out
+
+
+def _stream_path(uri_path: list[str], skip: int) -> str | None:
+    path, problem = _checked_path(uri_path, skip)
+    return path if problem is None else None
 
 
 def _path_of(request: aiocoap.Message, skip: int = 0) -> str:
     """The message path from the request's Uri-Path, after the first ``skip`` segments."""
-    segments = list(request.opt.uri_path[skip:])
-    if segments and segments[-1] == "":
-        segments.pop()  # trailing slash
-    problem = path_problem(segments)  # what a path may hold: pipelines.stream_paths
+    path, problem = _checked_path(request.opt.uri_path, skip)
     if problem is not None:
         raise _Refusal(_error(Code.BAD_REQUEST, problem))
-    return "/" + "/".join(segments)
+    return path
 
 
 def _refused_to_message(refused: Refused) -> aiocoap.Message:
@@ -620,6 +709,8 @@ class CoapIngest:
         self.dtls: DtlsServerTransport | None = None
         self._housekeeping: asyncio.Task | None = None
         self.exchange_tables: list[RecentExchanges] = []
+        self.plain: IngestUDP6 | None = None
+        self.fast_path: Block1FastPath | None = None
 
     @property
     def registry(self) -> DeviceRegistry:
@@ -635,6 +726,8 @@ class CoapIngest:
         out = dict(self.server.stats)
         out["recent_exchanges"] = sum(len(t) for t in self.exchange_tables)
         out["exchanges_evicted"] = sum(t.evicted for t in self.exchange_tables)
+        if self.fast_path is not None:
+            out["fast_blocks"], out["fast_duplicates"] = self.fast_path.handled, self.fast_path.duplicates
         if self.dtls is not None:
             out.update({f"dtls_{name}": n for name, n in self.dtls.stats.items()})
             out["dtls_sessions"], out["dtls_handshakes"] = self.dtls.session_count, self.dtls.handshake_count
@@ -663,6 +756,7 @@ class CoapIngest:
                         return t
 
                     await ctx._append_tokenmanaged_messagemanaged_transport(plain)
+                    self.plain = created[0]
                     self.port = int(created[0].transport.get_extra_info("socket").getsockname()[1])
                 if s.dtls_enabled:
                     options = dataclasses.replace(s.dtls, max_sessions=s.max_dtls_sessions)
@@ -675,6 +769,11 @@ class CoapIngest:
             self.context = None
             raise
         self.exchange_tables = cap_recent_exchanges(ctx, s.max_recent_exchanges)
+        if s.fast_blocks:
+            self.fast_path = Block1FastPath(self.server.fast_block)
+            for transport in (self.plain, self.dtls):
+                if transport is not None:
+                    transport.fast_path = self.fast_path
         answer_empty_non(ctx, count=lambda: self.server.count("keepalives"))
         sources = getattr(self.server.target, "metric_sources", None)
         if isinstance(sources, list):
@@ -737,6 +836,7 @@ class CoapIngest:
             await self.context.shutdown()
             self.context = None
             self.dtls = None
+            self.plain = None
 
     async def __aenter__(self) -> CoapIngest:
         return await self.start()

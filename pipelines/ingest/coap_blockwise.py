@@ -113,9 +113,10 @@ class Block1Assembler:
         """A completed body has been handed on (or failed): stop counting it."""
         self.held_bytes -= nbytes
 
-    def sweep(self) -> int:
+    def sweep(self, now: float | None = None) -> int:
         """Forget transfers idle for longer than ``expiry``; returns how many went."""
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         gone = 0
         while self._transfers:
             key, tr = next(iter(self._transfers.items()))
@@ -140,7 +141,10 @@ class Block1Assembler:
     def feed(self, key: Hashable, num: int, more: bool, szx: int, payload: bytes, *,
              size1: int | None = None, token: bytes = b"",
              content_format: int | None = None) -> Continue | Complete | Refused:
-        self.sweep()
+        now = self._clock()
+        transfers = self._transfers
+        if transfers and now - next(iter(transfers.values())).last_seen > self.expiry:
+            self.sweep(now)  # the oldest is due (the common case, nothing due, costs one look)
         if szx > MAX_SZX:
             self._drop(key)
             return Refused(BAD_REQUEST, "block size exponent 7 (BERT) is not allowed over UDP")
@@ -150,8 +154,7 @@ class Block1Assembler:
             self._drop(key)
             return too_big
 
-        now = self._clock()
-        tr = self._transfers.get(key)
+        tr = transfers.get(key)
         if tr is not None and tr.same_token and token != tr.token and num > 0:
             # the client keeps its token for all blocks: this block is not of this upload
             return Refused(CONFLICT, "this block's token is not the one of the upload in progress from "

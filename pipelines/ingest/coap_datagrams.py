@@ -224,6 +224,9 @@ class IngestUDP6(MessageInterfaceUDP6):
     max_datagram = MAX_DATAGRAM
     block_szx = MAX_BLOCK_SZX
     receive_buffer = RECEIVE_BUFFER
+    # ``coap_fastpath.Block1FastPath`` (set by the ingest): tried on each whole datagram
+    # before the screening and aiocoap; it answers the Block1 blocks with more to come
+    fast_path: Any = None
 
     def connection_made(self, transport):
         transport.max_size = self.max_datagram  # aiocoap's recvmsg buffer, 4,096 by default
@@ -238,17 +241,27 @@ class IngestUDP6(MessageInterfaceUDP6):
             if cmsg_level == socket.IPPROTO_IPV6 and cmsg_type == socket.IPV6_PKTINFO:
                 pktinfo = cmsg_data
         remote = UDP6EndpointAddress(address, self, pktinfo=pktinfo)
-        out = screen(data, remote, self._ctx, truncated=bool(flags & socket.MSG_TRUNC),
+        truncated = bool(flags & socket.MSG_TRUNC)
+        if self.fast_path is not None and not truncated:
+            def answer(reply: bytes) -> None:
+                self._answer(reply, pktinfo, address)
+            if self.fast_path(data, remote, self._ctx, answer):
+                return
+        out = screen(data, remote, self._ctx, truncated=truncated,
                      max_datagram=self.max_datagram, block_szx=self.block_szx)
         if out.reply is not None:
-            ancdata = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
-            try:
-                self.transport.sendmsg(out.reply, ancdata, 0, address)
-            except Exception as exc:  # a send failure must not end the receive loop
-                DATAGRAMS.note("answer_failed", f"{type(exc).__name__}: {exc}"[:120], log)
+            self._answer(out.reply, pktinfo, address)
         if out.message is None:
             return
         try:
             self._ctx.dispatch_message(out.message)
         except Exception as exc:  # aiocoap would re-raise into the event loop: a traceback each
             DATAGRAMS.note("dispatch_error", f"{type(exc).__name__}: {exc}"[:120], log, exc_info=exc)
+
+    def _answer(self, reply: bytes, pktinfo: bytes | None, address: Any) -> None:
+        """Send an answer made here (not by aiocoap) back from the address the request came to."""
+        ancdata = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
+        try:
+            self.transport.sendmsg(reply, ancdata, 0, address)
+        except Exception as exc:  # a send failure must not end the receive loop
+            DATAGRAMS.note("answer_failed", f"{type(exc).__name__}: {exc}"[:120], log)

@@ -54,6 +54,21 @@ class RecentExchanges(OrderedDict):
         self[key] = None
         self._expires[key] = now + lifetime
 
+    def remember_answered(self, key: Any, lifetime: float, answer: Any) -> None:
+        """A new incoming message answered at once (``coap_fastpath``): ``remember`` and the
+        answer in one step. ``answer`` is kept as it is."""
+        now = self._clock()
+        if self and self._expires.get(next(iter(self)), now + 1) <= now:
+            self.expire(now)
+        if key in self:
+            super().pop(key)
+        while len(self) >= self.limit:
+            old, _ = self.popitem(last=False)
+            self._expires.pop(old, None)
+            self.evicted += 1
+        OrderedDict.__setitem__(self, key, answer)
+        self._expires[key] = now + lifetime
+
     def expire(self, now: float | None = None) -> int:
         """Forget entries whose lifetime is over; returns how many went."""
         now = self._clock() if now is None else now

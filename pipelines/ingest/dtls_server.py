@@ -88,6 +88,11 @@ PSK_SUITES = ["PSK-AES128-GCM-SHA256", "PSK-AES128-CCM", "PSK-AES128-CCM8", "PSK
 CERT_SUITES = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-CCM", "ECDHE-ECDSA-AES128-CCM8"]
 DTLS1_2_VERSION = 0xFEFD
 _READ = 1 << 16
+# One buffer for every SSL_read / BIO_read of the established sessions (the event loop is one
+# thread): pyOpenSSL's recv / bio_read allocate a new 64 KB buffer on each call and signal "no
+# more data" with an exception, the usual case of every call loop, once per datagram each way.
+_BUFFER = ffi.new("char[]", _READ)
+_WANT_READ = lib.SSL_ERROR_WANT_READ
 
 
 @dataclass
@@ -220,6 +225,9 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
             "unsigned int(SSL *, const char *, unsigned char *, unsigned int)", self._psk_lookup)
         self._ctx = ssl_context(options, self._psk_callback)
         self._last_log = 0.0
+        # ``coap_fastpath.Block1FastPath`` (set by the ingest): tried on each decrypted
+        # datagram before the screening and aiocoap; it answers the Block1 blocks with more to come
+        self.fast_path: Callable[..., bool] | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -429,22 +437,32 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         return entry
 
     def _feed_session(self, session: _Session, data: bytes) -> bool:
-        """Decrypt and dispatch; True if the datagram held application data for this session."""
+        """Decrypt and dispatch; True if the datagram held application data for this session.
+
+        OpenSSL through its cffi binding, as pyOpenSSL's ``bio_write`` / ``recv`` do, with one
+        shared buffer and no exception for the "nothing more to read" that ends every datagram;
+        any other outcome is turned into pyOpenSSL's exception (``_raise_ssl_error``) and ends
+        the session, as before."""
+        if not data:   # an empty datagram: no record in it
+            self.stats["datagrams_dropped"] += 1
+            return False
         conn = session.conn
-        conn.bio_write(data)
+        if lib.BIO_write(conn._into_ssl, data, len(data)) <= 0:
+            conn.bio_write(data)   # pyOpenSSL raises the BIO's error
         plaintexts = []
         closed = False
+        ssl = conn._ssl
         while True:
-            try:
-                plaintexts.append(conn.recv(_READ))
-            except SSL.WantReadError:
+            n = lib.SSL_read(ssl, _BUFFER, _READ)
+            if n > 0:
+                plaintexts.append(ffi.buffer(_BUFFER, n)[:])
+                continue
+            if lib.SSL_get_error(ssl, n) == _WANT_READ:
                 break
-            except SSL.ZeroReturnError:     # close_notify
-                closed = True
-                break
-            except SSL.Error:
-                closed = True
-                break
+            with contextlib.suppress(SSL.Error):  # ZeroReturnError (close_notify) or a fatal error
+                conn._raise_ssl_error(ssl, n)
+            closed = True
+            break
         self._flush(session)
         if plaintexts:
             session.last = time.monotonic()
@@ -457,6 +475,9 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
 
     def _dispatch(self, session: _Session, plaintext: bytes) -> None:
         if self._mman is None or session.remote is None:
+            return
+        fast = self.fast_path
+        if fast is not None and fast(plaintext, session.remote, self._mman, session.remote.send):
             return
         # the checks plain CoAP gets (coap_datagrams.screen): undecodable messages answered
         # (RST / 4.02) and counted, unknown critical options, type/code misfits, token reuse
@@ -474,15 +495,22 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
     # --- datagrams out -----------------------------------------------------------------------
 
     def _flush(self, session: _Session) -> None:
+        """Send what OpenSSL wrote to the session's memory BIO: whole records, in datagrams of at
+        most the MTU (one answer's record is one datagram: sent without splitting)."""
+        bio = session.conn._from_ssl
         out = b""
         while True:
-            try:
-                out += session.conn.bio_read(_READ)
-            except SSL.WantReadError:
+            n = lib.BIO_read(bio, _BUFFER, _READ)
+            if n <= 0:   # a memory BIO that is empty
                 break
-        if out:
-            for datagram in pack_datagrams(split_records(out), self.options.mtu):
-                self._sendto(datagram, session.addr)
+            out += ffi.buffer(_BUFFER, n)[:]
+        if not out:
+            return
+        if len(out) <= self.options.mtu:
+            self._sendto(out, session.addr)
+            return
+        for datagram in pack_datagrams(split_records(out), self.options.mtu):
+            self._sendto(datagram, session.addr)
 
     def _sendto(self, datagram: bytes, addr: tuple) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -492,11 +520,14 @@ class DtlsServerTransport(asyncio.DatagramProtocol, interfaces.MessageInterface)
         if session.closed:
             log.debug("not sending to %s: DTLS session closed", session.addr)
             return
-        try:
-            session.conn.send(data)
-        except SSL.Error:
-            self._close(session, notify=False)
-            return
+        conn = session.conn
+        n = lib.SSL_write(conn._ssl, data, len(data))  # pyOpenSSL's send, without its checks of a success
+        if n <= 0:
+            try:
+                conn._raise_ssl_error(conn._ssl, n)
+            except SSL.Error:
+                self._close(session, notify=False)
+                return
         self._flush(session)
 
     # --- ending sessions ---------------------------------------------------------------------
