@@ -58,6 +58,9 @@ class Prediction:
     # body that was ASCII without a backslash): then ``to_json`` quotes them instead of re-scanning
     # the ~56 KB data URL of a frame for each answer and webhook.
     input_plain: bool = field(default=False, repr=False)
+    # The HTTP face's leave to run it on the event loop's thread (see runner.py): its creator waits
+    # for it (Prefer: wait), with no stream, webhook or deadline, and no other create in progress.
+    inline: bool = field(default=False, repr=False)
     _head: str | None = field(default=None, repr=False)
     _head_of: dict | None = field(default=None, repr=False)  # the input _head was built from
     input_bytes: int = 0  # memory the input's strings take, as counted by the store's cap
