@@ -25,6 +25,10 @@ and no service behind it. Their overhead is p50 minus that wait: the client's ow
 timer's wake-up), measured as it is with the service, after the client idled for a model's time
 (the same code costs far more CPU then than back to back, on a shared machine). A mode's
 overhead minus its client's floor is the service's own share (rough: the load moves between rows).
+On the 2-core VM this was written on, the httpx client's floor alone is ~20-25 % of bare (its
+``json=`` encoding and request building before the send, h11 and ``Response`` after the answer),
+so the httpx row cannot get under the 20 % target whatever the service does; the lean client's
+floor is ~5 %.
 
 Then a second table with the official ``replicate`` client (``--client-n`` calls each, 0 skips it):
 ``run()`` with a data URL (its baseline) against ``run()`` with an open file (uploaded through the
@@ -33,7 +37,9 @@ Files API first), and ``stream()``: time to the first output token against the w
 Columns: ``bare p50`` is the p50 of direct calls interleaved with that mode in blocks of
 ``--block`` (the machine is shared, so baseline and mode see the same load); ``overhead`` = mode
 p50 - bare p50, also as % of bare (the target: under 20 %); ``predict_time`` is the service's own
-``metrics.predict_time`` (image decode, hop to the model thread, model); ``svc CPU`` is the service
+``metrics.predict_time`` (image decode and model, plus the hops to a pool thread and back when the
+run is not inline: a lone held prediction of a small image runs on the service's event loop thread,
+see ``predictions_service/runner.py``); ``svc CPU`` is the service
 process's CPU per prediction (from /proc), ``client CPU`` this process's. With more than one
 request in flight the p50 includes queueing for the ``--workers`` model threads, so only
 predictions/s is meaningful there. Every output must equal the direct output.
@@ -669,7 +675,8 @@ def main() -> int:
     )
     print_table([row("direct blip.answer() (baseline)", baseline), *(row(name, r) for name, r in results)])
     print("bare p50: direct calls interleaved with that mode (blocks of --block); predict_time: p50 of the "
-          "service's own metrics.predict_time (processing -> succeeded: image decode, thread hop, model); "
+          "service's own metrics.predict_time (processing -> succeeded: image decode, model, thread hops if "
+          "not inline); "
           "svc CPU: service process CPU per prediction (direct row: the call's own CPU)")
     floors = {"lean": 0.0, "httpx": 0.0}
     for name, r in results:
