@@ -99,8 +99,15 @@ class PredictionRunner:
 
     def submit(self, pred: Prediction) -> Prediction:
         self.store.add(pred)
+        # counted now, not when its task starts, so a run scheduled just before sees it; the task's
+        # end (run or canceled before it started) uncounts it
+        self.active += 1
         pred.task = asyncio.create_task(self._run(pred), name=f"prediction-{pred.id}")
+        pred.task.add_done_callback(self._ended)
         return pred
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self.active -= 1
 
     async def wait(self, pred: Prediction, timeout: float) -> bool:
         # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the awaitable in a new task.
@@ -133,7 +140,6 @@ class PredictionRunner:
         log.info("prediction %s %s%s", pred.id, status, f": {error}" if error else "")
 
     async def _run(self, pred: Prediction) -> None:
-        self.active += 1
         try:
             await self._run_inner(pred)
         except asyncio.CancelledError:
@@ -142,8 +148,6 @@ class PredictionRunner:
         except Exception as exc:  # a bug of ours: the prediction fails, the service lives on
             log.exception("prediction %s crashed", pred.id)
             self._finish(pred, "failed", f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            self.active -= 1
 
     async def _run_inner(self, pred: Prediction) -> None:
         until_deadline = None if pred.deadline is None else pred.deadline - time.time()
