@@ -18,13 +18,20 @@ and drives the service in three modes:
   to a small receiver in this process; latency is create sent -> signed completed webhook read.
   And the same create followed by ``GET /v1/predictions/{id}`` every 2 ms until it is done.
 
-Two floor rows show what each client costs by itself: the same request against a canned server
+Floor rows show what each client costs by itself: the same request against a canned server
 (its own process, uvloop) that waits as long as a direct call takes (p50 of 50 calls made just
 before, as if a model ran) and then answers with the bytes the service answered, with no model
 and no service behind it. Their overhead is p50 minus that wait: the client's own cost (and a
 timer's wake-up), measured as it is with the service, after the client idled for a model's time
 (the same code costs far more CPU then than back to back, on a shared machine). A mode's
 overhead minus its client's floor is the service's own share (rough: the load moves between rows).
+A third floor row puts the httpx client against the service's HTTP stack without the service:
+uvicorn (httptools, uvloop) and a starlette route that parses the JSON body, holds the loop for
+the same wait and answers the service's bytes: what the stack costs before any of our code runs.
+On the 2-core VM this was written on, the httpx client's floor alone is ~20-25 % of bare (its
+``json=`` encoding and request building before the send, h11 and ``Response`` after the answer),
+so the httpx row cannot get under the 20 % target whatever the service does; the lean client's
+floor is ~5 %.
 
 Then a second table with the official ``replicate`` client (``--client-n`` calls each, 0 skips it):
 ``run()`` with a data URL (its baseline) against ``run()`` with an open file (uploaded through the
@@ -33,7 +40,9 @@ Files API first), and ``stream()``: time to the first output token against the w
 Columns: ``bare p50`` is the p50 of direct calls interleaved with that mode in blocks of
 ``--block`` (the machine is shared, so baseline and mode see the same load); ``overhead`` = mode
 p50 - bare p50, also as % of bare (the target: under 20 %); ``predict_time`` is the service's own
-``metrics.predict_time`` (image decode, hop to the model thread, model); ``svc CPU`` is the service
+``metrics.predict_time`` (image decode and model, plus the hops to a pool thread and back when the
+run is not inline: a lone held prediction of a small image runs on the service's event loop thread,
+see ``predictions_service/runner.py``); ``svc CPU`` is the service
 process's CPU per prediction (from /proc), ``client CPU`` this process's. With more than one
 request in flight the p50 includes queueing for the ``--workers`` model threads, so only
 predictions/s is meaningful there. Every output must equal the direct output.
@@ -202,6 +211,7 @@ class Result:
     client_cpu: float = 0.0  # CPU seconds of this process per prediction (service calls only)
     predict_times: list[float] = field(default_factory=list)  # the service's metrics.predict_time
     floor: float | None = None  # a canned answer after this many seconds, no service (the floor rows)
+    floor_kind: str = ""  # whose floor: "lean", "httpx", or "stack" (httpx on uvicorn+starlette)
 
 
 class Direct:
@@ -443,11 +453,46 @@ except ImportError:
 """
 
 
+# The same canned answer from the service's own HTTP stack, with none of the service: uvicorn
+# (httptools, uvloop) and a starlette route that reads the JSON body, holds the loop for the wait
+# (as an inline run does) and answers the service's status, headers and body.
+STACK_SERVER = r"""
+import json, socket, sys, time
+import uvicorn, uvloop
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+answer = sys.stdin.buffer.read()
+delay = float(sys.argv[1])
+head, _, payload = answer.partition(b"\r\n\r\n")
+status = int(head.split(b" ", 2)[1])
+skip = {b"content-length", b"content-type", b"date", b"server"}
+headers = {k.decode(): v.strip().decode() for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+           if k.lower() not in skip}
+
+
+async def create(request):
+    json.loads(await request.body())
+    time.sleep(delay)
+    return Response(payload, status_code=status, media_type="application/json", headers=headers)
+
+
+app = Starlette(routes=[Route("/v1/predictions", create, methods=["POST"])])
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+config = uvicorn.Config(app, log_level="warning", access_log=False, http="httptools", lifespan="off")
+uvloop.run(uvicorn.Server(config).serve(sockets=[sock]))
+"""
+
+
 @contextlib.contextmanager
-def canned_server(host: str, port: int, body: dict, delay: float) -> Iterator[tuple[int, int]]:
+def canned_server(host: str, port: int, body: dict, delay: float,
+                  script: str = CANNED_SERVER) -> Iterator[tuple[int, int]]:
     """A server in its own process answering every request ``delay`` seconds after reading it with
     the bytes the service answered to one ``Prefer: wait`` create (same status, headers and body);
-    yields (port, pid)."""
+    yields (port, pid). ``script``: ``CANNED_SERVER`` (raw asyncio streams) or ``STACK_SERVER``."""
 
     async def capture() -> bytes:
         conn = await Conn.open(host, port)
@@ -462,7 +507,7 @@ def canned_server(host: str, port: int, body: dict, delay: float) -> Iterator[tu
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + answer
 
     response = asyncio.run(capture())
-    proc = subprocess.Popen([sys.executable, "-c", CANNED_SERVER, str(delay)],
+    proc = subprocess.Popen([sys.executable, "-c", script, str(delay)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdin is not None and proc.stdout is not None
@@ -484,9 +529,12 @@ MODES = [
 ]
 
 
+# (label, mode, lean, server script, kind): kind names the client whose floor it is ("stack": the
+# httpx client against the service's HTTP stack without the service)
 FLOORS = [
-    ("floor: lean client, canned answer", sync_lean, True),
-    ("floor: httpx client, canned answer", sync_httpx, False),
+    ("floor: lean client, canned answer", sync_lean, True, CANNED_SERVER, "lean"),
+    ("floor: httpx client, canned answer", sync_httpx, False, CANNED_SERVER, "httpx"),
+    ("floor: httpx client, uvicorn+starlette, canned", sync_httpx, False, STACK_SERVER, "stack"),
 ]
 
 
@@ -622,16 +670,16 @@ def bench_service(host: str, port: int, pid: int, png: bytes, direct: Direct, ar
             with asyncio.Runner(loop_factory=lean_loop() if lean else None) as runner:
                 results.append((f"{label}, {c} in flight", runner.run(mode(host, port, body, c, run))))
     model_time = pct(direct.run(50).latencies, 0.5)  # as loaded as the machine is now
-    with canned_server(host, port, body, model_time) as (canned_port, canned_pid):
-        for label, mode, lean in FLOORS:
+    for label, mode, lean, script, kind in FLOORS:
+        with canned_server(host, port, body, model_time, script) as (canned_port, canned_pid):
 
-            async def run_floor(one):
+            async def run_floor(one, canned_pid=canned_pid):
                 return await measure(args.n, 1, one, canned_pid, direct, args.block)
 
             with asyncio.Runner(loop_factory=lean_loop() if lean else None) as runner:
                 r = runner.run(mode(host, canned_port, body, 1, run_floor))
-            r.floor = model_time
-            results.append((f"{label} after {ms(model_time)} ms", r))
+        r.floor, r.floor_kind = model_time, kind
+        results.append((f"{label} after {ms(model_time)} ms", r))
     return results
 
 
@@ -669,12 +717,13 @@ def main() -> int:
     )
     print_table([row("direct blip.answer() (baseline)", baseline), *(row(name, r) for name, r in results)])
     print("bare p50: direct calls interleaved with that mode (blocks of --block); predict_time: p50 of the "
-          "service's own metrics.predict_time (processing -> succeeded: image decode, thread hop, model); "
+          "service's own metrics.predict_time (processing -> succeeded: image decode, model, thread hops if "
+          "not inline); "
           "svc CPU: service process CPU per prediction (direct row: the call's own CPU)")
-    floors = {"lean": 0.0, "httpx": 0.0}
-    for name, r in results:
+    floors = {"lean": 0.0, "httpx": 0.0, "stack": 0.0}
+    for _, r in results:
         if r.floor is not None:
-            floors["lean" if "lean" in name else "httpx"] = (pct(r.latencies, 0.5) - r.floor) / pct(r.bare, 0.5)
+            floors[r.floor_kind] = (pct(r.latencies, 0.5) - r.floor) / pct(r.bare, 0.5)
     for name, r in results:
         if not r.bare or r.floor is not None:
             continue
@@ -684,8 +733,9 @@ def main() -> int:
         client = "httpx" if "httpx" in name else "lean"
         print(f"{name}: overhead at p50 {over * 1000:+.2f} ms = {over / bare:+.0%} of bare "
               f"(target < {TARGET_OVERHEAD:.0%}: {verdict}); the {client} client's own floor "
-              f"{floors[client]:.0%}, so the service's share ~{over / bare - floors[client]:+.0%}; "
-              f"service CPU beyond the model {(r.service_cpu - r.bare_cpu) * 1000:+.2f} ms")
+              f"{floors[client]:.0%}, so the service's share ~{over / bare - floors[client]:+.0%}"
+              + (f" (the same client on uvicorn+starlette alone: {floors['stack']:.0%})" if client == "httpx" else "")
+              + f"; service CPU beyond the model {(r.service_cpu - r.bare_cpu) * 1000:+.2f} ms")
     if client_rows:
         print()
         print_client_table(client_rows)

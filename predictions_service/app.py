@@ -120,6 +120,7 @@ class Service:
         self._tokens = [t.encode() for t in settings.tokens]
         self._base_urls: dict[tuple, str] = {}
         self._owners: dict[str, str] = {}  # API token -> the digest files and predictions are owned by
+        self._creating = 0  # create requests in progress (read, validated or waiting for their prediction)
 
     # -- guards ---------------------------------------------------------------------------------
     def _authenticate(self, request: Request) -> str:
@@ -257,6 +258,13 @@ class Service:
         return problems
 
     async def create(self, request: Request, route_model: str | None, deployment: bool = False) -> Response:
+        self._creating += 1
+        try:
+            return await self._create(request, route_model, deployment)
+        finally:
+            self._creating -= 1
+
+    async def _create(self, request: Request, route_model: str | None, deployment: bool) -> Response:
         headers = await self.guard(request, creates=True)
         if route_model is not None and not deployment and route_model != blip.MODEL:
             raise ApiProblem(404, NOT_FOUND, headers=headers)
@@ -292,6 +300,10 @@ class Service:
             pred.sse = []
         if deadline is not None:
             pred.deadline = pred.created_at + deadline
+        # Its creator waits for it and nothing else watches it: it may run on the loop's thread
+        # when it is the service's only prediction (runner.py says when and why).
+        pred.inline = (wait is not None and self._creating == 1 and pred.sse is None and pred.webhook is None
+                       and pred.webhook_completed is None and pred.deadline is None)
         try:
             self.runner.submit(pred)
         except InputsFull as exc:

@@ -91,6 +91,16 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"cannot decode the image: {exc}") from exc
 
 
+def image_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header (nothing is decoded), or None if Pillow cannot read it."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return w * h
+
+
 def preprocess(img: Image.Image) -> np.ndarray:
     """RGB image → 1x3x224x224 float32, as the TF model was trained."""
     w, h = img.size

@@ -58,8 +58,9 @@ class Prediction:
     # body that was ASCII without a backslash): then ``to_json`` quotes them instead of re-scanning
     # the ~56 KB data URL of a frame for each answer and webhook.
     input_plain: bool = field(default=False, repr=False)
-    _head: str | None = field(default=None, repr=False)
-    _head_of: dict | None = field(default=None, repr=False)  # the input _head was built from
+    # The HTTP face's leave to run it on the event loop's thread (see runner.py): its creator waits
+    # for it (Prefer: wait), with no stream, webhook or deadline, and no other create in progress.
+    inline: bool = field(default=False, repr=False)
     input_bytes: int = 0  # memory the input's strings take, as counted by the store's cap
     # Server-sent events when created with ``stream: true`` (None otherwise): (event, data) in order.
     sse: list[tuple[str, str]] | None = field(default=None, repr=False)
@@ -98,27 +99,31 @@ class Prediction:
         With ``input_plain`` the input's strings are quoted as they are instead of re-scanned:
         for a frame that is a ~56 KB data URL, for every answer and webhook.
         """
-        head = self.json_head()
-        if head is None:
+        parts = self._head_parts()
+        if parts is None:
             return json.dumps(obj)
-        return head + self.json_tail(obj)
+        parts.append(self.json_tail(obj))
+        return "".join(parts)  # one copy of the big strings
 
     def json_head(self) -> str | None:
         """The text every encoding of this prediction starts with, through its input
         (``{"id": ..., "model": ..., "version": ..., "input": {...}, ``): these never change.
-        None when the input is not plain (then ``encode`` is ``json.dumps``). Built once per
-        input (the retention sweep replaces it)."""
-        if self._head is None or self._head_of is not self.input:
-            self._head, self._head_of = None, self.input
-            if not (self.input_plain and all(type(v) is str for v in self.input.values())):
-                return None
-            head = json.dumps({"id": self.id, "model": self.model, "version": self.version})
-            parts = [head[:-1], ', "input": {']
-            for i, (k, v) in enumerate(self.input.items()):
-                parts += [", \"" if i else '"', k, '": "', v, '"']
-            parts.append("}, ")
-            self._head = "".join(parts)  # one copy of the big strings, not one per f-string
-        return self._head
+        None when the input is not plain (then ``encode`` is ``json.dumps``)."""
+        parts = self._head_parts()
+        return None if parts is None else "".join(parts)
+
+    def _head_parts(self) -> list[str] | None:
+        # Built for each use, not kept: a kept copy of a ~56 KB frame would double the memory a
+        # held prediction takes (beyond the cap on held inputs), and touching that much new
+        # memory for every prediction costs page faults on the answer's critical path.
+        if not (self.input_plain and all(type(v) is str for v in self.input.values())):
+            return None
+        head = json.dumps({"id": self.id, "model": self.model, "version": self.version})
+        parts = [head[:-1], ', "input": {']
+        for i, (k, v) in enumerate(self.input.items()):
+            parts += [", \"" if i else '"', k, '": "', v, '"']
+        parts.append("}, ")
+        return parts
 
     @staticmethod
     def json_tail(obj: dict) -> str:

@@ -457,6 +457,25 @@ async def test_sync_timeout_answers_starting_and_cancel_works(api, images):
     assert (await api.get(f"/v1/predictions/{pred['id']}")).json()["status"] == "canceled"
 
 
+async def test_a_held_create_with_a_big_image_leaves_the_service_answering(classifier):
+    # A lone Prefer: wait prediction of a small image may run on the event loop's thread (runner.py);
+    # a big one must not: while it runs, other calls are answered and see it processing.
+    big = data_url(png(np.full((3000, 4000, 3), 120, np.uint8)))  # 12 Mpx, ~40 KB of PNG
+    async with service(classifier) as (api, _):
+        create = asyncio.create_task(
+            api.post("/v1/predictions", json={"version": VERSION, "input": {"image": big}}, headers={"Prefer": "wait"})
+        )
+        seen = []
+        while not create.done():
+            newest = (await api.get("/v1/predictions")).json()["results"][:1]
+            if newest and newest[0]["status"] != "starting":
+                seen.append(newest[0]["status"])
+                break
+        pred = (await create).json()
+    assert pred["status"] == "succeeded" and pred["output"].startswith("Caption: ")
+    assert seen == ["processing"], "the service did not answer while the big image was being processed"
+
+
 async def test_cancel_of_a_finished_prediction_changes_nothing(api):
     pred = (
         await api.post(
