@@ -302,7 +302,8 @@ class Service:
             pred.deadline = pred.created_at + deadline
         # Its creator waits for it and nothing else watches it: it may run on the loop's thread
         # when it is the service's only prediction (runner.py says when and why).
-        pred.inline = (wait is not None and self._creating == 1 and pred.sse is None and pred.webhook is None
+        pred.inline = (self.settings.inline_runs and wait is not None and self._creating == 1
+                       and pred.sse is None and pred.webhook is None
                        and pred.webhook_completed is None and pred.deadline is None)
         try:
             self.runner.submit(pred)

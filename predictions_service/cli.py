@@ -119,6 +119,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         fault_seed=args.fault_seed,
         model_dir=args.model_dir,
         workers=args.workers,
+        inline_runs=True,  # its own process: the event loop is the service's alone
         public_base_url=args.public_base_url,
         allow_private_urls=args.allow_private_urls,
         files_dir=args.files_dir,

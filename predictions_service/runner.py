@@ -12,7 +12,9 @@ Lifecycle: ``starting`` (queued for a model slot) → ``processing`` → ``succe
 when the deadline passes before a slot was free. Model inference runs in a thread pool of
 ``settings.workers`` threads so the event loop stays free.
 
-One exception, for latency: a prediction marked ``inline`` by the HTTP face (its creator holds the
+One exception, for latency, where the service has its event loop to itself (``settings.inline_runs``,
+set by ``pipeline predictions serve``; never in ``pipeline run``, where the loop is the router's):
+a prediction marked ``inline`` by the HTTP face (its creator holds the
 request open with ``Prefer: wait``, no stream, no webhook, no deadline, and no other create in
 progress) whose input is a data URL of a small image (at most ``INLINE_MAX_PIXELS``) runs on the
 event loop's own thread when it is the only prediction in the service. The loop has nothing else to

@@ -49,6 +49,10 @@ class Settings:
     fault_seed: int | None = None
     model_dir: Path | None = None  # None: default_model_dir()
     workers: int = 1  # concurrent model runs; each run is a few ms of CPU
+    # A lone Prefer: wait prediction of a small image may run on the event loop's own thread
+    # (runner.py): only where the service has its loop to itself (`pipeline predictions serve`),
+    # never when it shares the router's loop (`pipeline run`), whose devices must not wait for it.
+    inline_runs: bool = False
     prediction_timeout: float = 1800.0  # Replicate's 30 minutes
     max_body_bytes: int = 10_000_000  # bigger JSON bodies get 413 (Replicate: use the Files API)
     max_image_bytes: int = 10_000_000  # cap for images fetched from http(s) URLs

@@ -461,7 +461,7 @@ async def test_a_held_create_with_a_big_image_leaves_the_service_answering(class
     # A lone Prefer: wait prediction of a small image may run on the event loop's thread (runner.py);
     # a big one must not: while it runs, other calls are answered and see it processing.
     big = data_url(png(np.full((3000, 4000, 3), 120, np.uint8)))  # 12 Mpx, ~40 KB of PNG
-    async with service(classifier) as (api, _):
+    async with service(classifier, inline_runs=True) as (api, _):  # as `pipeline predictions serve` runs
         create = asyncio.create_task(
             api.post("/v1/predictions", json={"version": VERSION, "input": {"image": big}}, headers={"Prefer": "wait"})
         )
