@@ -13,8 +13,7 @@ Resources (see ``/work/shared/specs/devices.md``):
 * ``POST /.s/<path>``: one message into the pipelines, path ``/<path>`` (``POST /.s/``: path
   ``/``); Block1 uploads are
   reassembled here (``coap_blockwise``) with a body limit, a memory cap and expiry. The
-  answer is 2.04 Changed only after ``target.accept_many`` (or ``accept``) returned (the
-  message is committed; the Router routes it before the commit when it can, ``_Server.store``); its
+  answer is 2.04 Changed only after ``target.accept`` returned (the message is stored); its
   payload is the message id (ASCII), so a device can correlate the frame with its results.
   The blocks with more to come are answered at the datagram by ``coap_fastpath`` (through
   ``_Server.fast_block``, the same steps and answers as ``StreamResource.post``), before
@@ -215,21 +214,6 @@ class _Server:
         self.rate_limited: dict[tuple[str, str], int] = {}
         # per device: how it last talked to us and what it was refused (the console shows it)
         self.sessions: dict[tuple[str, str], dict[str, Any]] = {}
-
-    async def store(self, message: Message) -> None:
-        """Store one finished upload durably (returns after the commit; raises ``Overloaded``).
-
-        Through ``accept_many`` when the target has it (the Router): a message whose pipelines
-        run only local transformers is routed before it is stored and its deliveries are
-        committed with it, in one transaction, and handed to the delivery workers in memory.
-        Through ``accept`` it would take the inbox: the engine reads it back, commits the
-        routing, and the delivery worker reads its queue, some five store transactions per
-        frame instead of one (with a few uploads in flight they do not share commits)."""
-        accept_many = getattr(self.target, "accept_many", None)
-        if accept_many is not None:
-            await accept_many([message])
-        else:
-            await self.target.accept(message)
 
     def count(self, what: str, n: int = 1) -> None:
         self.stats[what] = self.stats.get(what, 0) + n
@@ -456,7 +440,7 @@ class StreamResource(_Base):
             msg = Message.new(device_id=who.device_id, project_id=who.project_id, path=path,
                               content_type=content_type, payload=body, metadata=metadata)
             try:
-                await server.store(msg)
+                await server.target.accept(msg)
             except Overloaded as exc:
                 server.count("overloaded")
                 server.refused(who, "refused")

@@ -30,20 +30,6 @@ What it changes in ``aiocoap.transports.udp6.MessageInterfaceUDP6`` (aiocoap 0.4
   minute, summarised. So is a message whose type and code do not fit (a request in an ACK,
   a reserved code class), which aiocoap logs as a warning each.
 
-* **The read loop** (``IngestUDP6.read_ready``, in place of aiocoap's ``_read_ready``). aiocoap
-  reads the error queue (``recvmsg(MSG_ERRQUEUE)``, for ICMP errors) before every datagram;
-  it is nearly always empty, so each datagram cost an extra system call and a
-  ``BlockingIOError`` raised and caught (some 1.4 us, a tenth of what the Block1 fast path
-  spends on a block). Here the error queue is read only when the kernel says it holds
-  something: with ``IPV6_RECVERR`` an ICMP error is queued there *and* sets the socket's
-  pending error, which the next ordinary ``recvmsg`` raises (then the queue is drained and
-  each error goes to aiocoap as before, ``datagram_errqueue_received``); a queued error the
-  socket raises nowhere (a local one) makes the socket readable with no datagram, and a
-  wake-up that finds no datagram drains the queue too. Up to ``reads_per_turn`` datagrams
-  are read per wake-up of the event loop: after each one, ``FIONREAD`` (a cheap ioctl, no
-  exception) says whether another is queued, so a burst costs one pass of the loop and its
-  ``epoll_wait``, not one per datagram.
-
 Upstream (aiocoap): the receive buffer size and the ``MSG_TRUNC`` check belong in
 ``util/asyncio/recvmsg.py``; ``UnicodeDecodeError`` from ``StringOption.decode`` should become
 ``UnparsableMessage`` (or a 4.02) in ``Message.decode``.
@@ -51,15 +37,11 @@ Upstream (aiocoap): the receive buffer size and the ``MSG_TRUNC`` check belong i
 
 from __future__ import annotations
 
-import array
-import asyncio
 import contextlib
-import fcntl
 import logging
 import random
 import socket
 import struct
-import termios
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +52,6 @@ from aiocoap.message import Direction
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
-from aiocoap.util import socknumbers
 
 from pipelines.ingest.coap_options import option_refusal
 from pipelines.ingest.datagram_counts import DATAGRAMS
@@ -80,8 +61,6 @@ log = logging.getLogger("coap-ingest")
 MAX_DATAGRAM = 65_535      # bytes: no UDP payload is larger (IPv4 65,507; IPv6 65,527)
 MAX_BLOCK_SZX = 6          # the Block1 size hinted with 4.13: 1024-byte blocks
 RECEIVE_BUFFER = 4 << 20   # bytes of kernel receive queue asked for (see set_receive_buffer)
-READS_PER_TURN = 32        # datagrams read per wake-up of the event loop at most (fairness)
-ANCILLARY = 1024           # bytes of ancillary data read with each datagram (aiocoap's figure)
 
 
 def set_receive_buffer(sock: socket.socket, size: int) -> int:
@@ -249,72 +228,12 @@ class IngestUDP6(MessageInterfaceUDP6):
     # before the screening and aiocoap; it answers the Block1 blocks with more to come
     fast_path: Any = None
 
-    reads_per_turn = READS_PER_TURN
-    errqueue_reads = 0  # times the error queue was read (the tests look)
-
     def connection_made(self, transport):
         transport.max_size = self.max_datagram  # aiocoap's recvmsg buffer, 4,096 by default
         sock = transport.get_extra_info("socket")
         if sock is not None and self.receive_buffer:
             self.receive_buffer_bytes = set_receive_buffer(sock, self.receive_buffer)
         super().connection_made(transport)
-        if sock is not None:
-            # aiocoap's transport registers its reader in a callback queued just after this
-            # one (``RecvmsgSelectorDatagramTransport.__init__``); ours replaces it after that
-            self._sock = sock
-            self._pending = array.array("i", [0])
-            asyncio.get_running_loop().call_soon(self._take_reader, sock)
-
-    def _take_reader(self, sock: socket.socket) -> None:
-        if sock.fileno() == -1 or self.transport is None:
-            return  # closed meanwhile
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(sock.fileno())
-        loop.add_reader(sock.fileno(), self.read_ready)
-
-    def read_ready(self) -> None:
-        """The socket is readable: read the datagrams queued (up to ``reads_per_turn``), and
-        the error queue only when the kernel signals an error (see the module docstring)."""
-        sock = self._sock
-        size = self.max_datagram
-        pending = self._pending
-        for n in range(self.reads_per_turn):
-            try:
-                data, ancdata, flags, address = sock.recvmsg(size, ANCILLARY)
-            except (BlockingIOError, InterruptedError):
-                if n == 0:  # woken with no datagram: a queued error (EPOLLERR) or spurious
-                    self._read_errqueue()
-                return
-            except OSError as exc:  # the socket's pending error: an ICMP error was queued
-                self.error_received(exc)
-                self._read_errqueue()
-                return
-            self.datagram_msg_received(data, ancdata, flags, address)
-            if self.transport is None or sock.fileno() == -1:
-                return  # closed by what the datagram caused
-            try:
-                fcntl.ioctl(sock, termios.FIONREAD, pending)
-            except OSError:
-                return
-            if not pending[0]:
-                return  # (a queued empty datagram reads as 0 too: the next wake-up takes it)
-
-    def _read_errqueue(self) -> None:
-        """Hand every queued socket error to aiocoap (``datagram_errqueue_received``)."""
-        if not socknumbers.HAS_RECVERR:
-            return
-        sock = self._sock
-        while sock.fileno() != -1:
-            try:
-                data, ancdata, flags, address = sock.recvmsg(self.max_datagram, ANCILLARY,
-                                                             socknumbers.MSG_ERRQUEUE)
-            except OSError:  # empty (EAGAIN), or nothing readable there
-                return
-            self.errqueue_reads += 1
-            try:
-                self.datagram_errqueue_received(data, ancdata, flags, address)
-            except Exception as exc:  # as aiocoap's transport: one bad entry must not stop reading
-                DATAGRAMS.note("errqueue_failed", f"{type(exc).__name__}: {exc}"[:120], log)
 
     def datagram_msg_received(self, data, ancdata, flags, address):
         pktinfo = None
